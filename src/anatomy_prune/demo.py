@@ -1,43 +1,109 @@
-"""`make demo`: the main job on the embedded defaults, offline. Each step reuses what an earlier run wrote."""
+"""`make demo`: the main job on the embedded defaults, offline, end to end.
+
+fine-tune minilm on IMDB -> evaluate on the 1,000 test reviews -> anatomy on the ten probes -> sweep of the
+pruning methods (physically removed neurons) -> runs/demo/report.md. Each step reuses what an earlier run
+of the same settings wrote (the fine-tune is the long one), so a second `make demo` is quick.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 from .data import eval_set
 from .evaluate import evaluate_classifier, size_report
 from .finetune import FinetuneConfig, finetune
-from .io import now_iso, write_json
+from .io import now_iso, read_json, write_json
 from .models import load_model
 
 log = logging.getLogger(__name__)
 
-# The default recipe: measured to reach >= 85% on the 1,000 test reviews within the demo's time budget.
+# The default recipe (measured: 85.4% on the 1,000 test reviews, see README): 4,000 training reviews, one
+# epoch, 128 tokens from each review's end, word embeddings frozen.
 DEMO_FINETUNE = FinetuneConfig()
 SMOKE_FINETUNE = FinetuneConfig(model="tiny-bert", train_size=64, val_size=16, test_size=32, max_length=64,
                                 batch_size=16, epochs=1.0)
+DEMO_SWEEP = dict(methods=("random", "magnitude", "strategy", "calibrated"), sparsities=(0.1, 0.3, 0.5, 0.7, 0.9),
+                  mode="physical", calib_size=256)
+SMOKE_SWEEP = dict(methods=("random", "magnitude", "strategy", "calibrated"), sparsities=(0.5,), mode="physical",
+                   calib_size=16)
 
 
 def run_demo(out: str | Path = "runs/demo", smoke: bool = False, device: str | None = None) -> dict:
-    """Fine-tune -> evaluate (-> anatomy -> sweep -> report, as those land). Returns the summary."""
+    """Run every step of the demo into `out`; returns the summary (also written to out/summary.json)."""
+    from .anatomy import anatomy_from_spec
+    from .methods import METHODS
+    from .sweep import run_sweep
+
     out = Path(out)
     cfg = SMOKE_FINETUNE if smoke else DEMO_FINETUNE
-    eval_size = cfg.test_size
     timings: dict[str, float] = {}
+
     t0 = time.perf_counter()
     ft = finetune(cfg, out, device=device)
     timings["finetune_s"] = time.perf_counter() - t0
+    model_spec = str(ft.model_dir)
 
     t0 = time.perf_counter()
-    model = load_model(str(ft.model_dir), device=device)
-    metrics = evaluate_classifier(model, eval_set("imdb", eval_size), batch_size=32, max_length=cfg.max_length)
-    metrics.update(size_report(model), model=str(ft.model_dir), created=now_iso())
+    model = load_model(model_spec, device=device)
+    test = eval_set("imdb", cfg.test_size)
+    metrics = evaluate_classifier(model, test, batch_size=32, max_length=cfg.max_length)
+    metrics.update(size_report(model), model=model_spec, created=now_iso())
     write_json(out / "metrics.json", metrics)
     timings["evaluate_s"] = time.perf_counter() - t0
-
-    summary = {"finetune": ft.metrics, "reused_finetune": ft.reused, "test": metrics, "timings": timings}
-    write_json(out / "summary.json", summary)
     log.info("demo: test accuracy %.3f on %d reviews in %.1f s (%s)", metrics["accuracy"], metrics["n_eval"],
              metrics["latency_s"], metrics["device"])
+    del model
+
+    t0 = time.perf_counter()
+    anatomy = anatomy_from_spec(model_spec, out / "anatomy", inputs="probes", device=device)
+    timings["anatomy_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sweep_cfg = dict(SMOKE_SWEEP if smoke else DEMO_SWEEP)
+    sweep_cfg["methods"] = tuple(m for m in sweep_cfg["methods"] if m in METHODS)
+    rows = run_sweep(model_spec, out_dir=out / "sweep", eval_size=cfg.test_size, device=device, **sweep_cfg)
+    timings["sweep_s"] = time.perf_counter() - t0
+
+    summary = {"finetune": ft.metrics, "reused_finetune": ft.reused, "test": metrics,
+               "anatomy": {k: anatomy.get(k) for k in ("threshold", "neurons", "total_s")},
+               "sweep_rows": len(rows), "timings": timings, "created": now_iso()}
+    write_json(out / "summary.json", summary)
+    write_demo_report(out)
+    log.info("demo finished: report in %s", out / "report.md")
     return summary
+
+
+def write_demo_report(run_dir: str | Path) -> Path:
+    """runs/demo/report.md: what was fine-tuned and how well, the anatomy figures, the sweep table."""
+    from .sweep import write_report
+
+    run_dir = Path(run_dir)
+    summary = read_json(run_dir / "summary.json")
+    ft, test = summary["finetune"], summary["test"]
+    cfg = read_json(run_dir / "finetune.json")["config"]
+    sweep_md = write_report(run_dir / "sweep", run_dir / ".sweep_report.md", title="Pruning sweep")
+    sweep_text = sweep_md.read_text()
+    sweep_md.unlink()
+    anatomy_figs = sorted((run_dir / "anatomy" / "figures").glob("*.png"))
+    lines = [
+        "# anatomy-prune demo", "",
+        f"Fine-tuned `{cfg['model']}` on {cfg['train_size']} IMDB training reviews ({cfg['epochs']:g} epoch, "
+        f"{cfg['max_length']} tokens from the review's {'end' if cfg['truncation'] == 'tail' else 'start'}, "
+        f"lr {cfg['lr']:g}, seed {cfg['seed']}) in {ft['train_s']:.0f} s; validation accuracy "
+        f"{100 * ft.get('val_accuracy', float('nan')):.1f}%.", "",
+        f"Test: **{100 * test['accuracy']:.1f}%** on {test['n_eval']} held-out reviews, "
+        f"{test['latency_s']:.1f} s of inference (batch {test['batch_size']}, {test['max_length']} tokens, "
+        f"{test['device']}, {test['threads']} threads); {test['params'] / 1e6:.1f} M parameters.", "",
+        "## Anatomy (the ten probe sentences)", "",
+    ]
+    lines += [f"![{f.stem}]({os.path.relpath(f, run_dir)})" for f in anatomy_figs]
+    lines += ["", sweep_text.replace("# Pruning sweep", "## Pruning sweep", 1)]
+    timings = summary.get("timings", {})
+    lines += ["", "Step times (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in timings.items())]
+    path = run_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
