@@ -19,3 +19,17 @@ def save(fig, folder: str | Path, name: str, pdf: bool = True, dpi: int = 110) -
         fig.savefig(folder / f"{name}.pdf", bbox_inches="tight")
     plt.close(fig)
     return png
+
+
+def show_figures(folder: str | Path, names: list[str] | None = None, width: int = 640) -> list[Path]:
+    """Display saved PNG figures inline in a notebook (all of `folder`'s, or the named ones, in order)."""
+    from IPython.display import Image, display
+
+    folder = Path(folder)
+    paths = [folder / f"{n}.png" for n in names] if names else sorted(folder.glob("*.png"))
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no figure(s) {missing} in {folder}")
+    for p in paths:
+        display(Image(filename=str(p), width=width))
+    return paths
