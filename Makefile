@@ -34,7 +34,7 @@ figures: $(STAMP)
 	$(PY) -m anatomy_prune figures --run runs/demo --out figures
 
 bench: $(STAMP)
-	$(PY) benchmarks/latency.py --out runs/bench
+	$(PY) benchmarks/latency.py --multiple-of 1 8 --out runs/bench
 
 clean:
 	rm -rf .venv runs

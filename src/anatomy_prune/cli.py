@@ -112,6 +112,275 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+# --- anatomy ------------------------------------------------------------------------------------
+
+def _add_anatomy(sub) -> None:
+    p = sub.add_parser("anatomy", help="layer and FFN-neuron similarity with the readout token, neuron graph",
+                       description="The first paper's anatomy: cosine of every layer's readout token (CLS or last "
+                       "token) and of every FFN neuron's output vector with the last layer's readout token; the "
+                       "neurons above a threshold per input and layer, their graph and how much inputs share them. "
+                       "Writes layer_similarity.json, neuron_similarity.npz, neurons.json, neuron_graph.graphml, "
+                       "summary.json and figures/ under --out.")
+    _model_arg(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--inputs", default="probes", help="probes (the paper's ten sentences), imdb:N (N test "
+                   "reviews) or a text file with one input per line (default: probes)")
+    p.add_argument("--threshold", type=float, default=0.35, help="neuron similarity threshold in [-1, 1] "
+                   "(default: 0.35, the paper's)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per input (default: the fine-tune's max length, else 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="inference batch size (default: 16)")
+    p.add_argument("--no-figures", action="store_true", help="write the results only")
+    _device_arg(p)
+
+
+def _run_anatomy(args) -> int:
+    from .anatomy import anatomy_from_spec
+
+    s = anatomy_from_spec(args.model, args.out, args.inputs, args.threshold, args.max_length, args.batch_size,
+                          args.device, figures=not args.no_figures)
+    print(json.dumps({"out": args.out, "n_inputs": s["n_inputs"], "n_truncated": s["n_truncated"],
+                      "layer_similarity_mean": s["layer_similarity"]["mean"],
+                      "mean_fraction_above": s["neurons"]["mean_fraction_above"],
+                      "mean_jaccard": s["neurons"]["mean_jaccard"], "graph_nodes": s["graph"]["nodes"],
+                      "load_s": s["load_s"], "total_s": s["total_s"]}, indent=1))
+    return 0
+
+
+# --- prune and sweep ------------------------------------------------------------------------------
+
+def _method_names() -> str:
+    from .methods import METHODS
+    return ", ".join(sorted(METHODS))
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    from .prune import CALIB_MAX_LENGTH, CALIB_SIZE
+    p.add_argument("--calib-size", type=int, default=CALIB_SIZE,
+                   help=f"calibration reviews, a seeded sample of the IMDB training split (default: {CALIB_SIZE})")
+    p.add_argument("--calib-max-length", type=int, default=CALIB_MAX_LENGTH,
+                   help=f"tokens per calibration review (default: {CALIB_MAX_LENGTH})")
+    p.add_argument("--calib-data", default="imdb", help="imdb (training split) or a text file, one text per line")
+    p.add_argument("--compensate", action="store_true",
+                   help="refit the kept neurons' down projection on calibration activations (issue 7's compensate.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and random choices (default: 0)")
+
+
+def _method_param_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method parameters (only those given are passed; a method refuses ones it lacks)")
+    g.add_argument("--alpha", type=float, default=None, help="strategy: alpha (then the sparsity is what it is)")
+    g.add_argument("--beta", type=float, default=None, help="strategy, encoders: beta (default 0.001, the paper's)")
+    g.add_argument("--focus", default=None, help="strategy: focusing blocks, e.g. 2,3,4,5 (alpha x3 there; default: "
+                   "the paper's 4,6,8,10,11 of 12 mapped by depth, decoders the last block)")
+    g.add_argument("--no-protect", action="store_true", help="random: do not keep the anatomy's important neurons")
+    g.add_argument("--protect-threshold", type=float, default=None,
+                   help="random: similarity above which a neuron is important (default: 0.35)")
+    g.add_argument("--allocation", choices=("local", "global"), default=None,
+                   help="random / magnitude / activation: same fraction per layer (local, default) or one "
+                   "normalised ranking of all layers (global)")
+    g.add_argument("--floor", type=float, default=None, help="global allocation: least fraction a layer keeps")
+    g.add_argument("--multiple-of", type=int, default=None,
+                   help="round each layer's kept width up to a multiple of K (faster kernels)")
+
+
+def _method_params(args) -> dict:
+    from .sweep import parse_list
+    params = {}
+    if args.alpha is not None:
+        params["alpha"] = args.alpha
+    if args.beta is not None:
+        params["beta"] = args.beta
+    if args.focus is not None:
+        params["focus"] = parse_list(args.focus, "focus", int)
+    if args.no_protect:
+        params["protect"] = False
+    if args.protect_threshold is not None:
+        params["threshold"] = args.protect_threshold
+    for name in ("allocation", "floor", "multiple_of"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    return params
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="prune FFN neurons by a method (or a plan file), evaluate and save",
+                       description="Load a model, make a pruning plan on a calibration sample, apply it (mask: zero "
+                       "the neurons; physical: remove them), evaluate (accuracy, or perplexity for a causal LM) and "
+                       "write DIR/plan.json, DIR/model/ and DIR/metrics.json. DIR is a model spec for every command. "
+                       f"Methods: {_method_names()}.")
+    _model_arg(p)
+    p.add_argument("--method", default=None, help=f"one of: {_method_names()}")
+    p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of all FFN neurons to remove, in [0, 1)")
+    p.add_argument("--mode", default="mask", help="mask (zero, the paper's way) or physical (remove) (default: mask)")
+    p.add_argument("--out", required=True, help="output folder")
+    _method_param_args(p)
+    _calib_args(p)
+    _eval_args(p)
+    _device_arg(p)
+
+
+def _run_prune(args) -> int:
+    from .prune import prune
+
+    m = prune(args.model, args.out, method=args.method, sparsity=args.sparsity, params=_method_params(args),
+              mode=args.mode, plan_file=args.plan, compensate=args.compensate, calib_size=args.calib_size,
+              calib_max_length=args.calib_max_length, calib_data=args.calib_data, data=args.data,
+              eval_size=args.eval_size, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+              device=args.device)
+    keys = ("accuracy", "perplexity", "latency_s", "n_eval", "sparsity", "neurons_removed", "params",
+            "flops_per_token", "prune_s", "peak_mem_mb")
+    print(json.dumps({"out": args.out, "method": m["method"], "mode": m["mode"],
+                      **{k: m[k] for k in keys if k in m}}, indent=1))
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="every method at every sparsity on the same test reviews, with figures",
+                       description="Load the model once, compute calibration statistics once, and evaluate every "
+                       "(method, sparsity) plus the dense baseline; writes DIR/results.json, DIR/sweep.json, "
+                       "DIR/plans/ and DIR/figures/ (accuracy and time against sparsity, neurons per layer). "
+                       "--config runs a grid of method parameters, e.g. configs/paper_figure5a.toml.")
+    _model_arg(p)
+    p.add_argument("--methods", default="random,magnitude,strategy,activation",
+                   help=f"comma-separated, from: {_method_names()} (default: random,magnitude,strategy,activation)")
+    p.add_argument("--sparsities", default="0.1,0.3,0.5,0.7,0.9",
+                   help="comma-separated fractions in [0, 1); 0 is the dense baseline (default: 0.1,0.3,0.5,0.7,0.9)")
+    p.add_argument("--mode", default="mask", help="mask or physical (default: mask)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", default=None, help="TOML grid of method parameters (configs/paper_figure5a.toml)")
+    p.add_argument("--report", default=None, help="also write a markdown report to this file")
+    _method_param_args(p)
+    _calib_args(p)
+    _eval_args(p)
+    _device_arg(p)
+
+
+def _run_sweep(args) -> int:
+    from .sweep import parse_list, run_sweep, write_report
+
+    methods = parse_list(args.methods, "methods") if args.methods else []
+    extra = _method_params(args)
+    params = {}
+    if extra:
+        from .methods import get_method
+        for name in methods:  # each method gets the parameters it takes
+            taken = {k: v for k, v in extra.items() if k in get_method(name).params}
+            if taken:
+                params[name] = taken
+        unused = set(extra) - {k for v in params.values() for k in v}
+        if unused:
+            raise UserError(f"no method in --methods takes {sorted(unused)}")
+    rows = run_sweep(args.model, methods, parse_list(args.sparsities, "sparsities", float), mode=args.mode,
+                     out_dir=args.out, eval_size=args.eval_size, data=args.data, config=args.config, params=params,
+                     compensate=args.compensate, calib_size=args.calib_size, calib_max_length=args.calib_max_length,
+                     calib_data=args.calib_data, batch_size=args.batch_size, max_length=args.max_length,
+                     seed=args.seed, device=args.device)
+    if args.report:
+        write_report(args.out, args.report)
+    metric = "accuracy" if "accuracy" in rows[0] else "perplexity"
+    print(json.dumps({"out": args.out, "rows": [
+        {"method": r["method"], "sparsity": round(r["sparsity"], 4), metric: r[metric],
+         "latency_s": round(r["latency_s"], 3)} for r in rows]}, indent=1))
+    return 0
+
+
+# --- finepruning and redundancy (issue 6) -------------------------------------------------------
+
+def _task_args(p: argparse.ArgumentParser, d) -> None:
+    p.add_argument("--task", choices=("lm", "imdb"), default=d.task,
+                   help="lm: causal-LM loss, perplexity on held-out text (decoders); imdb: binary classification, "
+                   f"BCE, accuracy (default: {d.task})")
+    p.add_argument("--text", default=d.text, help="lm: imdb (review text, offline), wikitext (hub) or a text file, "
+                   f"one text per line (default: {d.text})")
+    p.add_argument("--data", default=d.data, help="imdb task: imdb, hf or a CSV/JSONL file with text and label "
+                   f"(default: {d.data})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sequence (default: the fine-tune's max length, else 128)")
+    p.add_argument("--train-size", type=int, default=d.train_size, help=f"training texts (default: {d.train_size})")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help=f"held-out texts (default: {d.eval_size})")
+    p.add_argument("--analysis-size", type=int, default=d.analysis_size,
+                   help=f"sequences for sensitivity and uniqueness (default: {d.analysis_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--no-figures", action="store_true", help="write the results only")
+    _device_arg(p)
+
+
+def _add_finepruning(sub) -> None:
+    from .finepruning import METHODS, FinepruneConfig
+
+    d = FinepruneConfig(model="")
+    p = sub.add_parser("finepruning", help="prune FFN neurons while fine-tuning (random, magnitude, movement, GUM)",
+                       description="Fine-prune on the cubic schedule (dense warm-up, cubic decay, final stretch at "
+                       "the target) with masks during training, then remove the pruned neurons physically. Writes "
+                       "DIR/results.json (metric, sparsity, time, per-layer sensitivity and uniqueness), "
+                       "DIR/plan.json, DIR/redundancy.json, DIR/model/ (a model spec) and DIR/figures/.")
+    _model_arg(p)
+    p.add_argument("--method", choices=METHODS, required=True, help="random, magnitude, movement or gum")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of all FFN neurons removed, in [0, 1)")
+    p.add_argument("--steps", type=int, required=True, help="training steps (the schedule needs at least 10 with "
+                   "the default --warmup 0.1)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--selection", choices=("local", "global"), default=None,
+                   help="Top_v per layer (local) or over all layers (global) (default: global for gum, else local)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"weights' learning rate (default: {d.lr})")
+    p.add_argument("--mask-lr", type=float, default=d.mask_lr, help=f"scores' learning rate (default: {d.mask_lr})")
+    p.add_argument("--warmup", type=float, default=d.warmup,
+                   help=f"dense warm-up fraction w/T; the final stretch is 3w (default: {d.warmup})")
+    p.add_argument("--lambda-r", type=float, default=d.lambda_r, help=f"gum: regulariser weight (default: {d.lambda_r})")
+    p.add_argument("--lambda-u", type=float, default=d.lambda_u, help=f"gum: uniqueness weight (default: {d.lambda_u})")
+    p.add_argument("--rho", type=float, default=d.rho, help=f"gum: running-similarity factor (default: {d.rho})")
+    p.add_argument("--train-embeddings", action="store_true", help="also train the word embeddings (slower)")
+    p.add_argument("--no-dense-eval", action="store_true", help="do not evaluate the starting model")
+    _task_args(p, d)
+
+
+def _run_finepruning(args) -> int:
+    from .finepruning import FinepruneConfig, finepruning
+
+    cfg = FinepruneConfig(model=args.model, method=args.method, sparsity=args.sparsity, steps=args.steps,
+                          task=args.task, text=args.text, data=args.data, selection=args.selection,
+                          batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, mask_lr=args.mask_lr,
+                          warmup=args.warmup, lambda_r=args.lambda_r, lambda_u=args.lambda_u, rho=args.rho,
+                          train_size=args.train_size, eval_size=args.eval_size, analysis_size=args.analysis_size,
+                          freeze_embeddings=not args.train_embeddings, eval_dense=not args.no_dense_eval,
+                          seed=args.seed)
+    r = finepruning(cfg, args.out, device=args.device, figures=not args.no_figures).results
+    print(json.dumps({"out": args.out, "method": r["method"], "selection": r["selection"], r["metric"]: r[r["metric"]],
+                      "dense_" + r["metric"]: r["dense_" + r["metric"]], "sparsity": round(r["sparsity"], 4),
+                      "steps": r["steps"], "train_s": round(r["time"]["train_s"], 1),
+                      "sens_sum": r["redundancy"]["sens_sum"], "unique": r["redundancy"]["unique"]}, indent=1))
+    return 0
+
+
+def _add_redundancy(sub) -> None:
+    from .finepruning import FinepruneConfig
+
+    d = FinepruneConfig(model="")
+    p = sub.add_parser("redundancy", help="sensitivity and uniqueness of every FFN neuron of a model or a plan",
+                       description="The second paper's redundancy measures on a model (a pruned folder included), "
+                       "or on a model after physically applying --plan: per-neuron first-order sensitivity and "
+                       "uncentred-cosine uniqueness (cos >= 0.8), per layer. Writes DIR/redundancy.json and figures.")
+    _model_arg(p)
+    p.add_argument("--plan", default=None, help="apply this plan.json (physically) before measuring")
+    p.add_argument("--out", required=True, help="output folder")
+    _task_args(p, d)
+
+
+def _run_redundancy(args) -> int:
+    from .finepruning import FinepruneConfig, redundancy_of
+
+    cfg = FinepruneConfig(model=args.model, task=args.task, text=args.text, data=args.data, steps=100,
+                          batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
+                          eval_size=args.eval_size, analysis_size=args.analysis_size, seed=args.seed)
+    red = redundancy_of(args.model, args.out, cfg, plan_file=args.plan, device=args.device,
+                        figures=not args.no_figures)
+    print(json.dumps({"out": args.out, "neurons": red["neurons"], "sens_sum": red["sens_sum"],
+                      "unique": red["unique"], "n_sequences": red["n_sequences"]}, indent=1))
+    return 0
+
+
 # --- demo ---------------------------------------------------------------------------------------
 
 def _add_demo(sub) -> None:
@@ -135,6 +404,11 @@ def _run_demo(args) -> int:
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "finetune": (_add_finetune, _run_finetune),
     "evaluate": (_add_evaluate, _run_evaluate),
+    "anatomy": (_add_anatomy, _run_anatomy),
+    "prune": (_add_prune, _run_prune),
+    "sweep": (_add_sweep, _run_sweep),
+    "finepruning": (_add_finepruning, _run_finepruning),
+    "redundancy": (_add_redundancy, _run_redundancy),
     "demo": (_add_demo, _run_demo),
 }
 

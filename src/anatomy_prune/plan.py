@@ -3,6 +3,7 @@ applied (masked, or physically removed) and of how the neurons were scored."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -199,6 +200,11 @@ def plan_from_scores(
         s = s.detach().float().cpu().clone()
         if protect is not None and len(protect[layer]):
             s[list(protect[layer])] = float("inf")
+            if len(protect[layer]) > n:  # protected neurons are kept even if the layer then keeps more
+                logging.getLogger(__name__).warning(
+                    "layer %d: %d protected neurons exceed the %d kept at sparsity %s; keeping them all",
+                    layer, len(protect[layer]), n, sparsity)
+                n = len(protect[layer])
         order = torch.argsort(s, descending=True, stable=True)
         keep.append(sorted(order[: max(n, 0)].tolist()))
     params = dict(params or {})

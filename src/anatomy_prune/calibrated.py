@@ -1,0 +1,131 @@
+"""The `calibrated` method: sensitivity scores on the calibration set, per-layer budgets from one global
+ranking with a floor per layer, and least-squares compensation (compensate.py) applied by the prune pipeline.
+
+Scores (higher = keep), all from one pass of `compensate.ffn_input_stats` with gradients:
+  fisher        sum over examples of (dL_i/dm_j)^2, the Fisher information of neuron j's mask (Kwon et al.
+                2022): the expected loss increase, to second order, of zeroing the neuron.
+  taylor        |sum over examples of dL_i/dm_j|, first-order Taylor (the loss change of removing it).
+  fisher_resid  fisher times the share of the neuron's activation energy that the other neurons of its layer
+                cannot rebuild (1 - R^2 of its least-squares fit on them), so what is removed is what the
+                compensation rebuilds best.
+L is the task loss for a classifier (labels of the calibration texts) and the LM loss for a causal LM.
+
+Fisher scores are in units of the loss, so they compare across layers as they are; the global ranking uses
+them raw by default (normalize="none"); normalize="mean" divides each layer by its mean score as
+plan.keep_counts(allocation="global") does.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+from .compensate import DEFAULT_RIDGE, FFNStats, ffn_input_stats
+from .errors import UserError
+from .methods import Calibration, register
+from .plan import PruningPlan, check_sparsity
+
+log = logging.getLogger(__name__)
+
+SCORES = ("fisher", "taylor", "fisher_resid")
+NORMALIZE = ("none", "mean")
+DEFAULT_FLOOR = 0.1
+
+
+def unexplained_share(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
+    """Per neuron, the fraction of its centred activation energy that a ridge least-squares fit on all
+    other neurons of the layer (and a constant) leaves unexplained, in (0, 1]: [d_ff].
+
+    For a Gram of [h; 1], the centred covariance C gives it in closed form: 1 / (C_jj * (C + lam I)^-1_jj).
+    """
+    n = gram[-1, -1].clamp(min=1.0)
+    mean = gram[:-1, -1] / n                                          # [d_ff]
+    cov = gram[:-1, :-1] / n - torch.outer(mean, mean)                # [d_ff, d_ff]
+    var = torch.diagonal(cov).clamp(min=1e-12)
+    lam = ridge * float(var.mean())
+    inv = torch.linalg.inv(cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype))
+    return (1.0 / (var * torch.diagonal(inv))).clamp(0.0, 1.0)
+
+
+def sensitivity_scores(stats: FFNStats, score: str = "fisher", ridge: float = DEFAULT_RIDGE,
+                       power: float = 1.0) -> list[Tensor]:
+    """One score per neuron and layer (higher = keep) from calibration statistics with gradients."""
+    if score not in SCORES:
+        raise UserError(f"unknown score '{score}'; choose one of {', '.join(SCORES)}")
+    if stats.fisher is None or stats.taylor is None:
+        raise UserError("these calibration statistics have no gradients; collect them with grads=True "
+                        "on a classifier with labels or on a causal LM")
+    if score == "taylor":
+        return [t.abs().float() for t in stats.taylor]
+    scores = [f.float() for f in stats.fisher]
+    if score == "fisher_resid":
+        scores = [s * unexplained_share(g, ridge).float() ** power for s, g in zip(scores, stats.gram)]
+    return scores
+
+
+def global_keep_counts(scores: list[Tensor], sparsity: float, floor: float = DEFAULT_FLOOR,
+                       normalize: str = "none") -> list[int]:
+    """How many neurons each layer keeps: every neuron above its layer's floor competes in one ranking.
+
+    floor: the fraction of its neurons that every layer keeps at least. A sparsity that would leave a
+    layer below its floor is a UserError (nothing is planned).
+    """
+    check_sparsity(sparsity)
+    if normalize not in NORMALIZE:
+        raise UserError(f"unknown normalize '{normalize}'; choose one of {', '.join(NORMALIZE)}")
+    if not 0.0 <= floor <= 1.0:
+        raise UserError(f"floor must be in [0, 1], got {floor}")
+    widths = [int(s.numel()) for s in scores]
+    total = sum(widths)
+    n_keep = total - int(round(sparsity * total))
+    floors = [min(w, int(math.ceil(floor * w))) for w in widths]
+    if sum(floors) > n_keep:
+        raise UserError(f"sparsity {sparsity} would leave layers below the floor of {floor:.0%} of their "
+                        f"neurons; lower the sparsity to at most {1 - sum(floors) / total:.3f} or lower the floor")
+    pool_s, pool_l = [], []
+    for layer, s in enumerate(scores):
+        s = s.detach().double().cpu()
+        if normalize == "mean":
+            s = s / (s.abs().mean() + 1e-30)
+        rest = torch.sort(s, descending=True).values[floors[layer]:]  # the floor's best are kept anyway
+        pool_s.append(rest)
+        pool_l.append(torch.full((rest.numel(),), layer, dtype=torch.long))
+    counts = list(floors)
+    take = n_keep - sum(floors)
+    if take > 0:
+        pool = torch.cat(pool_s)
+        best = torch.argsort(pool, descending=True, stable=True)[:take]
+        for layer in torch.cat(pool_l)[best].tolist():
+            counts[layer] += 1
+    return counts
+
+
+def plan_from_stats(stats: FFNStats, sparsity: float, *, score: str = "fisher", floor: float = DEFAULT_FLOOR,
+                    normalize: str = "none", ridge: float = DEFAULT_RIDGE, power: float = 1.0) -> PruningPlan:
+    """The calibrated plan: sensitivity scores, global budgets with a floor, the best of each layer kept."""
+    scores = sensitivity_scores(stats, score, ridge, power)
+    counts = global_keep_counts(scores, sparsity, floor, normalize)
+    keep = [sorted(torch.argsort(s.double(), descending=True, stable=True)[:n].tolist())
+            for s, n in zip(scores, counts)]
+    params = dict(sparsity=sparsity, score=score, allocation="global", normalize=normalize, floor=floor,
+                  compensate=True, ridge=ridge, n_calib=stats.n_examples, calib_tokens=stats.n_tokens,
+                  max_length=stats.info.get("max_length"))
+    if score == "fisher_resid":
+        params["power"] = power
+    return PruningPlan(keep=keep, widths=[int(s.numel()) for s in scores], method="calibrated", params=params)
+
+
+@register("calibrated", "Fisher sensitivity of each neuron on the calibration set, per-layer budgets from one "
+          "global ranking with a floor, and least-squares compensation of the removed neurons folded into "
+          "the down projection", floor=DEFAULT_FLOOR, score="fisher", normalize="none", ridge=DEFAULT_RIDGE,
+          power=1.0)
+def calibrated_method(calib: Calibration, sparsity: float, floor: float = DEFAULT_FLOOR, score: str = "fisher",
+                      normalize: str = "none", ridge: float = DEFAULT_RIDGE, power: float = 1.0) -> PruningPlan:
+    """Plan for `calibrated`; plan.params["compensate"] tells the prune pipeline to compensate."""
+    stats = ffn_input_stats(calib.loaded, calib, grads=True)
+    plan = plan_from_stats(stats, sparsity, score=score, floor=floor, normalize=normalize, ridge=ridge,
+                           power=power)
+    plan.seed = calib.seed
+    return plan

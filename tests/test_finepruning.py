@@ -1,0 +1,226 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from anatomy_prune import UserError, load_model
+from anatomy_prune.cli import main
+from anatomy_prune.evaluate import evaluate_classifier, perplexity
+from anatomy_prune.finepruning import CubicSchedule, FinepruneConfig, finepruning, lm_text_split
+from anatomy_prune.finepruning_masks import (NeuronMasks, RunningSimilarity, gum_regulariser, keep_count,
+                                             top_masks, uniqueness_weights)
+from anatomy_prune.families import ffn_widths
+
+WORDS = "the film was good bad long short funny dull and I liked hated every minute of its story".split()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (24,), generator=g).tolist()) for _ in range(40)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- schedule --------------------------------------------------------------------------------------
+
+def test_schedule_dense_cubic_final_and_monotone():
+    s = CubicSchedule(total=100, keep_final=0.5, warmup=0.1)
+    assert (s.t_initial, s.t_final) == (10, 30)
+    assert all(s.keep(t) == 1.0 for t in range(0, 11))               # dense warm-up, t <= t_i
+    assert all(s.keep(t) == 0.5 for t in range(70, 100))             # final stretch (c = 0 at T - t_f)
+    assert s.keep(40) == pytest.approx(0.5 + 0.5 * 0.5 ** 3)          # c = 1 - 30/60
+    assert s.keep(25) == pytest.approx(0.5 + 0.5 * 0.75 ** 3)
+    values = [s.keep(t) for t in range(100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert s.lr_factor(0) == pytest.approx(0.1) and s.lr_factor(9) == pytest.approx(1.0)
+    assert s.lr_factor(99) == pytest.approx(1 / 90)
+
+
+def test_schedule_refuses_too_few_steps():
+    assert CubicSchedule.min_steps(0.1) == 10
+    CubicSchedule(10, 0.5).validate()
+    with pytest.raises(UserError, match="at least 10 steps"):
+        CubicSchedule(9, 0.5).validate()
+    with pytest.raises(UserError, match="warmup"):
+        CubicSchedule(100, 0.5, warmup=0.3).validate()
+
+
+# --- masks -----------------------------------------------------------------------------------------
+
+def test_local_and_global_masks_keep_exact_counts():
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.rand(37, generator=g), torch.rand(37, generator=g) + 10, torch.rand(20, generator=g) - 10]
+    for keep in (1.0, 0.83, 0.5, 0.1):
+        local = top_masks(scores, keep, "local")
+        assert [int(m.sum()) for m in local] == [keep_count(37, keep), keep_count(37, keep), keep_count(20, keep)]
+        for m, s in zip(local, scores):  # the kept ones are the best of their layer
+            assert s[m > 0].min() >= s[m == 0].max() if 0 < m.sum() < m.numel() else True
+        glob = top_masks(scores, keep, "global")
+        assert sum(int(m.sum()) for m in glob) == keep_count(94, keep)
+    glob = top_masks(scores, 0.4, "global")
+    assert int(glob[1].sum()) == 37 and int(glob[2].sum()) == 0  # global: no per-layer floor
+
+
+def test_random_masks_are_nested_over_the_schedule():
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.rand(w, generator=g) for w in (37, 37, 37)]
+    sched = CubicSchedule(60, 0.3)
+    for selection in ("local", "global"):
+        prev = None
+        for t in range(60):
+            masks = top_masks(scores, sched.keep(t), selection)
+            if prev is not None:
+                assert all(bool((m <= p).all()) for m, p in zip(masks, prev))  # never regrows
+            prev = masks
+        assert sum(int(m.sum()) for m in prev) == keep_count(111, 0.3) if selection == "global" else True
+
+
+def test_ste_gives_the_hand_formula_on_a_tiny_layer():
+    torch.manual_seed(0)
+    down = nn.Linear(5, 3)                           # d_ff = 5 -> d_model = 3
+    h = torch.randn(2, 4, 5)                         # [batch, pos, d_ff]
+    c = torch.randn(3)
+    masks = NeuronMasks([down], [5], torch.device("cpu"), learnable=True)
+    hard = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    masks.set([hard])
+    with masks.installed():
+        y = down(h)
+        (y * c).sum().backward()
+    torch.testing.assert_close(y, down(h * hard))    # forward: the hard mask
+    # dL/ds_i = sum_tokens h_i * dL/dh'_i with dL/dh' = W^T c, for kept and pruned neurons alike
+    expected = (h * (down.weight.t() @ c)).sum(dim=(0, 1))
+    torch.testing.assert_close(masks.scores[0].grad, expected)
+    assert masks.scores[0].grad[1].abs() > 0         # a pruned neuron still gets its first-order gradient
+    # with every neuron kept, the score gradient is sum_j W2_ji dL/dW2_ji (the movement formula, -(-W dL/dW))
+    down.zero_grad()
+    masks.scores[0].grad = None
+    masks.set([torch.ones(5)])
+    with masks.installed():
+        (down(h) * c).sum().backward()
+    torch.testing.assert_close(masks.scores[0].grad, (down.weight * down.weight.grad).sum(dim=0))
+
+
+def test_gum_uniqueness_weights_on_a_constructed_activation_matrix():
+    a, b = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    # columns: a, 2a (cos 1), b (orthogonal), -b (cos -1), a+b (cos 1/sqrt 2 with all four), pruned (zero)
+    H = torch.stack([a, 2 * a, b, -b, a + b, torch.zeros(4)], dim=1)  # [tokens, m=6]
+    sim = RunningSimilarity([6], rho=0.999, device="cpu")
+    sim.update(0, H)
+    torch.testing.assert_close(sim.gram[0], 0.999 * H.t() @ H)
+    r = 2 ** -0.5
+    # u_i = sum_j |C_ij| / (m v), m v = 6 * 5/6 = 5 kept neurons
+    u = torch.tensor([1 + r, 1 + r, 1 + r, 1 + r, 4 * r, 0.0]) / 5
+    w = uniqueness_weights(sim.gram[0], sim.sq[0], keep=5 / 6, lambda_u=2.0)
+    torch.testing.assert_close(w, 1 + 2.0 * u, atol=1e-5, rtol=1e-5)
+    H2 = torch.randn(4, 6)
+    sim.update(0, H2)
+    torch.testing.assert_close(sim.gram[0], 0.001 * 0.999 * H.t() @ H + 0.999 * H2.t() @ H2)
+    torch.testing.assert_close(sim.sq[0], 0.001 * 0.999 * (H * H).sum(0) + 0.999 * (H2 * H2).sum(0))
+
+
+def test_gum_regulariser_matches_the_formula():
+    s = [torch.tensor([0.0, 1.0, -1.0]), torch.tensor([2.0, 0.5])]
+    w = [torch.tensor([1.0, 2.0, 1.5]), torch.tensor([1.0, 1.0])]
+    sig = torch.sigmoid
+    expected = ((sig(s[0]) * w[0]).sum() / 3 + (sig(s[1]) * w[1]).sum() / 2) / (3 * 2)
+    torch.testing.assert_close(gum_regulariser(s, w), expected)
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+LM_ARGS = ["--max-length", "16", "--batch-size", "2", "--eval-size", "6", "--analysis-size", "4", "--seed", "1"]
+
+
+def test_finepruning_lm_end_to_end_reloads(tmp_path, text_file):
+    out = tmp_path / "run"
+    rc = main(["finepruning", "--model", "tiny-gpt2", "--method", "movement", "--sparsity", "0.5", "--steps", "12",
+               "--text", str(text_file), "--out", str(out), *LM_ARGS])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert res["method"] == "movement" and plan["method"] == "finepruning-movement"
+    assert res["kept_widths"] == [19, 19, 19] and plan["summary"]["neurons_removed"] == 3 * 18
+    assert len(res["redundancy"]["layers"]) == 3 and res["redundancy"]["layers"][0]["width"] == 19
+    assert res["history"]["keep"][0] == 1.0 and res["history"]["keep"][-1] == 0.5
+    assert res["physical_vs_masked_max_abs_diff"] < 1e-4
+    assert (out / "figures" / "training.png").is_file() and (out / "figures" / "redundancy_per_layer.png").is_file()
+    again = load_model(str(out), device="cpu")
+    assert ffn_widths(again.model) == [19, 19, 19]
+    _, held_out = lm_text_split(str(text_file), 2000, 6, 1)
+    ppl = perplexity(again, held_out, max_length=16, batch_size=2, progress=False)["perplexity"]
+    assert ppl == pytest.approx(res["perplexity"], rel=1e-5)  # the saved model is the masked model at the end
+
+
+def test_finepruning_imdb_gum_on_tiny_bert(tmp_path, tiny_csv):
+    out = tmp_path / "run"
+    rc = main(["finepruning", "--model", "tiny-bert", "--task", "imdb", "--data", str(tiny_csv), "--method", "gum",
+               "--sparsity", "0.4", "--steps", "10", "--train-size", "16", "--eval-size", "8", "--batch-size", "4",
+               "--max-length", "24", "--analysis-size", "8", "--lambda-u", "5", "--no-figures", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["selection"] == "global" and res["metric"] == "accuracy"
+    assert sum(res["kept_widths"]) == 111 - 44  # exactly the global count: 111 - round(0.4 * 111)
+    again = load_model(str(out), device="cpu")
+    assert again.kind == "classifier"
+    from anatomy_prune.data import load_splits
+    test = load_splits(str(tiny_csv), (16, 0, 8), 0).test
+    acc = evaluate_classifier(again, test, batch_size=16, max_length=24, progress=False)["accuracy"]
+    assert acc == pytest.approx(res["accuracy"])
+
+
+def test_finepruned_folder_gives_the_masked_outputs(tmp_path, text_file):
+    cfg = FinepruneConfig(model="tiny-llama", method="magnitude", sparsity=0.3, steps=10, text=str(text_file),
+                          max_length=16, batch_size=2, eval_size=6, analysis_size=4, eval_dense=False)
+    r = finepruning(cfg, tmp_path / "run", progress=False, figures=False)
+    again = load_model(str(tmp_path / "run"), device="cpu")
+    with torch.no_grad():
+        got = again.model(input_ids=r.probe["input_ids"]).logits
+    torch.testing.assert_close(got, r.probe_outputs, rtol=1e-5, atol=1e-5)
+    assert again.info["plan"]["keep"] == r.plan.keep
+    assert r.plan.kept_widths == [26, 26, 26]  # 37 - round(0.3 * 37), every layer alike (local)
+
+
+def test_random_method_is_seeded_and_keeps_the_top_random_scores(tmp_path, text_file):
+    kw = dict(model="tiny-gpt2", method="random", sparsity=0.5, steps=10, text=str(text_file), max_length=16,
+              batch_size=2, eval_size=6, analysis_size=2, eval_dense=False, seed=7)
+    r = finepruning(FinepruneConfig(**kw), tmp_path / "a", progress=False, figures=False)
+    g = torch.Generator().manual_seed(7)
+    expected = top_masks([torch.rand(37, generator=g) for _ in range(3)], 0.5, "local")
+    assert r.plan.keep == [torch.nonzero(m).flatten().tolist() for m in expected]
+
+
+# --- bad input: one line, nothing written -----------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.0", "--steps", "20"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1", "--steps", "20"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "0.5", "--steps", "5"], "below the pruning schedule's warm-up"),
+])
+def test_bad_numbers_are_one_line_errors(tmp_path, text_file, capsys, extra, message):
+    out = tmp_path / "run"
+    rc = main(["finepruning", "--model", "tiny-gpt2", "--method", "random", "--text", str(text_file),
+               "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_empty_text_file_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    out = tmp_path / "run"
+    rc = main(["finepruning", "--model", "tiny-gpt2", "--method", "gum", "--sparsity", "0.5", "--steps", "10",
+               "--text", str(empty), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "has no text" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_lm_task_needs_a_decoder(tmp_path, text_file):
+    with pytest.raises(UserError, match="causal language model"):
+        finepruning(FinepruneConfig(model="tiny-bert", method="random", steps=10, text=str(text_file)),
+                    tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
