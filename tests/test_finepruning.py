@@ -224,3 +224,26 @@ def test_lm_task_needs_a_decoder(tmp_path, text_file):
         finepruning(FinepruneConfig(model="tiny-bert", method="random", steps=10, text=str(text_file)),
                     tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# --- real models (slow: run with -m slow) ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_lm_finepruning_runs_and_reloads(tmp_path):
+    cfg = FinepruneConfig(model="smollm2", method="gum", sparsity=0.5, steps=10, task="lm", batch_size=1,
+                          max_length=32, train_size=50, eval_size=4, analysis_size=2, eval_dense=False)
+    r = finepruning(cfg, tmp_path / "run", progress=False, figures=False)
+    assert sum(r.plan.kept_widths) == 30 * 1536 // 2 and r.results["physical_vs_masked_max_abs_diff"] < 1e-3
+    again = load_model(str(tmp_path / "run"), device="cpu")
+    with torch.no_grad():
+        got = again.model(input_ids=r.probe["input_ids"]).logits
+    torch.testing.assert_close(got, r.probe_outputs, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_minilm_imdb_finepruning_runs(tmp_path):
+    cfg = FinepruneConfig(model="minilm", method="movement", sparsity=0.5, steps=10, task="imdb", batch_size=4,
+                          max_length=64, train_size=100, eval_size=16, analysis_size=4, eval_dense=False)
+    r = finepruning(cfg, tmp_path / "run", progress=False, figures=False)
+    assert r.plan.kept_widths == [768] * 6 and 0 <= r.results["accuracy"] <= 1
+    assert len(r.results["redundancy"]["layers"]) == 6

@@ -206,14 +206,11 @@ def test_sweep_compensates_every_point_in_mask_mode(tmp_path, clf_dir, tiny_csv)
     from anatomy_prune.methods import METHODS
     out = tmp_path / "comp"
     second = "calibrated" if "calibrated" in METHODS else "activation"  # issue 7 registers calibrated
-    assert main(["sweep", "--model", str(clf_dir), "--methods", f"magnitude,{second}", "--sparsities", "0.3,0.5",
-                 "--compensate", "--calib-size", "16", "--calib-max-length", "32", "--out", str(out),
+    assert main(["sweep", "--model", str(clf_dir), "--methods", f"magnitude,{second},magnitude", "--sparsities",
+                 "0.5", "--compensate", "--calib-size", "16", "--calib-max-length", "32", "--out", str(out),
                  "--data", str(tiny_csv), "--eval-size", "24"]) == 0
     rows = json.loads((out / "results.json").read_text())
-    assert len(rows) == 5 and all(r["compensated"] for r in rows[1:])
-    # the model is restored between points: the same point twice gives the same plan and accuracy
-    again = tmp_path / "again"
-    assert main(["sweep", "--model", str(clf_dir), "--methods", "magnitude", "--sparsities", "0.5", "--compensate",
-                 "--calib-size", "16", "--calib-max-length", "32", "--out", str(again), "--data", str(tiny_csv),
-                 "--eval-size", "24"]) == 0
-    assert json.loads((again / "results.json").read_text())[1]["accuracy"] == rows[2]["accuracy"]
+    assert [r["method"] for r in rows] == ["dense", "magnitude", second, "magnitude"]
+    assert all(r["compensated"] for r in rows[1:]) and not rows[0]["compensated"]
+    # the model is restored between points: the same point twice gives the same result
+    assert rows[1]["accuracy"] == rows[3]["accuracy"] and rows[1]["compensation"] == rows[3]["compensation"]

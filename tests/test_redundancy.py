@@ -71,6 +71,19 @@ def test_copied_neuron_is_similar_and_dead_neuron_has_no_sensitivity():
     assert res["unique"] == pytest.approx(1 - sum(lay["similar"] for lay in res["layers"]) / 111)
 
 
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])
+def test_measure_on_a_pruned_model_with_an_emptied_layer(alias):
+    from anatomy_prune.apply import physical
+    lm = load_model(alias, device="cpu")
+    plan = plan_from_scores([torch.arange(37.0)] * 3, 0.5)
+    plan.keep[1] = []
+    physical(lm.model, plan)
+    res = measure(lm.model, lm_batches(1), lm_loss, progress=False)
+    assert [lay["width"] for lay in res["layers"]] == [19, 0, 19]
+    assert res["layers"][1]["sensitivity_sum"] == 0.0 and res["layers"][1]["unique_fraction"] is None
+    assert res["neurons"] == 38 and res["layers"][0]["sensitivity_sum"] > 0
+
+
 def test_padding_is_left_out_of_uniqueness():
     lm = load_model("tiny-bert", device="cpu")
     ids = torch.randint(1000, 5000, (2, 8))

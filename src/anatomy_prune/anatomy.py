@@ -436,3 +436,14 @@ def anatomy_from_spec(model: str, out_dir: str | Path, inputs: str = "probes", t
         max_length = int(fine) if fine else min(256, loaded.max_positions)
     return run_anatomy(loaded, texts, names, out_dir, threshold, max_length, batch_size, figures=figures,
                        extra={"inputs_spec": inputs, "load_s": round(load_s, 3)})
+
+
+def format_neuron_sets(neurons_doc: dict, inputs: Sequence[int] | None = None) -> str:
+    """neurons.json as the paper's Figures 2a / 3a list it: per input, per layer, the ids above threshold."""
+    lines = []
+    for i in (inputs if inputs is not None else range(len(neurons_doc["neurons"]))):
+        name = neurons_doc["names"][i] if neurons_doc.get("names") else str(i)
+        lines.append(f"===== Input {name} =====")
+        for layer, ids in enumerate(neurons_doc["neurons"][i]):
+            lines.append(f"Layer {layer}, neurons: {list(ids)}")
+    return "\n".join(lines)

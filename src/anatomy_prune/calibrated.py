@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .compensate import DEFAULT_RIDGE, FFNStats, ffn_input_stats
 from .errors import UserError
+from .families import base_model, ffn_sites, get_module, weight_out_in
 from .methods import Calibration, register
 from .plan import PruningPlan, check_sparsity
 
@@ -49,19 +50,54 @@ def unexplained_share(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
     return (1.0 / (var * torch.diagonal(inv))).clamp(0.0, 1.0)
 
 
+def removal_error(model, stats: FFNStats, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
+    """Per neuron, the mean squared error its removal leaves in the layer output per token: [d_ff] per layer.
+
+    ||w_j||^2 times the neuron's centred variance (its mean goes into the down bias) or, for a bias-free
+    down projection, its second moment; with `rebuilt`, times the share that a least-squares fit on the
+    other neurons cannot rebuild (leave-one-out, so optimistic when many neurons go).
+    """
+    base = base_model(model)
+    errs = []
+    for site, g in zip(ffn_sites(model), stats.gram):
+        down = get_module(base, site.down)
+        w2 = weight_out_in(down).detach().double().cpu().pow(2).sum(0)      # [d_ff]
+        n = float(g[-1, -1].clamp(min=1.0))
+        moment = torch.diagonal(g)[:-1] / n                                  # [d_ff]
+        if getattr(down, "bias", None) is not None:
+            moment = moment - (g[:-1, -1] / n) ** 2
+        err = w2 * moment.clamp(min=0.0)
+        if rebuilt:
+            err = err * unexplained_share(g, ridge)
+        errs.append(err.float())
+    return errs
+
+
 def sensitivity_scores(stats: FFNStats, score: str = "fisher", ridge: float = DEFAULT_RIDGE,
-                       power: float = 1.0) -> list[Tensor]:
-    """One score per neuron and layer (higher = keep) from calibration statistics with gradients."""
+                       power: float = 1.0, beta: float = 0.0, model=None, rebuilt: bool = True) -> list[Tensor]:
+    """One score per neuron and layer (higher = keep) from calibration statistics with gradients.
+
+    beta > 0 adds the removal error of each neuron (`removal_error`, needs the model), both terms divided
+    by their mean over all neurons of all layers: score / mean(score) + beta * error / mean(error).
+    """
     if score not in SCORES:
         raise UserError(f"unknown score '{score}'; choose one of {', '.join(SCORES)}")
     if stats.fisher is None or stats.taylor is None:
         raise UserError("these calibration statistics have no gradients; collect them with grads=True "
                         "on a classifier with labels or on a causal LM")
     if score == "taylor":
-        return [t.abs().float() for t in stats.taylor]
-    scores = [f.float() for f in stats.fisher]
+        scores = [t.abs().float() for t in stats.taylor]
+    else:
+        scores = [f.float() for f in stats.fisher]
     if score == "fisher_resid":
         scores = [s * unexplained_share(g, ridge).float() ** power for s, g in zip(scores, stats.gram)]
+    if beta > 0:
+        if model is None:
+            raise ValueError("beta > 0 needs the model (its down projections)")
+        errs = removal_error(model, stats, rebuilt, ridge)
+        s_mean = torch.cat(scores).mean().clamp(min=1e-30)
+        e_mean = torch.cat(errs).mean().clamp(min=1e-30)
+        scores = [s / s_mean + beta * e / e_mean for s, e in zip(scores, errs)]
     return scores
 
 
@@ -83,7 +119,8 @@ def global_keep_counts(scores: list[Tensor], sparsity: float, floor: float = DEF
     floors = [min(w, int(math.ceil(floor * w))) for w in widths]
     if sum(floors) > n_keep:
         raise UserError(f"sparsity {sparsity} would leave layers below the floor of {floor:.0%} of their "
-                        f"neurons; lower the sparsity to at most {1 - sum(floors) / total:.3f} or lower the floor")
+                        f"neurons; lower the sparsity to at most {math.floor((1 - sum(floors) / total) * 1e4) / 1e4} "
+                        "or lower the floor")
     pool_s, pool_l = [], []
     for layer, s in enumerate(scores):
         s = s.detach().double().cpu()
@@ -103,9 +140,10 @@ def global_keep_counts(scores: list[Tensor], sparsity: float, floor: float = DEF
 
 
 def plan_from_stats(stats: FFNStats, sparsity: float, *, score: str = "fisher", floor: float = DEFAULT_FLOOR,
-                    normalize: str = "none", ridge: float = DEFAULT_RIDGE, power: float = 1.0) -> PruningPlan:
+                    normalize: str = "none", ridge: float = DEFAULT_RIDGE, power: float = 1.0, beta: float = 0.0,
+                    model=None, rebuilt: bool = True) -> PruningPlan:
     """The calibrated plan: sensitivity scores, global budgets with a floor, the best of each layer kept."""
-    scores = sensitivity_scores(stats, score, ridge, power)
+    scores = sensitivity_scores(stats, score, ridge, power, beta, model, rebuilt)
     counts = global_keep_counts(scores, sparsity, floor, normalize)
     keep = [sorted(torch.argsort(s.double(), descending=True, stable=True)[:n].tolist())
             for s, n in zip(scores, counts)]
@@ -114,6 +152,8 @@ def plan_from_stats(stats: FFNStats, sparsity: float, *, score: str = "fisher", 
                   max_length=stats.info.get("max_length"))
     if score == "fisher_resid":
         params["power"] = power
+    if beta > 0:
+        params.update(beta=beta, rebuilt=rebuilt)
     return PruningPlan(keep=keep, widths=[int(s.numel()) for s in scores], method="calibrated", params=params)
 
 

@@ -295,17 +295,24 @@ def layer_gram(stats: FFNStats, layer: int, readout_mix: float = 0.0) -> tuple[T
     return mixed, (n_ro if readout_mix >= 1 else n_all)
 
 
-def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: float = DEFAULT_RIDGE,
-               intercept: bool | None = None, readout_mix: float = 0.0) -> dict:
+@torch.no_grad()
+def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: float | None = None,
+               intercept: bool | None = None, readout_mix: float | None = None) -> dict:
     """Fold a least-squares reconstruction of each layer's removed neurons into its kept down-projection
     columns (and its bias), in place, on the UNPRUNED model; then `apply.physical` (or `apply.mask`).
 
     intercept=None fits the constant column only where the down projection has a bias to carry it.
+    ridge and readout_mix (see `layer_gram`) default to the plan's own (plan.params, set by the `calibrated`
+    method), else DEFAULT_RIDGE and 0.
     Returns per-layer diagnostics: relative reconstruction error of the layer output on the calibration
     tokens with plain removal (`rel_err_removed`) and after compensation (`rel_err_compensated`).
     """
     plan.check_fits(model)
     _check_stats(model, stats)
+    ridge = float(plan.params.get("ridge", DEFAULT_RIDGE) if ridge is None else ridge)
+    readout_mix = float(plan.params.get("readout_mix", 0.0) if readout_mix is None else readout_mix)
+    if ridge < 0 or not 0.0 <= readout_mix <= 1.0:
+        raise UserError(f"ridge must be >= 0 and readout_mix in [0, 1]; got {ridge} and {readout_mix}")
     if getattr(model, "_anatomy_prune_compensated", False):
         raise UserError("this model was already compensated; compensate the unpruned model once, then apply")
     base = base_model(model)

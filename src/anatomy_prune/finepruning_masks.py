@@ -120,7 +120,7 @@ class NeuronMasks:
                 h = args[0]  # [batch, pos, d_ff]
                 out = h * self.factor(layer).to(h.dtype)
                 if self.record and self.on_activation is not None:
-                    flat = out.detach().reshape(-1, out.shape[-1])  # [batch*pos, d_ff]
+                    flat = out.detach().flatten(0, -2)  # [batch*pos, d_ff]
                     if self.token_mask is not None and self.token_mask.numel() == flat.shape[0]:
                         flat = flat[self.token_mask.reshape(-1).to(flat.device) > 0]
                     self.on_activation(layer, flat)

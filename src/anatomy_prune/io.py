@@ -76,6 +76,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise UserError(f"output folder '{path}' already exists; remove it or choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a run folder is an ordinary folder
     try:
         yield tmp
     except BaseException:

@@ -34,8 +34,9 @@ LossFn = Callable[[nn.Module, dict], Tensor]  # (model, batch) -> scalar batch-m
 
 
 def _grad_out_in(mod: nn.Module) -> Tensor:
-    """The weight's gradient in [out, in] orientation (Conv1D stores [in, out])."""
-    g = mod.weight.grad
+    """The weight's gradient in [out, in] orientation (Conv1D stores [in, out]); zeros when the weight took
+    no part in the loss (an emptied layer's down projection)."""
+    g = mod.weight.grad if mod.weight.grad is not None else torch.zeros_like(mod.weight)
     return g.t() if (Conv1D and isinstance(mod, Conv1D)) else g
 
 
@@ -49,7 +50,7 @@ def taylor_terms(model: nn.Module) -> list[Tensor]:
         for path in site.up:
             up = get_module(base, path)
             t = t + (weight_out_in(up) * _grad_out_in(up)).sum(dim=1)  # W1 row . its gradient
-            if getattr(up, "bias", None) is not None:
+            if getattr(up, "bias", None) is not None and up.bias.grad is not None:
                 t = t + up.bias * up.bias.grad
         out.append(t.detach().float())
     return out
@@ -76,7 +77,7 @@ def _gram_hooks(model: nn.Module, grams: list, sqs: list, token_mask: list) -> I
     handles = []
     for site in ffn_sites(model):
         def pre(_m, args, layer=site.layer):
-            h = args[0].detach().float().reshape(-1, args[0].shape[-1])  # [batch*pos, d_ff]
+            h = args[0].detach().float().flatten(0, -2)  # [batch*pos, d_ff]
             if token_mask[0] is not None and token_mask[0].numel() == h.shape[0]:
                 h = h[token_mask[0].reshape(-1).to(h.device) > 0]
             grams[layer] = grams[layer] + h.t() @ h
