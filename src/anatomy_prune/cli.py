@@ -399,6 +399,23 @@ def _run_demo(args) -> int:
     return 0
 
 
+# --- figures ------------------------------------------------------------------------------------
+
+def _add_figures(sub) -> None:
+    p = sub.add_parser("figures", help="gather the PNG figures of finished runs into one folder",
+                       description="Redraw anatomy figures from their saved results and copy every run's "
+                       "figures/*.png into --out, named after the folder they came from.")
+    p.add_argument("--run", action="append", required=True, help="a run folder (repeatable), e.g. runs/demo")
+    p.add_argument("--out", default="figures", help="output folder (default: figures)")
+
+
+def _run_figures(args) -> int:
+    from .figures import collect_figures
+
+    print(f"{len(collect_figures(args.run, args.out))} figures written to {args.out}")
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
@@ -410,6 +427,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "finepruning": (_add_finepruning, _run_finepruning),
     "redundancy": (_add_redundancy, _run_redundancy),
     "demo": (_add_demo, _run_demo),
+    "figures": (_add_figures, _run_figures),
 }
 
 
