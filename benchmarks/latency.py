@@ -7,6 +7,7 @@ the FLOP bound. A thin layer over anatomy_prune.speed.
     .venv/bin/python benchmarks/latency.py --sparsities 0.5 --batch-sizes 32 --lengths 128 --repeats 7 \\
         --multiple-of 1 8 64 --strided --threads 2 --out runs/bench-rounding
 
+While running, OUT.partial.json holds what has been measured so far (rewritten after each sparsity).
 Writes into --out: latency_<UTC date>.json (settings, machine, load before / after, one row per timed
 variant), latency.json (the same, latest run), table.md (the README table) and speedup_<device>.png/.pdf.
 Latency depends only on shapes, so any model spec works (the default minilm has the shapes of the
@@ -28,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from anatomy_prune.errors import UserError  # noqa: E402
-from anatomy_prune.io import atomic_dir, write_json  # noqa: E402
+from anatomy_prune.io import atomic_dir, read_json, write_json  # noqa: E402
 from anatomy_prune.models import DEFAULT_ENCODER, load_model  # noqa: E402
 from anatomy_prune.speed import (default_devices, latency_sweep, load_average, machine_info,  # noqa: E402
                                  markdown_table, profile_variants)
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(about a minute); explicit options override it")
     p.add_argument("--seed", type=int, default=0, help="seed of the token ids (default: 0)")
     p.add_argument("--no-figure", action="store_true", help="write JSON and table only")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="time nothing: redraw table.md and the figure into --out from a saved latency JSON "
+                   "(a .partial.json of a run that was cut short included)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -92,15 +96,21 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
            "command": " ".join(["benchmarks/latency.py", *argv]), "settings": settings,
            "machine": machine_info(), "load_before": load_average(), "results": [], "skipped": []}
     start = time.perf_counter()
+    partial = Path(f"{str(args.out).rstrip('/')}.partial.json")  # beside --out, removed when the run completes
     for dev in settings["devices"]:
         if dev.startswith("cuda") and not torch.cuda.is_available():
             out["skipped"].append(f"{dev}: no CUDA device")
             logging.getLogger("latency").warning("skipping %s: no CUDA device", dev)
             continue
         loaded = load_model(settings["model"], device=dev)
+
+        def save_partial(res: dict) -> None:  # a long run that is killed still leaves what it measured
+            write_json(partial, {**out, "results": out["results"] + [res], "load_now": load_average()})
+
         res = latency_sweep(loaded, settings["sparsities"], settings["batch_sizes"], settings["lengths"],
                             repeats=settings["repeats"], warmup=settings["warmup"], multiples=settings["multiples"],
-                            strided=settings["strided"], seed=settings["seed"], progress=not args.no_progress)
+                            strided=settings["strided"], seed=settings["seed"], progress=not args.no_progress,
+                            on_sparsity=save_partial)
         if args.profile and dev == "cpu":
             b, n = settings["batch_sizes"][0], settings["lengths"][0]
             res["profile"] = {"batch_size": b, "seq_len": n, "ms_per_forward": {
@@ -111,16 +121,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         raise UserError("nothing was timed: no requested device is present; use --devices cpu")
     out["load_after"] = load_average()
     out["total_s"] = round(time.perf_counter() - start, 1)
+    write_outputs(out, args.out, figure=not args.no_figure)
+    partial.unlink(missing_ok=True)
+    return out
+
+
+def write_outputs(out: dict, folder: str | Path, figure: bool = True, json_too: bool = True) -> None:
+    """latency_<date>.json, latency.json, table.md and the figure(s), all or nothing."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    with atomic_dir(args.out) as tmp:
-        write_json(tmp / f"latency_{stamp}.json", out)
-        write_json(tmp / "latency.json", out)
+    with atomic_dir(folder) as tmp:
+        if json_too:
+            write_json(tmp / f"latency_{stamp}.json", out)
+            write_json(tmp / "latency.json", out)
         (tmp / "table.md").write_text(table_text(out))
-        if not args.no_figure:
+        if figure:
             from anatomy_prune.plotting.latency import plot_speedup
             for res in out["results"]:
                 plot_speedup(out, tmp, device=res["device"])
-    return out
 
 
 def table_text(out: dict) -> str:
@@ -141,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.from_json:
+            out = read_json(args.from_json)
+            if not out.get("results"):
+                raise UserError(f"'{args.from_json}' holds no results; give a latency JSON written by this script")
+            write_outputs(out, args.out, figure=not args.no_figure, json_too=False)
+            print(table_text(out))
+            return 0
         out = run(args, argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

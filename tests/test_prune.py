@@ -214,3 +214,27 @@ def test_sweep_compensates_every_point_in_mask_mode(tmp_path, clf_dir, tiny_csv)
     assert all(r["compensated"] for r in rows[1:]) and not rows[0]["compensated"]
     # the model is restored between points: the same point twice gives the same result
     assert rows[1]["accuracy"] == rows[3]["accuracy"] and rows[1]["compensation"] == rows[3]["compensation"]
+
+
+def test_stopped_sweep_resumes(tmp_path, clf_dir, tiny_csv, calib_txt, monkeypatch):
+    import anatomy_prune.sweep as sweep
+    real, calls = sweep.evaluate_loaded, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # dense, one point, then the machine goes away
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sweep, "evaluate_loaded", flaky)
+    kw = dict(methods=["magnitude", "random"], sparsities=[0.5], out_dir=tmp_path / "sw", eval_size=24,
+              data=str(tiny_csv), calib_data=str(calib_txt), figures=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(str(clf_dir), **kw)
+    assert not (tmp_path / "sw").exists() and (tmp_path / ".sw.partial.json").is_file()
+    first = json.loads((tmp_path / ".sw.partial.json").read_text())["rows"]
+    rows = sweep.run_sweep(str(clf_dir), **kw)
+    assert len(calls) == 4  # only the missing point was evaluated again
+    assert rows[:2] == first and [r["method"] for r in rows] == ["dense", "magnitude", "random"]
+    assert not (tmp_path / ".sw.partial.json").exists()
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["resumed_after"] == 1

@@ -143,6 +143,10 @@ def test_benchmark_main_end_to_end(tmp_path):
     assert len(list(out.glob("latency_*.json"))) == 1
     assert "| 50% |" in (out / "table.md").read_text()
     assert (out / "speedup_cpu.png").stat().st_size > 0
+    assert not (tmp_path / "bench.partial.json").exists()  # progress file removed when the run completes
+    redo = tmp_path / "redo"
+    assert _bench().main(["--from-json", str(out / "latency.json"), "--out", str(redo), "--no-figure"]) == 0
+    assert (redo / "table.md").read_text() == (out / "table.md").read_text()
 
 
 def test_benchmark_bad_input_exits_2(tmp_path, capsys):

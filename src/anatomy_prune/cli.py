@@ -250,6 +250,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None, help="TOML grid of method parameters (configs/paper_figure5a.toml)")
     p.add_argument("--report", default=None, help="also write a markdown report to this file")
+    p.add_argument("--restart", action="store_true",
+                   help="start from scratch (default: a stopped sweep with the same settings resumes)")
     _method_param_args(p)
     _calib_args(p)
     _eval_args(p)
@@ -275,7 +277,7 @@ def _run_sweep(args) -> int:
                      out_dir=args.out, eval_size=args.eval_size, data=args.data, config=args.config, params=params,
                      compensate=args.compensate, calib_size=args.calib_size, calib_max_length=args.calib_max_length,
                      calib_data=args.calib_data, batch_size=args.batch_size, max_length=args.max_length,
-                     seed=args.seed, device=args.device)
+                     seed=args.seed, device=args.device, resume=not args.restart)
     if args.report:
         write_report(args.out, args.report)
     metric = "accuracy" if "accuracy" in rows[0] else "perplexity"

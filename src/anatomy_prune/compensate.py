@@ -158,9 +158,9 @@ def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
     taylor = [torch.zeros(w, dtype=torch.float64, device=dev) for w in widths] if grads else None
     state: dict = {}
 
-    def gram(h: Tensor) -> Tensor:  # h: [tokens, d_ff] -> [d_ff+1, d_ff+1]
+    def gram(h: Tensor) -> Tensor:  # h: [tokens, d_ff] -> [d_ff+1, d_ff+1], float32 (one batch's sum)
         z = torch.cat([h.float(), torch.ones(h.shape[0], 1, device=h.device)], dim=1)  # [tokens, d_ff+1]
-        return (z.t() @ z).double()
+        return z.t() @ z
 
     def gram_of_tokens(x: Tensor) -> tuple[Tensor, Tensor | None]:  # x: [batch, pos, d_ff]
         ro = gram(x[torch.arange(x.shape[0], device=x.device), state["readout"]]) if readout else None
@@ -194,7 +194,7 @@ def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
                     with torch.no_grad():
                         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 for layer, grams in enumerate(store):
-                    for g, g_ro in grams:
+                    for g, g_ro in grams:    # accumulated across batches in float64
                         acc[layer] += g
                         if readout:
                             acc_ro[layer] += g_ro
@@ -342,10 +342,9 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: floa
         w_r = w[:, ridx]                                                      # [d_model, |R|]
         g_rr, g_kr, g_kk = g[ridx][:, ridx], g[kidx][:, ridx], g[kidx][:, kidx]
         before = _quad(w_r, g_rr)
-        # residual second moment of h_R - B^T z_K over the tokens: [|R|, |R|]
-        resid = g_rr - coef.t() @ g_kr - g_kr.t() @ coef + coef.t() @ g_kk @ coef
-        after = _quad(w_r, resid)
         delta = w_r @ coef.t()                                                # [d_model, |K| (+1)]
+        # sum over tokens of ||W_R h_R - delta z_K||^2, expanded in Gram blocks
+        after = before - 2 * float(((delta @ g_kr) * w_r).sum()) + _quad(delta, g_kk)
         new_w = w.clone()
         new_w[:, keep] += delta[:, : len(keep)]
         w_view[:, torch.tensor(keep, dtype=torch.long, device=w_view.device)] = new_w[:, keep].to(

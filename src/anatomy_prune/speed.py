@@ -281,12 +281,14 @@ def _check_shapes(loaded: Loaded, lengths: Sequence[int], batch_sizes: Sequence[
 @torch.no_grad()
 def latency_sweep(loaded: Loaded, sparsities: Sequence[float], batch_sizes: Sequence[int],
                   lengths: Sequence[int], *, repeats: int = 5, warmup: int = 1, multiples: Sequence[int] = (1,),
-                  strided: bool = False, seed: int = 0, progress: bool = True) -> dict:
+                  strided: bool = False, seed: int = 0, progress: bool = True,
+                  on_sparsity: Callable[[dict], None] | None = None) -> dict:
     """Time dense vs masked vs physically pruned copies of `loaded.model` on its device at each FFN
     sparsity (magnitude plan, same fraction per layer), batch size and length; one row per variant.
 
     Each row: timing stats, speedup over the dense model timed in the same interleaved rounds (ratio of
     medians and paired quartiles), the FLOP bound (ideal speedup) and measured / ideal, parameters, widths.
+    `on_sparsity(partial_result)` is called after each sparsity (to save progress of a long run).
     """
     from .methods import magnitude_scores
 
@@ -305,7 +307,11 @@ def latency_sweep(loaded: Loaded, sparsities: Sequence[float], batch_sizes: Sequ
     emb = embedding_params(dense)
     dense_params = count_params(dense)
     shapes = [(b, n) for n in lengths for b in batch_sizes]
-    rows = []
+    rows: list[dict] = []
+    result = {"device": device.type, "dense": {"params": dense_params, "embedding_params": emb, "ffn_widths": full,
+                                               "ffn_flops_per_token": ffn_flops_per_token(dense),
+                                               "flops_per_token": {str(n): flops_per_token(dense, n) for n in lengths}},
+              "rows": rows}
     bar = tqdm(total=len(sparsities) * len(shapes), desc=f"latency {device.type}", disable=not progress)
     for s in sparsities:
         variants, plans = build_variants(dense, scores, s, multiples, strided)
@@ -338,11 +344,10 @@ def latency_sweep(loaded: Loaded, sparsities: Sequence[float], batch_sizes: Sequ
             bar.update(1)
         del variants
         gc.collect()
+        if on_sparsity is not None:
+            on_sparsity(result)
     bar.close()
-    return {"device": device.type, "dense": {"params": dense_params, "embedding_params": emb, "ffn_widths": full,
-                                             "ffn_flops_per_token": ffn_flops_per_token(dense),
-                                             "flops_per_token": {str(n): flops_per_token(dense, n) for n in lengths}},
-            "rows": rows}
+    return result
 
 
 OP_GROUPS = {  # aten op -> what it is, for the profile summary

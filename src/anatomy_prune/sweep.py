@@ -14,6 +14,7 @@ A config file (TOML, e.g. configs/paper_figure5a.toml) adds rows with explicit m
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import tomllib
@@ -135,12 +136,17 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
               params: dict[str, dict] | None = None, compensate: bool = False, calib_size: int = CALIB_SIZE,
               calib_max_length: int = CALIB_MAX_LENGTH, calib_data: str = "imdb", batch_size: int = 32,
               max_length: int | None = None, seed: int = 0, device: str | None = None,
-              reference: dict | None = None, figures: bool = True, progress: bool = True) -> list[dict]:
+              reference: dict | None = None, figures: bool = True, resume: bool = True,
+              progress: bool = True) -> list[dict]:
     """Evaluate every (method, sparsity) and the config's rows on the same texts; write `out_dir`.
 
     params: extra parameters per method name (e.g. {"strategy": {"beta": 0.0}}). A sparsity of 0 is the
     dense baseline, evaluated once. reference: the paper's points to draw (default: PAPER_BERT_IMDB for
     classifiers). Returns the rows written to results.json.
+
+    Each finished point is also kept in `.<out>.partial.json` beside `out_dir` (out_dir itself is written only
+    at the end, atomically); with `resume`, a sweep with the same settings that was stopped starts again
+    after its last finished point. The file is removed when the sweep completes.
     """
     check_mode(mode)
     methods = list(methods)
@@ -162,6 +168,14 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a folder; choose another --out")
 
+    partial = out.parent / f".{out.name}.partial.json"
+    settings_key = {"model": model_spec, "methods": methods, "sparsities": sparsities, "mode": mode, "config": str(config),
+           "params": params, "compensate": compensate, "eval_size": eval_size, "data": data, "calib_size": calib_size,
+           "calib_max_length": calib_max_length, "calib_data": calib_data, "batch_size": batch_size,
+           "max_length": max_length, "seed": seed}
+    done = _read_partial(partial, settings_key) if resume else None
+    resumed_after = len(done["rows"]) - 1 if done else 0
+
     loaded = load_model(model_spec, device=device)
     eval_data = evaluation_data(loaded, data, eval_size)
     calib = make_calibration(loaded, calib_size, calib_max_length, seed, calib_data, exclude=eval_data.texts)
@@ -173,12 +187,16 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
 
     dense_model = loaded.model
     snap = ffn_snapshot(dense_model) if mode == "mask" else None
-    rows = [_row(loaded, evaluate_loaded(loaded, eval_data, batch_size, max_length, progress=False), metric,
-                 method="dense", sparsity=0.0, target=0.0, mode=mode, neurons_removed=0,
-                 removed_per_layer=[0] * len(ffn_sites(dense_model)), prune_s=0.0, plan_params={}, label=None)]
-    log.info("dense: %s %.4f, %.1f s", metric, rows[0][metric], rows[0]["latency_s"])
-    plans = {}
-    for pt in tqdm(points, desc="sweep", disable=not progress):
+    if done:
+        rows, plans = done["rows"], done["plans"]
+        log.info("resuming the stopped sweep in %s after %d of %d points", partial, len(rows) - 1, len(points))
+    else:
+        rows = [_row(loaded, evaluate_loaded(loaded, eval_data, batch_size, max_length, progress=False), metric,
+                     method="dense", sparsity=0.0, target=0.0, mode=mode, neurons_removed=0,
+                     removed_per_layer=[0] * len(ffn_sites(dense_model)), prune_s=0.0, plan_params={}, label=None)]
+        plans = {}
+        log.info("dense: %s %.4f, %.1f s", metric, rows[0][metric], rows[0]["latency_s"])
+    for pt in tqdm(points[len(rows) - 1:], desc="sweep", disable=not progress):
         calib.used.clear()
         before = set(calib.timings)
         start = time.perf_counter()
@@ -209,6 +227,7 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
             if hasattr(dense_model, "_anatomy_prune_compensated"):  # compensate.py's guard against twice
                 del dense_model._anatomy_prune_compensated
         del work
+        write_json(partial, {"key": settings_key, "rows": rows, "plans": plans})
         log.info("%s at %.2f: %s %.4f, %.1f s (prune %.2f s)", pt["method"], row["sparsity"], metric, row[metric],
                  row["latency_s"], prune_s)
 
@@ -220,7 +239,8 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
                 "calib_size": len(calib.texts), "calib_max_length": calib.max_length, "calib_data": calib_data,
                 "calib_stats_s": dict(calib.timings), "seed": seed, "peak_mem_mb": peak_mem_mb(),
                 "runtime": {k: rows[0].get(k) for k in ("device", "device_name", "threads", "torch")},
-                "reference": reference, "created": now_iso()}
+                "reference": reference, "resumed_after": resumed_after,
+                "created": now_iso()}
     with atomic_dir(out) as tmp:
         write_json(tmp / "results.json", rows)
         write_json(tmp / "sweep.json", settings)
@@ -228,7 +248,22 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
             write_json(tmp / "plans" / f"{key}.json", plan)
         if figures:
             draw_sweep_figures(rows, tmp / "figures", reference=reference)
+    partial.unlink(missing_ok=True)
     return rows
+
+
+def _read_partial(path: Path, key: dict) -> dict | None:
+    """The finished points of a stopped sweep with the same settings, or None."""
+    if not path.is_file():
+        return None
+    try:
+        done = read_json(path)
+    except UserError:
+        return None
+    if json.loads(json.dumps(key)) != done.get("key") or not done.get("rows"):
+        log.info("ignoring %s: it is from a sweep with other settings", path)
+        return None
+    return done
 
 
 def _brief(params: dict) -> dict:

@@ -53,7 +53,8 @@ def plot_speedup(result: dict, folder: str | Path, device: str = "cpu", name: st
     for ax in axes[:, 0]:
         ax.set_ylabel("speedup over dense (x)")
     axes[0, 0].set_ylim(0.0, top * 1.2)
-    axes[0, 0].legend(fontsize=8, loc="upper left")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels))
     model = result.get("settings", {}).get("model", "")
     fig.suptitle(f"{model} on {device}: measured speedup vs the FLOP bound".strip(), fontsize=11)
     fig.tight_layout()

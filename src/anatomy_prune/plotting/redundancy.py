@@ -89,6 +89,7 @@ def plot_methods(rows: list[dict], folder: str | Path, name: str = "finepruning_
         axes[0].set_ylim(max(0, lo - 5), 100)
     axes[1].bar(labels, [100 * r["redundancy"]["unique"] for r in rows], color=colors)
     axes[1].set_ylabel("unique neurons (%)")
+    axes[1].set_ylim(max(0, min(100 * r["redundancy"]["unique"] for r in rows) - 3), 100)
     axes[2].bar(labels, [r["redundancy"]["sens_sum"] for r in rows], color=colors)
     axes[2].set_ylabel("sensitivity (sum over neurons)")
     for ax in axes:
