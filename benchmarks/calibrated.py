@@ -113,6 +113,24 @@ def _point(loaded, calib, method: str, sparsity: float, timed_stats_s: float) ->
     return replace(loaded, model=model), row
 
 
+def _run_points(loaded, calib, methods: list[str], sparsities, stats_s: float, measure) -> list[dict]:
+    """Every (sparsity, method): prune a copy, `measure(pruned, row)` fills the row and returns its summary."""
+    rows = []
+    for s in sparsities:
+        for method in methods:
+            try:
+                pruned, row = _point(loaded, calib, method, s, stats_s)
+            except UserError as exc:
+                print(f"{method} at {s}: {exc}", flush=True)
+                continue
+            text = measure(pruned, row)
+            rows.append(row)
+            del pruned
+            print(f"{method:16s} {s:.1f} {text}" + (f" prune_s {row['prune_s']}" if "prune_s" in row else ""),
+                  flush=True)
+    return rows
+
+
 def encoder_part(args) -> dict:
     loaded = load_model(args.model, device="cpu")
     if loaded.kind != "classifier":
@@ -132,19 +150,13 @@ def encoder_part(args) -> dict:
     dense = evaluate_classifier(loaded, test, args.batch_size, args.max_length, progress=False)
     rows = [{"method": "dense", "sparsity": 0.0, "accuracy": dense["accuracy"], "latency_s": dense["latency_s"]}]
     print(f"dense accuracy {dense['accuracy']:.4f}", flush=True)
-    for s in args.sparsities:
-        for method in _methods(args.methods):
-            try:
-                pruned, row = _point(loaded, calib, method, s, stats_s)
-            except UserError as exc:
-                print(f"{method} at {s}: {exc}", flush=True)
-                continue
-            res = evaluate_classifier(pruned, test, args.batch_size, args.max_length, progress=False)
-            row.update(accuracy=res["accuracy"], latency_s=round(res["latency_s"], 2),
-                       drop_points=round(100 * (dense["accuracy"] - res["accuracy"]), 2))
-            rows.append(row)
-            print(f"{method:16s} {s:.1f} acc {res['accuracy']:.4f} (drop {row['drop_points']:+.1f} pts)"
-                  + (f" prune_s {row['prune_s']}" if "prune_s" in row else ""), flush=True)
+    def measure(pruned, row):
+        res = evaluate_classifier(pruned, test, args.batch_size, args.max_length, progress=False)
+        row.update(accuracy=res["accuracy"], latency_s=round(res["latency_s"], 2),
+                   drop_points=round(100 * (dense["accuracy"] - res["accuracy"]), 2))
+        return f"acc {res['accuracy']:.4f} (drop {row['drop_points']:+.1f} pts)"
+
+    rows += _run_points(loaded, calib, _methods(args.methods), args.sparsities, stats_s, measure)
     return {"model": args.model, "eval_size": len(test), "eval_max_length": args.max_length,
             "calib_size": len(calib.texts), "calib_max_length": calib.max_length, "calib_tokens":
             ffn_input_stats(loaded, calib, progress=False).n_tokens, "stats_s": round(stats_s, 2),
@@ -162,18 +174,11 @@ def lm_part(args) -> dict:
     dense = perplexity(loaded, texts, args.lm_max_length, batch_size=8, progress=False)
     rows = [{"method": "dense", "sparsity": 0.0, "perplexity": dense["perplexity"]}]
     print(f"{args.lm_model} dense perplexity {dense['perplexity']:.2f} ({dense['n_tokens']} tokens)", flush=True)
-    for s in args.lm_sparsities:
-        for method in _methods(args.lm_methods):
-            try:
-                pruned, row = _point(loaded, calib, method, s, stats_s)
-            except UserError as exc:
-                print(f"{method} at {s}: {exc}", flush=True)
-                continue
-            res = perplexity(pruned, texts, args.lm_max_length, batch_size=8, progress=False)
-            row["perplexity"] = res["perplexity"]
-            rows.append(row)
-            del pruned
-            print(f"{method:16s} {s:.1f} perplexity {res['perplexity']:.2f}", flush=True)
+    def measure(pruned, row):
+        row["perplexity"] = perplexity(pruned, texts, args.lm_max_length, batch_size=8, progress=False)["perplexity"]
+        return f"perplexity {row['perplexity']:.2f}"
+
+    rows += _run_points(loaded, calib, _methods(args.lm_methods), args.lm_sparsities, stats_s, measure)
     return {"model": args.lm_model, "eval_texts": len(texts), "eval_tokens": dense["n_tokens"],
             "max_length": args.lm_max_length, "calib_size": len(calib.texts), "stats_s": round(stats_s, 2),
             "peak_mem_mb": _rss_mb(), "dense_perplexity": dense["perplexity"], "rows": rows}

@@ -2,7 +2,8 @@
 the FLOP bound. A thin layer over anatomy_prune.speed.
 
     make bench        # the full run (= --multiple-of 1 8 --out runs/bench): sparsities 0.1..0.9,
-                      # batch 1 and 32, length 128 and 512, 5 repeats; about 20 minutes on 2 quiet cores
+                      # batch 1 and 32, length 128 and 512, 5 repeats; 16.5 minutes on 2 quiet cores
+                      # (batch 32 x 512 dominates)
     .venv/bin/python benchmarks/latency.py --quick --out runs/bench-quick      # about a minute
     .venv/bin/python benchmarks/latency.py --sparsities 0.5 --batch-sizes 32 --lengths 128 --repeats 7 \\
         --multiple-of 1 8 64 --strided --threads 2 --out runs/bench-rounding
