@@ -7,7 +7,7 @@ least-squares compensation) against the other registered methods, without retrai
 
 Encoder: the fine-tuned minilm IMDB classifier (runs/demo/model), accuracy on the 1,000 test reviews at
 sparsities 0.1..0.9 for every method (each plan made by methods.make_plan on the same Calibration; the
-`calibrated` plan compensated by compensate.compensate; then apply.physical and evaluate_classifier), plus
+`calibrated` plan compensated by prune.run_compensation; then apply.physical and evaluate_classifier), plus
 `magnitude+comp` (magnitude with the same compensation) to separate selection from compensation.
 prune_s of `calibrated` = calibration pass (Fisher + Gram statistics, charged in full to every sparsity, as
 a standalone `prune` would pay it) + planning + compensation; peak_mem_mb = peak resident memory of the
@@ -35,14 +35,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from anatomy_prune.apply import physical  # noqa: E402
-from anatomy_prune.compensate import compensate, ffn_input_stats  # noqa: E402
+from anatomy_prune.compensate import ffn_input_stats  # noqa: E402
 from anatomy_prune.data import eval_set, lm_texts  # noqa: E402
 from anatomy_prune.errors import UserError  # noqa: E402
 from anatomy_prune.evaluate import evaluate_classifier, perplexity  # noqa: E402
 from anatomy_prune.io import write_json  # noqa: E402
 from anatomy_prune.methods import METHODS, make_plan  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
-from anatomy_prune.prune import make_calibration  # noqa: E402
+from anatomy_prune.prune import make_calibration, run_compensation, wants_compensation  # noqa: E402
 
 log = logging.getLogger("benchmarks.calibrated")
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -93,17 +93,17 @@ def _methods(spec: str) -> list[str]:
 
 def _point(loaded, calib, method: str, sparsity: float, timed_stats_s: float) -> tuple:
     """(pruned Loaded copy, row) for one method and sparsity; the original model is left unpruned."""
-    name, comp = method.removesuffix("+comp"), method.endswith("+comp") or method == "calibrated"
+    name, comp = method.removesuffix("+comp"), method.endswith("+comp")
     start = time.perf_counter()
     plan = make_plan(name, calib, sparsity)
     plan_s = time.perf_counter() - start
     model = copy.deepcopy(loaded.model)
-    row = {"method": method, "sparsity": sparsity, "actual_sparsity": round(plan.sparsity, 4), "plan_s": round(plan_s, 2),
+    row = {"method": method, "sparsity": sparsity, "actual_sparsity": round(plan.sparsity, 4),
+           "plan_s": round(plan_s, 2),
            "kept_per_layer": plan.kept_widths}
-    if comp:
+    if wants_compensation(plan, comp):
         start = time.perf_counter()
-        stats = ffn_input_stats(loaded, calib, grads=name == "calibrated", progress=False)
-        report = compensate(model, plan, stats)
+        report = run_compensation(loaded, calib, plan, model=model)   # statistics cached on calib
         row["compensate_s"] = round(time.perf_counter() - start, 2)
         row["rel_err"] = [round(report["mean_rel_err_removed"], 4), round(report["mean_rel_err_compensated"], 4)]
     if name == "calibrated":
