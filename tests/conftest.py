@@ -11,8 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-from anatomy_prune.classifier import BinaryClassifier  # noqa: E402
-from anatomy_prune.models import TINY, Loaded, load_model  # noqa: E402
+from anatomy_prune.models.classifier import BinaryClassifier  # noqa: E402
+from anatomy_prune.models.loading import TINY, Loaded, load_model  # noqa: E402
 
 FAMILY_ALIASES = {"bert": "tiny-bert", "gpt2": "tiny-gpt2", "llama": "tiny-llama"}
 TEXTS = ["The acting was superb and the plot gripping.", "Dull, predictable and far too long.",
@@ -21,7 +21,7 @@ TEXTS = ["The acting was superb and the plot gripping.", "Dull, predictable and 
 
 def assert_tiny(loaded: Loaded) -> None:
     """Guard against tiny settings that were silently ignored: check the built sizes."""
-    from anatomy_prune.families import base_model, ffn_widths
+    from anatomy_prune.models.families import base_model, ffn_widths
     cfg = base_model(loaded.model).config
     assert cfg.hidden_size == TINY["hidden"]
     assert ffn_widths(loaded.model) == [TINY["d_ff"]] * TINY["layers"]
@@ -67,4 +67,15 @@ def tiny_csv(tmp_path):
         w = csv.writer(f)
         w.writerow(["text", "label"])
         w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """Forty lines of seeded word salad for language-model tasks (the same file as the golden recording)."""
+    words = "the film was good bad long short funny dull and I liked hated every minute of its story".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (24,), generator=g).tolist()) for _ in range(40)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(lines) + "\n")
     return path

@@ -25,6 +25,12 @@ def _model_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
                    + (f" (default: {default})" if default else ""))
 
 
+def _force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write into an --out folder that holds another run (its outputs of the same names are "
+                   "replaced; files anatomy-prune did not write are never touched)")
+
+
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when present, else CPU)")
 
@@ -38,16 +44,10 @@ def _eval_args(p: argparse.ArgumentParser, eval_size: int = 1000) -> None:
                    help="tokens per input (default: the fine-tune's max length, else 256)")
 
 
-def default_max_length(loaded, given: int | None) -> int:
-    if given is not None:
-        return given
-    return int(loaded.info.get("max_length") or loaded.info.get("finetune", {}).get("max_length") or 256)
-
-
 # --- finetune -----------------------------------------------------------------------------------
 
 def _add_finetune(sub) -> None:
-    from .finetune import FinetuneConfig
+    from .train.finetune import FinetuneConfig
 
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune a backbone with the paper's binary head on IMDB",
@@ -72,7 +72,8 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args) -> int:
-    from .finetune import FinetuneConfig, finetune
+    from .pipeline.finetune import finetune
+    from .train.finetune import FinetuneConfig
 
     cfg = FinetuneConfig(model=args.model, data=args.data, train_size=args.train_size, val_size=args.val_size,
                          test_size=args.test_size, max_length=args.max_length, truncation=args.truncation, epochs=args.epochs,
@@ -97,14 +98,17 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .data import eval_set
-    from .evaluate import evaluate_classifier, size_report
-    from .io import now_iso, write_json
-    from .models import load_model
+    from .data.splits import eval_set
+    from .evaluate.counts import size_report
+    from .evaluate.metrics import evaluate_classifier
+    from .models.loading import load_model
+    from .runfolder import check_output_file, now_iso, write_json
 
-    loaded = load_model(args.model, device=args.device)
+    if args.json:
+        check_output_file(args.json, "--json")
     data = eval_set(args.data, args.eval_size)
-    metrics = evaluate_classifier(loaded, data, args.batch_size, default_max_length(loaded, args.max_length))
+    loaded = load_model(args.model, device=args.device)
+    metrics = evaluate_classifier(loaded, data, args.batch_size, args.max_length)
     metrics.update(size_report(loaded), model=args.model, data=args.data, created=now_iso())
     if args.json:
         write_json(args.json, metrics)
@@ -123,6 +127,7 @@ def _add_anatomy(sub) -> None:
                        "summary.json and figures/ under --out.")
     _model_arg(p)
     p.add_argument("--out", required=True, help="output folder")
+    _force_arg(p)
     p.add_argument("--inputs", default="probes", help="probes (the paper's ten sentences), imdb:N (N test "
                    "reviews) or a text file with one input per line (default: probes)")
     p.add_argument("--threshold", type=float, default=0.35, help="neuron similarity threshold in [-1, 1] "
@@ -135,10 +140,10 @@ def _add_anatomy(sub) -> None:
 
 
 def _run_anatomy(args) -> int:
-    from .anatomy import anatomy_from_spec
+    from .pipeline.anatomy import anatomy_from_spec
 
     s = anatomy_from_spec(args.model, args.out, args.inputs, args.threshold, args.max_length, args.batch_size,
-                          args.device, figures=not args.no_figures)
+                          args.device, figures=not args.no_figures, force=args.force)
     print(json.dumps({"out": args.out, "n_inputs": s["n_inputs"], "n_truncated": s["n_truncated"],
                       "layer_similarity_mean": s["layer_similarity"]["mean"],
                       "mean_fraction_above": s["neurons"]["mean_fraction_above"],
@@ -150,12 +155,13 @@ def _run_anatomy(args) -> int:
 # --- prune and sweep ------------------------------------------------------------------------------
 
 def _method_names() -> str:
-    from .methods import METHODS
-    return ", ".join(sorted(METHODS))
+    from .scores import scorer_names
+    return ", ".join(scorer_names())
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
-    from .prune import CALIB_MAX_LENGTH, CALIB_SIZE
+    from .data.splits import CALIB_SIZE
+    from .scores.calibration import CALIB_MAX_LENGTH
     p.add_argument("--calib-size", type=int, default=CALIB_SIZE,
                    help=f"calibration reviews, a seeded sample of the IMDB training split (default: {CALIB_SIZE})")
     p.add_argument("--calib-max-length", type=int, default=CALIB_MAX_LENGTH,
@@ -184,7 +190,7 @@ def _method_param_args(p: argparse.ArgumentParser) -> None:
 
 
 def _method_params(args) -> dict:
-    from .sweep import parse_list
+    from .pipeline.sweep import parse_list
     params = {}
     if args.alpha is not None:
         params["alpha"] = args.alpha
@@ -214,6 +220,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--sparsity", type=float, default=None, help="fraction of all FFN neurons to remove, in [0, 1)")
     p.add_argument("--mode", default="mask", help="mask (zero, the paper's way) or physical (remove) (default: mask)")
     p.add_argument("--out", required=True, help="output folder")
+    _force_arg(p)
     _method_param_args(p)
     _calib_args(p)
     _eval_args(p)
@@ -221,13 +228,13 @@ def _add_prune(sub) -> None:
 
 
 def _run_prune(args) -> int:
-    from .prune import prune
+    from .pipeline.prune import prune
 
     m = prune(args.model, args.out, method=args.method, sparsity=args.sparsity, params=_method_params(args),
               mode=args.mode, plan_file=args.plan, compensate=args.compensate, calib_size=args.calib_size,
               calib_max_length=args.calib_max_length, calib_data=args.calib_data, data=args.data,
               eval_size=args.eval_size, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-              device=args.device)
+              device=args.device, force=args.force)
     keys = ("accuracy", "perplexity", "latency_s", "n_eval", "sparsity", "neurons_removed", "params",
             "flops_per_token", "prune_s", "peak_mem_mb")
     print(json.dumps({"out": args.out, "method": m["method"], "mode": m["mode"],
@@ -248,6 +255,7 @@ def _add_sweep(sub) -> None:
                    help="comma-separated fractions in [0, 1); 0 is the dense baseline (default: 0.1,0.3,0.5,0.7,0.9)")
     p.add_argument("--mode", default="mask", help="mask or physical (default: mask)")
     p.add_argument("--out", required=True, help="output folder")
+    _force_arg(p)
     p.add_argument("--config", default=None, help="TOML grid of method parameters (configs/paper_figure5a.toml)")
     p.add_argument("--report", default=None, help="also write a markdown report to this file")
     p.add_argument("--restart", action="store_true",
@@ -259,15 +267,20 @@ def _add_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    from .sweep import parse_list, run_sweep, write_report
+    from .pipeline.report import write_report
+    from .pipeline.sweep import parse_list, run_sweep
+    from .runfolder import check_output_file
+
+    if args.report:
+        check_output_file(args.report, "--report")
 
     methods = parse_list(args.methods, "methods") if args.methods else []
     extra = _method_params(args)
     params = {}
     if extra:
-        from .methods import get_method
+        from .scores import get_scorer
         for name in methods:  # each method gets the parameters it takes
-            taken = {k: v for k, v in extra.items() if k in get_method(name).params}
+            taken = {k: v for k, v in extra.items() if k in get_scorer(name).params}
             if taken:
                 params[name] = taken
         unused = set(extra) - {k for v in params.values() for k in v}
@@ -277,7 +290,7 @@ def _run_sweep(args) -> int:
                      out_dir=args.out, eval_size=args.eval_size, data=args.data, config=args.config, params=params,
                      compensate=args.compensate, calib_size=args.calib_size, calib_max_length=args.calib_max_length,
                      calib_data=args.calib_data, batch_size=args.batch_size, max_length=args.max_length,
-                     seed=args.seed, device=args.device, resume=not args.restart)
+                     seed=args.seed, device=args.device, resume=not args.restart, force=args.force)
     if args.report:
         write_report(args.out, args.report)
     metric = "accuracy" if "accuracy" in rows[0] else "perplexity"
@@ -310,7 +323,7 @@ def _task_args(p: argparse.ArgumentParser, d) -> None:
 
 
 def _add_finepruning(sub) -> None:
-    from .finepruning import METHODS, FinepruneConfig
+    from .finepruning.train import METHODS, FinepruneConfig
 
     d = FinepruneConfig(model="")
     p = sub.add_parser("finepruning", help="prune FFN neurons while fine-tuning (random, magnitude, movement, GUM)",
@@ -324,6 +337,7 @@ def _add_finepruning(sub) -> None:
     p.add_argument("--steps", type=int, required=True, help="training steps (the schedule needs at least 10 with "
                    "the default --warmup 0.1)")
     p.add_argument("--out", required=True, help="output folder")
+    _force_arg(p)
     p.add_argument("--selection", choices=("local", "global"), default=None,
                    help="Top_v per layer (local) or over all layers (global) (default: global for gum, else local)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"weights' learning rate (default: {d.lr})")
@@ -339,7 +353,7 @@ def _add_finepruning(sub) -> None:
 
 
 def _run_finepruning(args) -> int:
-    from .finepruning import FinepruneConfig, finepruning
+    from .finepruning.train import FinepruneConfig, finepruning
 
     cfg = FinepruneConfig(model=args.model, method=args.method, sparsity=args.sparsity, steps=args.steps,
                           task=args.task, text=args.text, data=args.data, selection=args.selection,
@@ -348,7 +362,7 @@ def _run_finepruning(args) -> int:
                           train_size=args.train_size, eval_size=args.eval_size, analysis_size=args.analysis_size,
                           freeze_embeddings=not args.train_embeddings, eval_dense=not args.no_dense_eval,
                           seed=args.seed)
-    r = finepruning(cfg, args.out, device=args.device, figures=not args.no_figures).results
+    r = finepruning(cfg, args.out, device=args.device, figures=not args.no_figures, force=args.force).results
     print(json.dumps({"out": args.out, "method": r["method"], "selection": r["selection"], r["metric"]: r[r["metric"]],
                       "dense_" + r["metric"]: r["dense_" + r["metric"]], "sparsity": round(r["sparsity"], 4),
                       "steps": r["steps"], "train_s": round(r["time"]["train_s"], 1),
@@ -357,7 +371,7 @@ def _run_finepruning(args) -> int:
 
 
 def _add_redundancy(sub) -> None:
-    from .finepruning import FinepruneConfig
+    from .finepruning.train import FinepruneConfig
 
     d = FinepruneConfig(model="")
     p = sub.add_parser("redundancy", help="sensitivity and uniqueness of every FFN neuron of a model or a plan",
@@ -367,17 +381,19 @@ def _add_redundancy(sub) -> None:
     _model_arg(p)
     p.add_argument("--plan", default=None, help="apply this plan.json (physically) before measuring")
     p.add_argument("--out", required=True, help="output folder")
+    _force_arg(p)
     _task_args(p, d)
 
 
 def _run_redundancy(args) -> int:
-    from .finepruning import FinepruneConfig, redundancy_of
+    from .finepruning.train import FinepruneConfig
+    from .pipeline.redundancy import redundancy_job
 
     cfg = FinepruneConfig(model=args.model, task=args.task, text=args.text, data=args.data, steps=100,
                           batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
                           eval_size=args.eval_size, analysis_size=args.analysis_size, seed=args.seed)
-    red = redundancy_of(args.model, args.out, cfg, plan_file=args.plan, device=args.device,
-                        figures=not args.no_figures)
+    red = redundancy_job(args.model, args.out, cfg, plan_file=args.plan, device=args.device,
+                         figures=not args.no_figures, force=args.force)
     print(json.dumps({"out": args.out, "neurons": red["neurons"], "sens_sum": red["sens_sum"],
                       "unique": red["unique"], "n_sequences": red["n_sequences"]}, indent=1))
     return 0
@@ -390,6 +406,7 @@ def _add_demo(sub) -> None:
                        description="Fine-tune the default encoder (minilm) on real IMDB reviews and evaluate it, "
                        "then run the anatomy and pruning steps; writes everything under --out.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    _force_arg(p)
     p.add_argument("--smoke", action="store_true", help="tiny model and a few reviews: checks the pipeline in seconds")
     _device_arg(p)
 
@@ -397,7 +414,7 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, smoke=args.smoke, device=args.device)
+    run_demo(args.out, smoke=args.smoke, device=args.device, force=args.force)
     return 0
 
 
@@ -409,12 +426,13 @@ def _add_figures(sub) -> None:
                        "figures/*.png into --out, named after the folder they came from.")
     p.add_argument("--run", action="append", required=True, help="a run folder (repeatable), e.g. runs/demo")
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
+    _force_arg(p)
 
 
 def _run_figures(args) -> int:
-    from .figures import collect_figures
+    from .pipeline.report import collect_figures
 
-    print(f"{len(collect_figures(args.run, args.out))} figures written to {args.out}")
+    print(f"{len(collect_figures(args.run, args.out, force=args.force))} figures written to {args.out}")
     return 0
 
 

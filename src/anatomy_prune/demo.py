@@ -1,8 +1,9 @@
 """`make demo`: the main job on the embedded defaults, offline, end to end.
 
-fine-tune minilm on IMDB -> evaluate on the 1,000 test reviews -> anatomy on the ten probes -> sweep of the
-pruning methods (physically removed neurons) -> runs/demo/report.md. Each step reuses what an earlier run
-of the same settings wrote (the fine-tune is the long one), so a second `make demo` is quick.
+fine-tune minilm on IMDB (runs/demo/finetune) -> evaluate on the 1,000 test reviews -> anatomy on the ten
+probes (runs/demo/anatomy) -> sweep of the pruning methods, physically removed (runs/demo/sweep) ->
+runs/demo/report.md. Each step is a run folder of its own and reuses what an earlier run with the same
+settings wrote (the fine-tune is the long one), so a second `make demo` is quick, and a killed one resumes.
 """
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import os
 import time
 from pathlib import Path
 
-from .data import eval_set
-from .evaluate import evaluate_classifier, size_report
-from .finetune import FinetuneConfig, finetune
-from .io import now_iso, read_json, write_json
-from .models import load_model
+from .data.splits import eval_set
+from .evaluate.counts import size_report
+from .evaluate.metrics import evaluate_classifier
+from .models.loading import load_model
+from .pipeline.anatomy import anatomy_from_spec
+from .pipeline.finetune import finetune
+from .pipeline.report import write_report
+from .pipeline.sweep import run_sweep
+from .runfolder import RunFolder, now_iso, read_json
+from .train.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,62 +36,51 @@ SMOKE_SWEEP = dict(methods=("random", "magnitude", "strategy", "calibrated"), sp
                    calib_size=16)
 
 
-def run_demo(out: str | Path = "runs/demo", smoke: bool = False, device: str | None = None) -> dict:
+def run_demo(out: str | Path = "runs/demo", smoke: bool = False, device: str | None = None,
+             force: bool = False) -> dict:
     """Run every step of the demo into `out`; returns the summary (also written to out/summary.json)."""
-    from .anatomy import anatomy_from_spec
-    from .methods import METHODS
-    from .sweep import run_sweep
-
-    out = Path(out)
     cfg = SMOKE_FINETUNE if smoke else DEMO_FINETUNE
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    ft = finetune(cfg, out, device=device)
-    timings["finetune_s"] = time.perf_counter() - t0
-    model_spec = str(ft.model_dir)
-
-    t0 = time.perf_counter()
-    model = load_model(model_spec, device=device)
-    test = eval_set("imdb", cfg.test_size)
-    metrics = evaluate_classifier(model, test, batch_size=32, max_length=cfg.max_length)
-    metrics.update(size_report(model), model=model_spec, created=now_iso())
-    write_json(out / "metrics.json", metrics)
-    timings["evaluate_s"] = time.perf_counter() - t0
-    log.info("demo: test accuracy %.3f on %d reviews in %.1f s (%s)", metrics["accuracy"], metrics["n_eval"],
-             metrics["latency_s"], metrics["device"])
-    del model
-
-    t0 = time.perf_counter()
-    anatomy = anatomy_from_spec(model_spec, out / "anatomy", inputs="probes", device=device)
-    timings["anatomy_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     sweep_cfg = dict(SMOKE_SWEEP if smoke else DEMO_SWEEP)
-    sweep_cfg["methods"] = tuple(m for m in sweep_cfg["methods"] if m in METHODS)
-    rows = run_sweep(model_spec, out_dir=out / "sweep", eval_size=cfg.test_size, device=device, **sweep_cfg)
-    timings["sweep_s"] = time.perf_counter() - t0
+    with RunFolder(out, "demo", {"smoke": smoke}, force=force) as rf:
+        out = rf.path
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ft = finetune(cfg, out / "finetune", device=device)
+        timings["finetune_s"] = time.perf_counter() - t0
+        model_spec = str(ft.model_dir)
 
-    summary = {"finetune": ft.metrics, "reused_finetune": ft.reused, "test": metrics,
-               "anatomy": {k: anatomy.get(k) for k in ("threshold", "neurons", "total_s")},
-               "sweep_rows": len(rows), "timings": timings, "created": now_iso()}
-    write_json(out / "summary.json", summary)
-    write_demo_report(out)
-    log.info("demo finished: report in %s", out / "report.md")
+        t0 = time.perf_counter()
+        model = load_model(model_spec, device=device)
+        metrics = evaluate_classifier(model, eval_set("imdb", cfg.test_size), batch_size=32, max_length=cfg.max_length)
+        metrics.update(size_report(model), model=model_spec, created=now_iso())
+        timings["evaluate_s"] = time.perf_counter() - t0
+        log.info("demo: test accuracy %.3f on %d reviews in %.1f s (%s)", metrics["accuracy"], metrics["n_eval"],
+                 metrics["latency_s"], metrics["device"])
+        del model
+
+        t0 = time.perf_counter()
+        anatomy = anatomy_from_spec(model_spec, out / "anatomy", inputs="probes", device=device)
+        timings["anatomy_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rows = run_sweep(model_spec, out_dir=out / "sweep", eval_size=cfg.test_size, device=device, **sweep_cfg)
+        timings["sweep_s"] = time.perf_counter() - t0
+
+        summary = {"finetune": ft.metrics, "reused_finetune": ft.reused, "test": metrics,
+                   "anatomy": {k: anatomy.get(k) for k in ("threshold", "neurons", "total_s")},
+                   "sweep_rows": len(rows), "timings": timings, "created": now_iso()}
+        rf.write_json("metrics.json", metrics)
+        rf.write_json("summary.json", summary)
+        rf.write_text("report.md", demo_report(out, summary))
+    log.info("demo finished: report in %s", Path(out) / "report.md")
     return summary
 
 
-def write_demo_report(run_dir: str | Path) -> Path:
-    """runs/demo/report.md: what was fine-tuned and how well, the anatomy figures, the sweep table."""
-    from .sweep import write_report
-
-    run_dir = Path(run_dir)
-    summary = read_json(run_dir / "summary.json")
+def demo_report(run_dir: Path, summary: dict) -> str:
+    """report.md: what was fine-tuned and how well, the anatomy figures, the sweep table."""
     ft, test = summary["finetune"], summary["test"]
-    cfg = read_json(run_dir / "finetune.json")["config"]
-    sweep_md = write_report(run_dir / "sweep", run_dir / ".sweep_report.md", title="Pruning sweep")
-    sweep_text = sweep_md.read_text()
-    sweep_md.unlink()
+    cfg = read_json(run_dir / "finetune" / "finetune.json")["config"]
+    sweep_text = write_report(run_dir / "sweep", None, title="Pruning sweep", relative_to=run_dir)
     anatomy_figs = sorted((run_dir / "anatomy" / "figures").glob("*.png"))
     lines = [
         "# anatomy-prune demo", "",
@@ -102,8 +97,4 @@ def write_demo_report(run_dir: str | Path) -> Path:
     lines += ["", sweep_text.replace("# Pruning sweep", "## Pruning sweep", 1)]
     timings = summary.get("timings", {})
     lines += ["", "Step times (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in timings.items())]
-    path = run_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return "\n".join(lines) + "\n"

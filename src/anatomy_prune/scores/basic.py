@@ -1,0 +1,65 @@
+"""Three scorers: the paper's random baseline, weight magnitude, and mean |activation|.
+
+  random      the paper's baseline: random scores, the same fraction per layer, but the anatomy's important
+              neurons (signed similarity above 0.35 with the final readout state, for any calibration input)
+              are always kept (`protect=False` switches that off).
+  magnitude   ||input rows|| x ||output column|| of each neuron's weights (no data). The one magnitude
+              score of the toolkit: fine-pruning's magnitude method recomputes it every step.
+  activation  mean |activation| of each neuron over the real (non-padding) tokens of the calibration texts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
+from .calibration import PROTECT_THRESHOLD, Calibration, activation_stats, important_neurons, similarity_stats
+from .registry import Scores, register
+
+
+def _allocation(allocation: str, floor: float, multiple_of: int) -> dict:
+    return {"kind": allocation, "floor": floor, "multiple_of": multiple_of}
+
+
+@torch.no_grad()
+def magnitude_scores(model: nn.Module) -> list[Tensor]:
+    """Per neuron: L2 norm of its input weights (all up / gate rows) times the norm of its output column,
+    from the weights as they are now, on their device: [d_ff] per layer."""
+    base = base_model(model)
+    scores = []
+    for site in ffn_sites(model):
+        w_in = torch.cat([weight_out_in(get_module(base, p)).detach() for p in site.up], dim=1)  # [d_ff, k*d]
+        w_out = weight_out_in(get_module(base, site.down)).detach()                              # [d_model, d_ff]
+        scores.append(w_in.float().norm(dim=1) * w_out.float().norm(dim=0))
+    return scores
+
+
+@register("random", "random neurons (the paper's baseline), same fraction per layer, keeping the anatomy's "
+          "important neurons (similarity > 0.35 for any calibration input) unless protect=False",
+          protect=True, threshold=PROTECT_THRESHOLD, allocation="local", floor=0.0, multiple_of=1)
+def random_scores(calib: Calibration, sparsity: float, protect: bool = True, threshold: float = PROTECT_THRESHOLD,
+                  allocation: str = "local", floor: float = 0.0, multiple_of: int = 1) -> Scores:
+    g = torch.Generator().manual_seed(calib.seed)
+    values = [torch.rand(w, generator=g) for w in ffn_widths(calib.loaded.model)]
+    keep = important_neurons(calib, threshold) if protect else None
+    params = {"protect": bool(protect)}
+    if protect:
+        params.update(threshold=threshold, protected_per_layer=[len(k) for k in keep],
+                      calib_inputs=similarity_stats(calib)["n_inputs"])
+    return Scores(values, _allocation(allocation, floor, multiple_of), params, must_keep=keep, seed=calib.seed)
+
+
+@register("magnitude", "weight norm of each neuron (input rows x output column); no data",
+          needs_data=False, allocation="local", floor=0.0, multiple_of=1)
+def magnitude(calib: Calibration, sparsity: float, allocation: str = "local", floor: float = 0.0,
+              multiple_of: int = 1) -> Scores:
+    values = calib.cached("magnitude", lambda: [s.cpu() for s in magnitude_scores(calib.loaded.model)])
+    return Scores(values, _allocation(allocation, floor, multiple_of), seed=calib.seed)
+
+
+@register("activation", "mean |activation| of each neuron over the calibration reviews' real tokens",
+          allocation="local", floor=0.0, multiple_of=1)
+def activation(calib: Calibration, sparsity: float, allocation: str = "local", floor: float = 0.0,
+               multiple_of: int = 1) -> Scores:
+    return Scores(activation_stats(calib), _allocation(allocation, floor, multiple_of),
+                  {"calib_inputs": len(calib.texts)}, seed=calib.seed)

@@ -1,0 +1,82 @@
+"""The scorer registry: a method turns calibration data into one score per prunable unit (higher = keep).
+
+A scorer only scores. It returns `Scores`: the values per layer, the allocation it asks for (plain data:
+local or global, floor, normalisation, rounding to a multiple), neurons it wants kept whatever their score,
+its parameters and diagnostics for the plan, and, for `calibrated`, its compensation recipe. The allocator
+in `plan.allocate` turns Scores into a PruningPlan (Torch-Pruning's split between importance and
+allocation). The CLI's choices come from this registry; the package's __init__ imports the built-in scorers,
+which register themselves here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import Tensor
+
+from ..errors import UserError
+
+ALLOCATION_PARAMS = ("allocation", "floor", "multiple_of")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One scorer's verdict on every FFN neuron."""
+
+    values: list[Tensor]                        # per layer [d_ff]; higher = keep
+    allocation: dict                            # {"kind": local|global|threshold, "floor", "normalize", "multiple_of"}
+    params: dict = field(default_factory=dict)  # the method's parameters and diagnostics (go into plan.params)
+    must_keep: list[list[int]] | None = None    # per layer, ids kept whatever their score (protected neurons)
+    compensation: dict | None = None            # recipe for least-squares compensation ({"ridge", "readout_mix"})
+    seed: int | None = None
+
+
+ScoreFn = Callable[..., Scores]  # (calib: Calibration, sparsity: float | None, **params) -> Scores
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    fn: ScoreFn
+    help: str
+    needs_data: bool = True
+    params: dict = field(default_factory=dict)  # parameter name -> default
+    needs_sparsity: bool = True                 # False: its own parameters can set the sparsity (strategy)
+
+
+SCORERS: dict[str, Scorer] = {}
+
+
+def register(name: str, help: str, needs_data: bool = True, needs_sparsity: bool = True,
+             **params) -> Callable[[ScoreFn], ScoreFn]:
+    def add(fn: ScoreFn) -> ScoreFn:
+        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity)
+        return fn
+    return add
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise UserError(f"unknown method '{name}'; choose one of: {', '.join(sorted(SCORERS))}")
+    return SCORERS[name]
+
+
+def scorer_names() -> list[str]:
+    return sorted(SCORERS)
+
+
+def check_params(name: str, params: dict) -> dict:
+    """The scorer's defaults updated with `params`; a parameter it does not take is a UserError."""
+    scorer = get_scorer(name)
+    unknown = set(params) - set(scorer.params)
+    if unknown:
+        raise UserError(f"method '{name}' has no parameter(s) {sorted(unknown)}; it takes {sorted(scorer.params)}")
+    return {**scorer.params, **params}
+
+
+def score(name: str, calib, sparsity: float | None, **params) -> Scores:
+    """Run a registered scorer on a Calibration (its parameters checked first)."""
+    scorer = get_scorer(name)
+    if sparsity is None and scorer.needs_sparsity:
+        raise UserError(f"method '{name}' needs a target sparsity (--sparsity F, F in [0, 1))")
+    return scorer.fn(calib, sparsity, **check_params(name, params))

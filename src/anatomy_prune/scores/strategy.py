@@ -1,0 +1,141 @@
+"""The first paper's threshold strategy (section 3.4) as a scorer.
+
+Neuron j of block i is pruned when its mean |similarity| with the final readout state is below the block's
+threshold t_i (see `strategy_thresholds`). As a score: |sim_ij| - t_i, higher = keep. With a given alpha the
+rule decides by itself (threshold allocation: keep score >= 0); with a target sparsity alpha is solved by
+bisection so the rule removes at least that many, and exactly that many are removed: those furthest below
+their threshold (one global ranking of the raw scores).
+
+The similarities are averaged over the calibration texts (a pinned sample of training reviews, or plain
+text for a causal LM): neuron_sim per input is the cosine of the neuron's output vector with that input's
+final readout state (CLS / last real token), and its absolute value is averaged over inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .calibration import Calibration, similarity_stats
+from .registry import Scores, register
+
+PAPER_DEPTH = 12          # BERT-base and GPT-2, where the paper's focusing layers were chosen
+PAPER_FOCUS = {"encoder": (4, 6, 8, 10, 11), "decoder": (11,)}  # Figure 5a, blocks counted from 0
+PAPER_BETA = 0.001        # Figure 5a's BERT rows (most use 0.001)
+FOCUS_FACTOR = 3.0        # "we make alpha three times higher" on the focusing layers
+
+
+def default_focus(n_layers: int, decoder: bool) -> list[int]:
+    """The paper's focusing layers, chosen on 12 blocks, mapped by relative depth to `n_layers` blocks:
+    block f of 12 becomes round(f / 11 * (n_layers - 1)), so the first and last blocks stay first and last
+    (BERT's 4,6,8,10,11 -> 2,3,4,5 on 6 blocks; GPT-2's 11 -> the last block)."""
+    return map_focus(PAPER_FOCUS["decoder" if decoder else "encoder"], n_layers)
+
+
+def map_focus(focus: Sequence[int], n_layers: int, depth: int = PAPER_DEPTH) -> list[int]:
+    """Blocks given for a `depth`-block model, mapped by relative depth to an `n_layers`-block one."""
+    if n_layers == depth:
+        return sorted(set(int(f) for f in focus))
+    return sorted({min(n_layers - 1, int(round(f / max(1, depth - 1) * (n_layers - 1)))) for f in focus})
+
+
+def _check_focus(focus: Sequence[int], n_layers: int) -> list[int]:
+    if isinstance(focus, (str, bytes)) or not all(isinstance(f, int) and not isinstance(f, bool) for f in focus):
+        raise UserError(f"focus must be a list of block numbers, got {focus!r}")
+    bad = [f for f in focus if not 0 <= int(f) < n_layers]
+    if bad:
+        raise UserError(f"focus layers {bad} are outside the model's blocks 0..{n_layers - 1}")
+    return sorted(set(int(f) for f in focus))
+
+
+def strategy_thresholds(layer_sim: Tensor, alpha: float, beta: float, focus: Sequence[int],
+                        decoder: bool) -> Tensor:
+    """The paper's per-block pruning thresholds: [n_layers].
+
+    encoder: t_i = |layer_sim[i] * alpha * f_i + i * beta|;  decoder: t_i = |layer_sim[i] * alpha * f_i|,
+    with f_i = 3 on the focusing blocks and 1 elsewhere. layer_sim[i] is the mean layer similarity of the
+    readout state *entering* block i (index 0 = embeddings), the pairing the paper's Figure 4a numbers show
+    (GPT-2's block 0 gets the embeddings' negative similarity).
+    """
+    n = len(layer_sim) - 1  # layer_sim: [L+1]
+    f = torch.ones(n, dtype=torch.float64)
+    f[list(focus)] = FOCUS_FACTOR
+    t = layer_sim[:n].double() * alpha * f
+    if not decoder:
+        t = t + torch.arange(n, dtype=torch.float64) * beta
+    return t.abs()
+
+
+def _strategy_count(m: list[Tensor], t: Tensor) -> int:
+    return sum(int((mi < ti).sum()) for mi, ti in zip(m, t.tolist()))
+
+
+def solve_alpha(m: list[Tensor], layer_sim: Tensor, n_remove: int, beta: float, focus: Sequence[int],
+                decoder: bool, iters: int = 80) -> float:
+    """Smallest alpha (to bisection precision) at which the rule prunes at least `n_remove` neurons."""
+    if n_remove <= 0:
+        return 0.0
+    count = lambda a: _strategy_count(m, strategy_thresholds(layer_sim, a, beta, focus, decoder))  # noqa: E731
+    lo, hi = 0.0, 1e-3
+    while count(hi) < n_remove:
+        lo, hi = hi, hi * 2
+        if hi > 1e9:
+            raise UserError(f"the strategy cannot remove {n_remove} neurons with beta={beta} and focus={list(focus)} "
+                            "(some layers' similarity is 0); lower the sparsity")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if count(mid) >= n_remove:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@register("strategy", "the paper's threshold rule on mean |neuron similarity| (alpha solved for the "
+          "target sparsity, or given with beta and focus)", needs_sparsity=False,
+          alpha=None, beta=None, focus=None, multiple_of=1)
+def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | None = None,
+                    beta: float | None = None, focus: Sequence[int] | None = None, multiple_of: int = 1) -> Scores:
+    """Scores |sim| - t (double), with the allocation that reproduces the paper's rule (see the module doc)."""
+    decoder = calib.loaded.family.decoder
+    stats = similarity_stats(calib)
+    m, layer_sim = stats["neuron_abs"], stats["layer_sim"]
+    n_layers = len(m)
+    if decoder and beta not in (None, 0, 0.0):
+        raise UserError("beta is part of the encoder rule only; the decoder rule is |neuron_sim| < |layer_sim * alpha|")
+    beta = 0.0 if decoder else (PAPER_BETA if beta is None else _number(beta, "beta"))
+    focus = default_focus(n_layers, decoder) if focus is None else _check_focus(focus, n_layers)
+    total = sum(int(x.numel()) for x in m)
+    if alpha is not None and sparsity is not None:
+        raise UserError("give the strategy either a target sparsity or alpha, not both")
+    if alpha is None and sparsity is None:
+        raise UserError("the strategy needs a target sparsity (--sparsity) or its alpha (--alpha)")
+    solved = alpha is None
+    if solved:
+        alpha = solve_alpha(m, layer_sim, int(round(sparsity * total)), beta, focus, decoder)
+    else:
+        alpha = _number(alpha, "alpha")
+        if alpha < 0:
+            raise UserError(f"alpha must be a non-negative number, got {alpha}")
+    t = strategy_thresholds(layer_sim, float(alpha), beta, focus, decoder)
+    values = [mi.double() - ti for mi, ti in zip(m, t.tolist())]  # < 0: below the threshold, pruned by the rule
+    params = {"alpha": float(alpha), "alpha_solved": solved, "beta": beta, "focus": focus,
+              "rule": "decoder" if decoder else "encoder", "thresholds": [round(x, 8) for x in t.tolist()],
+              "layer_sim": [round(float(x), 6) for x in layer_sim.tolist()],
+              "rule_removed_per_layer": [int((v < 0).sum()) for v in values],
+              "calib_inputs": stats["n_inputs"], "similarity": "mean over calibration inputs of |neuron_sim|"}
+    allocation = {"kind": "global", "normalize": "none", "floor": 0.0} if solved else {"kind": "threshold"}
+    return Scores(values, {**allocation, "multiple_of": multiple_of}, params, seed=calib.seed)
+
+
+def _number(x, what: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number, got {x!r}") from None
+    if isinstance(x, bool) or not math.isfinite(v):
+        raise UserError(f"{what} must be a finite number, got {x!r}")
+    return v

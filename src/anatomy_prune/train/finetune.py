@@ -1,0 +1,70 @@
+"""The fine-tune recipe: the settings that decide a fine-tuned classifier, and its training.
+
+`FinetuneConfig` holds everything that decides the weights (two runs with equal configs give the same
+model); `train_classifier` runs the shared training loop with the classification task. The run folder
+(`pipeline.finetune`) and its reuse are a later stage's job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data.reviews import TextSet
+from ..data.splits import DEFAULT_SIZES
+from ..errors import UserError
+from ..models.loading import Loaded
+from .loop import Optim, train_loop
+from .tasks import ClassifyTask
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that decides the fine-tuned weights; two runs with equal configs give the same model."""
+
+    model: str = "minilm"
+    data: str = "imdb"
+    train_size: int = 4_000
+    val_size: int = 500
+    test_size: int = DEFAULT_SIZES[2]
+    max_length: int = 128
+    truncation: str = "tail"         # keep a long review's end (its verdict) rather than its start
+    epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    dropout: float = 0.1
+    freeze_embeddings: bool = True   # word embeddings are half of MiniLM's weights; freezing them halves step time
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("train_size", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive whole number, got {v}")
+        for name in ("val_size", "test_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a whole number >= 0, got {v}")
+        if not self.epochs > 0 or self.epochs > 1000:
+            raise UserError(f"--epochs must be in (0, 1000], got {self.epochs}")
+        if not 0 < self.lr < 1:
+            raise UserError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.truncation not in ("head", "tail"):
+            raise UserError(f"--truncation must be head or tail, got {self.truncation}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"--warmup must be in [0, 1), got {self.warmup}")
+
+
+def train_classifier(loaded: Loaded, train: TextSet, cfg: FinetuneConfig, progress: bool = True) -> dict:
+    """AdamW with linear warm-up and decay, binary cross-entropy on the readout logit, in place."""
+    n_total = max(1, int(round(cfg.epochs * len(train))))
+    task = ClassifyTask(loaded, train, cfg.batch_size, cfg.max_length, n_total, cfg.seed)
+    optim = Optim(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                  freeze_embeddings=cfg.freeze_embeddings)
+    hist = train_loop(loaded.model, task.steps, lambda t: {"loss": task.loss(loaded.model, task.batch(t))},
+                      optim, desc="fine-tune", progress=progress)
+    recent = hist["loss"][-20:]
+    return {"train_s": hist["train_s"], "steps": task.steps, "examples_seen": n_total,
+            "final_loss": sum(recent) / len(recent)}

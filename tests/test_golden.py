@@ -1,0 +1,104 @@
+"""Behaviour kept through the issue-12 refactor: plans, outputs, the fine-tune and fine-pruning of the tiny
+models match what the library produced before it (tests/golden/tiny_before_refactor.json, recorded by
+the pre-refactor code at commit bb2f984), and the demo model's plans and accuracies match the golden
+file of the demo model (slow: needs runs/demo from `make demo`)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from anatomy_prune import load_model
+from anatomy_prune.pipeline.step import prune_step
+from anatomy_prune.scores.calibration import Calibration
+
+from conftest import TEXTS, make_classifier
+
+GOLDEN = Path(__file__).parent / "golden"
+TINY = json.loads((GOLDEN / "tiny_before_refactor.json").read_text())
+CALIB = ["Not bad at all.", "The worst film of the year, by far and away.", "Meh.",
+         "A quiet, tender story; I loved every minute of it.", "Two hours of noise and nothing else.",
+         "Great cast, weak script.", "I laughed, I cried, I left happy.", "Nothing works here, nothing."]
+LABELS = [1, 0, 0, 1, 0, 0, 1, 0]
+
+
+def outputs(loaded) -> list[float]:
+    enc = loaded.tokenizer(TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    out = out if torch.is_tensor(out) else out.logits
+    return out.flatten()[:64].tolist()
+
+
+def _point_id(p: dict) -> str:
+    return f"{p['model']}-{p['kind']}-{p['method']}-{p['sparsity']}-{p['mode']}"
+
+
+@pytest.mark.parametrize("point", TINY["points"], ids=[_point_id(p) for p in TINY["points"]])
+def test_tiny_plans_and_outputs_match_the_pre_refactor_library(point):
+    loaded = make_classifier(point["model"]) if point["kind"] == "classifier" else load_model(point["model"], device="cpu")
+    labels = LABELS if point["kind"] == "classifier" else None
+    calib = Calibration(loaded, CALIB, labels, max_length=32, batch_size=4, seed=0)
+    method = point["method"].split("+")[0]
+    res = prune_step(loaded, calib, method, sparsity=point["sparsity"], mode=point["mode"],
+                     compensate=point["method"].endswith("+comp"))
+    assert res.plan.keep == point["keep"]
+    assert (res.compensation is not None) == point["compensated"]
+    torch.testing.assert_close(torch.tensor(outputs(res.loaded)), torch.tensor(point["outputs"]), rtol=0, atol=2e-6)
+    # the input model is untouched: the step works on a copy and records nothing on it
+    assert not any(k.startswith("_anatomy") for k in vars(loaded.model))
+    assert sum(len(k) for k in res.plan.keep) < sum(res.plan.widths)
+
+
+def test_tiny_finetune_matches_the_pre_refactor_library(tmp_path, tiny_csv):
+    from anatomy_prune.pipeline.finetune import finetune
+    from anatomy_prune.train.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(model="tiny-bert", data=str(tiny_csv), train_size=16, val_size=4, test_size=4,
+                         max_length=32, batch_size=8)
+    r = finetune(cfg, tmp_path / "ft", progress=False)
+    ft = load_model(str(tmp_path / "ft"), device="cpu")
+    want = TINY["finetune"]
+    assert r.metrics["final_loss"] == pytest.approx(want["final_loss"], abs=1e-7)
+    sq = float(sum((p.double() ** 2).sum() for p in ft.model.parameters()))
+    assert sq == pytest.approx(want["param_sq_sum"], rel=1e-9)
+    torch.testing.assert_close(torch.tensor(outputs(ft)), torch.tensor(want["outputs"]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("want", TINY["finepruning"], ids=[f["method"] for f in TINY["finepruning"]])
+def test_tiny_finepruning_matches_the_pre_refactor_library(want, tmp_path, text_file):
+    from anatomy_prune.finepruning.train import FinepruneConfig, finepruning
+
+    c = FinepruneConfig(model="tiny-llama", method=want["method"], sparsity=0.5, steps=12, text=str(text_file),
+                        batch_size=2, max_length=16, train_size=30, eval_size=6, analysis_size=4)
+    fr = finepruning(c, tmp_path / "fp", progress=False, figures=False)
+    assert fr.plan.keep == want["keep"]
+    assert fr.results["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+    assert fr.results["redundancy"]["unique"] == pytest.approx(want["unique"], abs=1e-9)
+    assert fr.results["redundancy"]["sens_sum"] == pytest.approx(want["sens_sum"], rel=1e-5)
+
+
+def _sha(keep) -> str:
+    return hashlib.sha256(json.dumps(keep).encode()).hexdigest()[:16]
+
+
+@pytest.mark.slow
+def test_demo_model_plans_and_accuracies_match_the_golden_file(tmp_path):
+    """Every method at 30/50/70% on the demo model (runs/demo), physically pruned, 1,000 test reviews."""
+    golden = GOLDEN / "demo_model.json"
+    want = json.loads(golden.read_text())
+    model_dir = Path(__file__).resolve().parents[1] / want["model"]
+    if not model_dir.is_dir():
+        pytest.skip(f"{model_dir} not found: run the fine-tune of `make demo` first")
+    from anatomy_prune.pipeline.sweep import run_sweep
+
+    rows = run_sweep(str(model_dir), methods=want["methods"], sparsities=want["sparsities"], mode="physical",
+                     out_dir=tmp_path / "sweep", eval_size=want["eval_size"], figures=False, progress=False)
+    got = {f"{r['method']}@{r['sparsity']}": r for r in rows}
+    for key, point in want["points"].items():
+        plan = json.loads((tmp_path / "sweep" / got[key]["plan"]).read_text())
+        assert _sha(plan["keep"]) == point["keep_sha"], key
+        assert got[key]["accuracy"] == point["accuracy"], key
