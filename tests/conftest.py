@@ -79,3 +79,38 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# --- emulated Hugging Face Hub (tests/emulated_hub.py) -------------------------------------------
+
+HUB_IMDB_SIZES = {"train": 300, "test": 200}
+
+
+@pytest.fixture(scope="session")
+def emulated_hub(tmp_path_factory):
+    """The emulated hub cache (bert-base-uncased, gpt2 full size; 300 + 200 IMDB reviews), built once.
+
+    Set ANATOMY_PRUNE_EMULATED_HUB to a folder to keep the cache between sessions (about 0.9 GB); it
+    is rebuilt only when the build arguments change.
+    """
+    import importlib.util
+    import shutil
+
+    from emulated_hub import EmulatedHub
+
+    keep = os.environ.get("ANATOMY_PRUNE_EMULATED_HUB")
+    root = keep or tmp_path_factory.mktemp("hf-home")
+    imdb = importlib.util.find_spec("datasets") is not None  # optional dependency (the "hub" extra)
+    yield EmulatedHub.build(root, imdb=imdb, imdb_train=HUB_IMDB_SIZES["train"], imdb_test=HUB_IMDB_SIZES["test"])
+    if not keep:  # pytest keeps its last three temp dirs; at 0.9 GB each, this one goes now
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def hub_offline(emulated_hub, monkeypatch):
+    """This process pointed at the emulated hub, offline: env vars set and the import-time constants of
+    huggingface_hub and datasets patched (monkeypatch undoes both after the test)."""
+    from emulated_hub import activate
+
+    activate(emulated_hub.env, monkeypatch)
+    return emulated_hub
