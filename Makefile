@@ -32,7 +32,7 @@ notebooks: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) -m anatomy_prune figures --run runs/demo --out figures
-	@if [ -f runs/bench/speedup_cpu.png ]; then cp runs/bench/speedup_cpu.png figures/bench_speedup_cpu.png; \
+	@if [ -f runs/bench/figures/speedup_cpu.png ]; then cp runs/bench/figures/speedup_cpu.png figures/bench_speedup_cpu.png; \
 	  else echo "figures: no runs/bench yet (make bench); kept figures/bench_speedup_cpu.png"; fi
 
 bench: $(STAMP)

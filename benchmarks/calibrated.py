@@ -6,8 +6,8 @@ least-squares compensation) against the other registered methods, without retrai
     .venv/bin/python benchmarks/calibrated.py --part lm --lm-eval-texts 40
 
 Encoder: the fine-tuned minilm IMDB classifier (runs/demo/model), accuracy on the 1,000 test reviews at
-sparsities 0.1..0.9 for every method (each plan made by methods.make_plan on the same Calibration; the
-`calibrated` plan compensated by prune.run_compensation; then apply.physical and evaluate_classifier), plus
+sparsities 0.1..0.9 for every method (each point one pipeline.prune_step on the same Calibration: the
+`calibrated` plan compensated by its own recipe, `METHOD+comp` with --compensate; physically pruned), plus
 `magnitude+comp` (magnitude with the same compensation) to separate selection from compensation.
 prune_s of `calibrated` = calibration pass (Fisher + Gram statistics, charged in full to every sparsity, as
 a standalone `prune` would pay it) + planning + compensation; peak_mem_mb = peak resident memory of the
@@ -20,13 +20,11 @@ prints a table. Times on a shared machine are noisy: read the recorded load aver
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import resource
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,15 +32,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from anatomy_prune.apply import physical  # noqa: E402
-from anatomy_prune.compensate import ffn_input_stats  # noqa: E402
 from anatomy_prune.data import eval_set, lm_texts  # noqa: E402
 from anatomy_prune.errors import UserError  # noqa: E402
 from anatomy_prune.evaluate import evaluate_classifier, perplexity  # noqa: E402
-from anatomy_prune.io import write_json  # noqa: E402
-from anatomy_prune.methods import METHODS, make_plan  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
-from anatomy_prune.prune import make_calibration, run_compensation, wants_compensation  # noqa: E402
+from anatomy_prune.pipeline.step import prune_step  # noqa: E402
+from anatomy_prune.runfolder import write_json  # noqa: E402
+from anatomy_prune.scores import SCORERS, ffn_input_stats, make_calibration  # noqa: E402
 
 log = logging.getLogger("benchmarks.calibrated")
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -84,7 +80,7 @@ def _rss_mb() -> float:
 def _methods(spec: str) -> list[str]:
     names = []
     for name in [m.strip() for m in spec.split(",") if m.strip()]:
-        if name.removesuffix("+comp") in METHODS:
+        if name.removesuffix("+comp") in SCORERS:
             names.append(name)
         else:
             log.warning("method %s is not registered; skipped", name)
@@ -92,25 +88,19 @@ def _methods(spec: str) -> list[str]:
 
 
 def _point(loaded, calib, method: str, sparsity: float, timed_stats_s: float) -> tuple:
-    """(pruned Loaded copy, row) for one method and sparsity; the original model is left unpruned."""
+    """(pruned Loaded copy, row) for one method and sparsity, through the pruning step; the original model
+    is left unpruned."""
     name, comp = method.removesuffix("+comp"), method.endswith("+comp")
-    start = time.perf_counter()
-    plan = make_plan(name, calib, sparsity)
-    plan_s = time.perf_counter() - start
-    model = copy.deepcopy(loaded.model)
+    res = prune_step(loaded, calib, name, sparsity=sparsity, compensate=comp, mode="physical")
+    plan = res.plan
     row = {"method": method, "sparsity": sparsity, "actual_sparsity": round(plan.sparsity, 4),
-           "plan_s": round(plan_s, 2),
-           "kept_per_layer": plan.kept_widths}
-    if wants_compensation(plan, comp):
-        start = time.perf_counter()
-        report = run_compensation(loaded, calib, plan, model=model)   # statistics cached on calib
-        row["compensate_s"] = round(time.perf_counter() - start, 2)
-        row["rel_err"] = [round(report["mean_rel_err_removed"], 4), round(report["mean_rel_err_compensated"], 4)]
+           "prune_s": round(res.prune_s, 2), "kept_per_layer": plan.kept_widths}
+    if res.compensation:
+        row["rel_err"] = [round(res.compensation["mean_rel_err_removed"], 4),
+                          round(res.compensation["mean_rel_err_compensated"], 4)]
     if name == "calibrated":
-        row["prune_s"] = round(timed_stats_s + plan_s + row["compensate_s"], 2)
         row["params"] = {k: plan.params[k] for k in ("floor", "beta", "ridge", "readout_mix") if k in plan.params}
-    physical(model, plan)
-    return replace(loaded, model=model), row
+    return res.loaded, row
 
 
 def _run_points(loaded, calib, methods: list[str], sparsities, stats_s: float, measure) -> list[dict]:

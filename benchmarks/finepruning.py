@@ -29,10 +29,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from anatomy_prune.errors import UserError  # noqa: E402
-from anatomy_prune.finepruning import METHODS, FinepruneConfig, finepruning, redundancy_of  # noqa: E402
-from anatomy_prune.io import write_json  # noqa: E402
+from anatomy_prune.anatomy.redundancy import summary  # noqa: E402
+from anatomy_prune.finepruning.train import METHODS, FinepruneConfig, finepruning  # noqa: E402
+from anatomy_prune.pipeline.redundancy import redundancy_job  # noqa: E402
 from anatomy_prune.plotting.redundancy import plot_methods, plot_per_layer  # noqa: E402
-from anatomy_prune.redundancy import summary  # noqa: E402
+from anatomy_prune.runfolder import RunFolder  # noqa: E402
 
 PAPER = ("paper (GPT-2 / GPT-Neo on Wikitext-103, WikiSQL, SAMSum; numbers not retrieved): random pruning "
          "nearly matches the best methods; movement can underperform; GUM beats movement and the other methods")
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--out", default="runs/finepruning/bench", help="(default: runs/finepruning/bench)")
+    p.add_argument("--force", action="store_true", help="write into an --out folder of another run")
     return p
 
 
@@ -71,28 +73,30 @@ def run(args) -> dict:
     for m in methods:
         FinepruneConfig(**{**asdict(base), "method": m}).validate()
     started, load_before, t0 = datetime.now(timezone.utc), _load(), time.perf_counter()
-    dense = redundancy_of(args.model, out / "dense", base, progress=False)
-    rows, dense_metric = [], None
-    for i, m in enumerate(methods):
-        cfg = FinepruneConfig(**{**asdict(base), "method": m, "eval_dense": i == 0})
-        r = finepruning(cfg, out / m, progress=True).results
-        metric = r["metric"]
-        dense_metric = r["dense_" + metric] if i == 0 else dense_metric
-        rows.append({"label": m, "method": m, "selection": r["selection"], "metric": metric, metric: r[metric],
-                     "dense_" + metric: dense_metric, "sparsity": r["sparsity"], "target_sparsity": args.sparsity,
-                     "train_s": r["time"]["train_s"], "s_per_step": r["time"]["s_per_step"],
-                     "total_s": r["time"]["total_s"], "kept_widths": r["kept_widths"],
-                     "redundancy": r["redundancy"], "load_after": _load()})
-    report = {"created": started.isoformat(timespec="seconds"), "settings": vars(args), "paper": PAPER,
-              "load_before": load_before, "load_after": _load(), "wall_s": time.perf_counter() - t0,
-              "dense": {"redundancy": summary(dense), "dense_" + rows[0]["metric"]: dense_metric}, "rows": rows,
-              "note": "timings taken on a shared 2-core CPU under load from other agents; see load averages"}
-    write_json(out / f"finepruning_{started.strftime('%Y%m%dT%H%M%S')}.json", report)
-    write_json(out / "finepruning.json", report)
-    plot_methods(rows, out / "figures")
-    per_layer = {"dense (start)": {"redundancy": summary(dense), "kept_widths": [x["width"] for x in dense["layers"]]}}
-    per_layer.update({r["label"]: r for r in rows})
-    plot_per_layer(per_layer, out / "figures", name="redundancy_per_layer_methods")
+    with RunFolder(out, "finepruning-benchmark", {**vars(args), "out": None}, force=args.force) as rf:
+        dense = redundancy_job(args.model, out / "dense", base, progress=False)
+        rows, dense_metric = [], None
+        for i, m in enumerate(methods):
+            cfg = FinepruneConfig(**{**asdict(base), "method": m, "eval_dense": i == 0})
+            r = finepruning(cfg, out / m, progress=True).results
+            metric = r["metric"]
+            dense_metric = r["dense_" + metric] if i == 0 else dense_metric
+            rows.append({"label": m, "method": m, "selection": r["selection"], "metric": metric, metric: r[metric],
+                         "dense_" + metric: dense_metric, "sparsity": r["sparsity"], "target_sparsity": args.sparsity,
+                         "train_s": r["time"]["train_s"], "s_per_step": r["time"]["s_per_step"],
+                         "total_s": r["time"]["total_s"], "kept_widths": r["kept_widths"],
+                         "redundancy": r["redundancy"], "load_after": _load()})
+        report = {"created": started.isoformat(timespec="seconds"), "settings": vars(args), "paper": PAPER,
+                  "load_before": load_before, "load_after": _load(), "wall_s": time.perf_counter() - t0,
+                  "dense": {"redundancy": summary(dense), "dense_" + rows[0]["metric"]: dense_metric}, "rows": rows,
+                  "note": "timings taken on a shared 2-core CPU under load from other agents; see load averages"}
+        rf.write_json(f"finepruning_{started.strftime('%Y%m%dT%H%M%S')}.json", report)
+        rf.write_json("finepruning.json", report)
+        figs = rf.stage_dir("figures")
+        plot_methods(rows, figs)
+        per_layer = {"dense (start)": {"redundancy": summary(dense), "kept_widths": [x["width"] for x in dense["layers"]]}}
+        per_layer.update({r["label"]: r for r in rows})
+        plot_per_layer(per_layer, figs, name="redundancy_per_layer_methods")
     return report
 
 

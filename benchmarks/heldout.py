@@ -12,23 +12,20 @@ validation and training reviews of the fine-tune (runs/demo: 1,000 + 500 + 4,000
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import sys
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from anatomy_prune.apply import physical
 from anatomy_prune.data import TextSet, eval_set, read_imdb_offline
 from anatomy_prune.errors import UserError
 from anatomy_prune.evaluate import evaluate_classifier
-from anatomy_prune.io import write_json
-from anatomy_prune.methods import METHODS, make_plan
 from anatomy_prune.models import load_model
-from anatomy_prune.prune import make_calibration, run_compensation, wants_compensation
+from anatomy_prune.pipeline.step import prune_step
+from anatomy_prune.runfolder import write_json
+from anatomy_prune.scores import SCORERS as METHODS, make_calibration
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,12 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 progress=False)["accuracy"]}]
     print(f"dense      {100 * rows[0]['accuracy']:.2f}", flush=True)
     for method in methods:
-        plan = make_plan(method, calib, args.sparsity)
-        model = copy.deepcopy(loaded.model)
-        if wants_compensation(plan, False):   # `calibrated` asks for it in its plan
-            run_compensation(loaded, calib, plan, model=model)
-        physical(model, plan)
-        acc = evaluate_classifier(replace(loaded, model=model), data, 64, args.max_length, progress=False)["accuracy"]
+        pruned = prune_step(loaded, calib, method, sparsity=args.sparsity, mode="physical").loaded
+        acc = evaluate_classifier(pruned, data, 64, args.max_length, progress=False)["accuracy"]
         rows.append({"method": method, "accuracy": acc})
         print(f"{method:10s} {100 * acc:.2f}", flush=True)
     dense_acc = rows[0]["accuracy"]

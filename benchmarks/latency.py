@@ -1,5 +1,5 @@
 """Latency benchmark: dense vs masked (zeroed weights, the paper's way) vs physically pruned models, against
-the FLOP bound. A thin layer over anatomy_prune.speed.
+the FLOP bound. A thin layer over anatomy_prune.pipeline.latency.
 
     make bench        # the full run (= --multiple-of 1 8 --out runs/bench): sparsities 0.1..0.9,
                       # batch 1 and 32, length 128 and 512, 5 repeats; 16.5 minutes on 2 quiet cores
@@ -8,7 +8,8 @@ the FLOP bound. A thin layer over anatomy_prune.speed.
     .venv/bin/python benchmarks/latency.py --sparsities 0.5 --batch-sizes 32 --lengths 128 --repeats 7 \\
         --multiple-of 1 8 64 --strided --threads 2 --out runs/bench-rounding
 
-While running, OUT.partial.json holds what has been measured so far (rewritten after each sparsity).
+While running, the run folder's resume file (OUT/.anatomy-prune-resume.json) holds what has been measured so
+far (rewritten after each sparsity); --from-json redraws from it.
 Writes into --out: latency_<UTC date>.json (settings, machine, load before / after, one row per timed
 variant), latency.json (the same, latest run), table.md (the README table) and speedup_<device>.png/.pdf.
 Latency depends only on shapes, so any model spec works (the default minilm has the shapes of the
@@ -30,10 +31,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from anatomy_prune.errors import UserError  # noqa: E402
-from anatomy_prune.io import atomic_dir, read_json, write_json  # noqa: E402
-from anatomy_prune.models import DEFAULT_ENCODER, load_model  # noqa: E402
-from anatomy_prune.speed import (default_devices, latency_sweep, load_average, machine_info,  # noqa: E402
-                                 markdown_table, profile_variants)
+from anatomy_prune.evaluate.timing import load_average, machine_info  # noqa: E402
+from anatomy_prune.models.loading import DEFAULT_ENCODER, load_model  # noqa: E402
+from anatomy_prune.pipeline.latency import latency_sweep, profile_variants  # noqa: E402
+from anatomy_prune.pipeline.report import markdown_table  # noqa: E402
+from anatomy_prune.runfolder import RESUME, RunFolder, read_json  # noqa: E402
 
 FULL_SPARSITIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 QUICK = dict(sparsities=[0.5], batch_sizes=[32], lengths=[128], repeats=3)
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", default=DEFAULT_ENCODER, help=f"model spec (default: {DEFAULT_ENCODER})")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    p.add_argument("--force", action="store_true", help="write into an --out folder of another run")
     p.add_argument("--sparsities", type=float, nargs="+", default=None,
                    help="FFN sparsities (default: 0.1 0.2 ... 0.9)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes (default: 1 32)")
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figure", action="store_true", help="write JSON and table only")
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="time nothing: redraw table.md and the figure into --out from a saved latency JSON "
-                   "(a .partial.json of a run that was cut short included)")
+                   "(the resume file of a run that was cut short included)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -78,7 +81,7 @@ def settings_from(args: argparse.Namespace) -> dict:
     for name in base:
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
-    devices = args.devices or default_devices()
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     unknown = [d for d in devices if d.split(":")[0] not in ("cpu", "cuda")]
     if unknown:
         raise UserError(f"unknown device(s) {unknown}; choose cpu and/or cuda")
@@ -97,48 +100,47 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
            "command": " ".join(["benchmarks/latency.py", *argv]), "settings": settings,
            "machine": machine_info(), "load_before": load_average(), "results": [], "skipped": []}
     start = time.perf_counter()
-    partial = Path(f"{str(args.out).rstrip('/')}.partial.json")  # beside --out, removed when the run completes
-    for dev in settings["devices"]:
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            out["skipped"].append(f"{dev}: no CUDA device")
-            logging.getLogger("latency").warning("skipping %s: no CUDA device", dev)
-            continue
-        loaded = load_model(settings["model"], device=dev)
+    with RunFolder(args.out, "latency-benchmark", settings, force=args.force) as rf:
+        for dev in settings["devices"]:
+            if dev.startswith("cuda") and not torch.cuda.is_available():
+                out["skipped"].append(f"{dev}: no CUDA device")
+                logging.getLogger("latency").warning("skipping %s: no CUDA device", dev)
+                continue
+            loaded = load_model(settings["model"], device=dev)
 
-        def save_partial(res: dict) -> None:  # a long run that is killed still leaves what it measured
-            write_json(partial, {**out, "results": out["results"] + [res], "load_now": load_average()})
+            def save_partial(res: dict) -> None:  # a long run that is killed still leaves what it measured
+                rf.write_resume({**out, "results": out["results"] + [res], "load_now": load_average()})
 
-        res = latency_sweep(loaded, settings["sparsities"], settings["batch_sizes"], settings["lengths"],
-                            repeats=settings["repeats"], warmup=settings["warmup"], multiples=settings["multiples"],
-                            strided=settings["strided"], seed=settings["seed"], progress=not args.no_progress,
-                            on_sparsity=save_partial)
-        if args.profile and dev == "cpu":
-            b, n = settings["batch_sizes"][0], settings["lengths"][0]
-            res["profile"] = {"batch_size": b, "seq_len": n, "ms_per_forward": {
-                str(s): profile_variants(loaded, s, b, n, seed=settings["seed"]) for s in settings["sparsities"]}}
-        out["results"].append(res)
-        del loaded
-    if not out["results"]:
-        raise UserError("nothing was timed: no requested device is present; use --devices cpu")
-    out["load_after"] = load_average()
-    out["total_s"] = round(time.perf_counter() - start, 1)
-    write_outputs(out, args.out, figure=not args.no_figure)
-    partial.unlink(missing_ok=True)
+            res = latency_sweep(loaded, settings["sparsities"], settings["batch_sizes"], settings["lengths"],
+                                repeats=settings["repeats"], warmup=settings["warmup"],
+                                multiples=settings["multiples"], strided=settings["strided"], seed=settings["seed"],
+                                progress=not args.no_progress, on_sparsity=save_partial)
+            if args.profile and dev == "cpu":
+                b, n = settings["batch_sizes"][0], settings["lengths"][0]
+                res["profile"] = {"batch_size": b, "seq_len": n, "ms_per_forward": {
+                    str(s): profile_variants(loaded, s, b, n, seed=settings["seed"]) for s in settings["sparsities"]}}
+            out["results"].append(res)
+            del loaded
+        if not out["results"]:
+            raise UserError("nothing was timed: no requested device is present; use --devices cpu")
+        out["load_after"] = load_average()
+        out["total_s"] = round(time.perf_counter() - start, 1)
+        write_outputs(out, rf, figure=not args.no_figure)
     return out
 
 
-def write_outputs(out: dict, folder: str | Path, figure: bool = True, json_too: bool = True) -> None:
-    """latency_<date>.json, latency.json, table.md and the figure(s), all or nothing."""
+def write_outputs(out: dict, rf: RunFolder, figure: bool = True, json_too: bool = True) -> None:
+    """latency_<date>.json, latency.json, table.md and the figure(s), staged in the run folder."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    with atomic_dir(folder) as tmp:
-        if json_too:
-            write_json(tmp / f"latency_{stamp}.json", out)
-            write_json(tmp / "latency.json", out)
-        (tmp / "table.md").write_text(table_text(out))
-        if figure:
-            from anatomy_prune.plotting.latency import plot_speedup
-            for res in out["results"]:
-                plot_speedup(out, tmp, device=res["device"])
+    if json_too:
+        rf.write_json(f"latency_{stamp}.json", out)
+        rf.write_json("latency.json", out)
+    rf.write_text("table.md", table_text(out))
+    if figure:
+        from anatomy_prune.plotting.latency import plot_speedup
+        folder = rf.stage_dir("figures")
+        for res in out["results"]:
+            plot_speedup(out, folder, device=res["device"])
 
 
 def table_text(out: dict) -> str:
@@ -161,9 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.from_json:
             out = read_json(args.from_json)
-            if not out.get("results"):
+            if isinstance(out, dict) and Path(args.from_json).name == RESUME:
+                out = out.get("data") or {}
+            if not isinstance(out, dict) or not out.get("results"):
                 raise UserError(f"'{args.from_json}' holds no results; give a latency JSON written by this script")
-            write_outputs(out, args.out, figure=not args.no_figure, json_too=False)
+            with RunFolder(args.out, "latency-redraw", {"from": str(args.from_json)}, force=args.force) as rf:
+                write_outputs(out, rf, figure=not args.no_figure, json_too=False)
             print(table_text(out))
             return 0
         out = run(args, argv)

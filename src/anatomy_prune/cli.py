@@ -168,7 +168,7 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per calibration review (default: {CALIB_MAX_LENGTH})")
     p.add_argument("--calib-data", default="imdb", help="imdb (training split) or a text file, one text per line")
     p.add_argument("--compensate", action="store_true",
-                   help="refit the kept neurons' down projection on calibration activations (issue 7's compensate.py)")
+                   help="refit the kept neurons' down projection on calibration activations")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and random choices (default: 0)")
 
 
@@ -300,7 +300,7 @@ def _run_sweep(args) -> int:
     return 0
 
 
-# --- finepruning and redundancy (issue 6) -------------------------------------------------------
+# --- finepruning and redundancy -------------------------------------------------------------
 
 def _task_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--task", choices=("lm", "imdb"), default=d.task,

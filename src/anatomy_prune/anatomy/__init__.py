@@ -1,4 +1,4 @@
-"""Stage 3, anatomy: what layers and FFN neurons do. The first paper's layer and neuron similarity with the
+"""The anatomy stage: what layers and FFN neurons do. The first paper's layer and neuron similarity with the
 readout token, neuron sets above a threshold and their graph; the second paper's sensitivity and
 uniqueness (redundancy) of every neuron."""
 from .graphs import graph_stats, neuron_graph

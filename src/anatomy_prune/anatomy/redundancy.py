@@ -1,4 +1,4 @@
-"""Neuron-level redundancy measures of the second paper (notes Sec. 4), per neuron and per layer, for any
+"""Neuron-level redundancy measures of the second paper (docs/finepruning.md §4), per neuron and per layer, for any
 model (a pruned one included, measured as it is, after physical removal).
 
 Sensitivity (first-order Taylor estimate of the loss change when neuron i is removed):
@@ -6,13 +6,13 @@ Sensitivity (first-order Taylor estimate of the loss change when neuron i is rem
     sens_i = sum_b a_i^(b) / N_seq
 with g the gradients of the batch-mean task loss. Gated FFNs (Llama) count the gate and the up row both as
 "W1" (both are removed with the neuron); the down projection's bias belongs to no neuron and is left out.
-The absolute value is taken per batch, so the number depends on the batch size (notes 7.7): we keep it.
+The absolute value is taken per batch, so the number depends on the batch size (docs/finepruning.md §7.7): we keep it.
 
 Uniqueness (uncentred cosine of the activations h [tokens, d_ff] fed to the down projection):
     G = sum H^T H, n = sum ||H_:,i||^2 over the whole analysis set; C = G / (sqrt(n n^T) + 1e-6), signed;
     neuron i is "similar" if some j > i (strict upper triangle) has C_ij >= 0.8 (only the lower index of a
     close pair counts); similar = #similar / #neurons over all layers; unique = 1 - similar.
-Decision (notes 7.5): padding tokens are left out of H (the code keeps them); a causal-LM block has none.
+Decision (docs/finepruning.md §7.5): padding tokens are left out of H (the code keeps them); a causal-LM block has none.
 A dead neuron (all-zero activations) has C = 0 with every other neuron, so it counts as unique.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 6, apply: a plan masked (zeroed, the paper's way) or physically removed, and least-squares
+"""The apply stage: a plan masked (zeroed, the paper's way) or physically removed, and least-squares
 compensation of what removed neurons contributed, folded into the weights that stay."""
 from .compensate import compensate, fit_removed
 from .modes import MODES, apply_plan, check_mode, mask, masked, physical

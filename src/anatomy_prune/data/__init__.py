@@ -1,9 +1,9 @@
-"""Stage 1, data: labelled reviews (IMDB offline or from the hub, user files), splits and the calibration
+"""The data stage: labelled reviews (IMDB offline or from the hub, user files), splits and the calibration
 sample, probes and free text, tokenised batches."""
 from .batches import batches, to_device
-from .reviews import Splits, TextSet, clean, read_imdb_offline, read_labelled_file
+from .reviews import Splits, TextSet, clean, read_imdb_offline, read_labelled_file, read_texts
 from .splits import CALIB_SIZE, DEFAULT_SIZES, calibration_set, eval_set, load_splits, split
-from .texts import lm_texts, load_probes, read_texts, resolve_inputs
+from .texts import lm_texts, load_probes, resolve_inputs
 
 __all__ = ["CALIB_SIZE", "DEFAULT_SIZES", "Splits", "TextSet", "batches", "calibration_set", "clean", "eval_set",
            "lm_texts", "load_probes", "load_splits", "read_imdb_offline", "read_labelled_file", "read_texts",

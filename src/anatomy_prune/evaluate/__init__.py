@@ -1,4 +1,4 @@
-"""Stage 7, evaluate: accuracy and perplexity with latency, parameter and FLOP counts with the FLOP bound,
+"""The evaluate stage: accuracy and perplexity with latency, parameter and FLOP counts with the FLOP bound,
 and timing that holds on a noisy machine."""
 from .counts import count_params, ffn_flops_per_token, flops_per_token, ideal_speedup, size_report
 from .metrics import evaluate, evaluate_classifier, metric_name, perplexity

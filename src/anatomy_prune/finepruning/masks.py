@@ -9,7 +9,7 @@ score the mask's gradient unchanged (the straight-through estimator), so
     dL/ds_i = sum_tokens h_i * dL/dh'_i = sum_j W2[j, i] * dL/dW2'[j, i]
 
 i.e. exactly -(-W * dL/dW) summed over neuron i's down-projection column (W2' = W2 diag(mask)). Decision
-(notes 3.3): the authors' code also adds the matching sum over the neuron's W1 row, because it masks the
+(docs/finepruning.md §3.3): the authors' code also adds the matching sum over the neuron's W1 row, because it masks the
 weights rather than the activation; we keep the activation hook of the toolkit and therefore only the
 W2-column half. A side effect, stated: a pruned neuron's score still receives the first-order "what if it
 were kept" gradient (its h is computed, only its output is cut), so a pruned neuron can come back when its
@@ -34,7 +34,7 @@ def top_masks(scores: Sequence[Tensor], keep: float, selection: str = "local") -
     """0/1 masks keeping the highest scores, on the scores' device. How many each layer keeps comes from the
     toolkit's one allocator (plan.allocate.keep_counts): local (every layer keeps the same fraction) or
     global (one ranking of the raw scores over all layers, no floor, so a layer can empty). Ties are broken
-    by index, so exactly the counted number is kept (notes 7.8: `s >= tau` in the code can keep a few more)."""
+    by index, so exactly the counted number is kept (docs/finepruning.md §7.8; `s >= tau` in the code can keep a few more)."""
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection '{selection}'; choose one of {SELECTIONS}")
     kind = {"local": {"kind": "local"}, "global": {"kind": "global", "normalize": "none"}}[selection]
@@ -96,7 +96,7 @@ class NeuronMasks:
             yield self
 
 
-# --- GUM: running similarity and uniqueness weights (notes 3.5) -----------------------------------
+# --- GUM: running similarity and uniqueness weights (docs/finepruning.md §3.5) -----------------------------------
 
 def abs_cosine(gram: Tensor, sq_norms: Tensor, eps: float = 1e-6) -> Tensor:
     """|C| with C_ij = G_ij / (sqrt(n_i n_j) + eps), uncentred, diagonal set to 0: [m, m]."""

@@ -1,4 +1,4 @@
-"""The second paper's cubic pruning schedule (notes Sec. 2): dense warm-up, cubic decay of the kept
+"""The second paper's cubic pruning schedule (docs/finepruning.md §2): dense warm-up, cubic decay of the kept
 fraction, a final stretch at the target.
 
 T steps, w = int(warmup * T), t_i = w, t_f = 3w; keep fraction v(t) = 1 for t <= t_i, v_f for t > T - t_f,

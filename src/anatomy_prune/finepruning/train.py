@@ -5,7 +5,7 @@
   magnitude  structured magnitude ||W1 rows|| x ||W2 column||, recomputed from the weights every step (GMP)
   movement   learnable per-neuron scores, trained by AdamW through the straight-through mask (see
              finepruning_masks.py for the exact gradient), Top_v per layer (`--selection global` optional)
-  gum        global movement + the uniqueness-weighted L1 regulariser on sigmoid(scores) (notes 3.5)
+  gum        global movement + the uniqueness-weighted L1 regulariser on sigmoid(scores) (docs/finepruning.md §3.5)
 
 Masks are hooks on every FFN hidden activation (hooks.run_with_hooks; the activation times a 0/1 vector);
 the dense weights are kept during training. At the end the final masks (keep fraction v_final, from the final scores) become a
@@ -16,7 +16,7 @@ time and the per-layer sensitivity and uniqueness of the final (physically prune
 Schedule: finepruning.schedule (dense warm-up, cubic decay, final stretch). Training: the toolkit's one
 loop (train.loop) on the tasks fine-tuning uses (train.tasks).
 
-Decisions on the notes' open points (Sec. 7), also recorded in every plan's params:
+Decisions on the open points (docs/finepruning.md §7), also recorded in every plan's params:
   7.1  GUM is the code's `uniqueness_reg_mask` path: R = sum_l(sum_i sigmoid(s_li) omega_li / m_l) / (3L),
        lambda(t) = lambda_R v(t)/v_f, omega = 1 + lambda_u u from the running |cos| (rho), one step late.
        lambda_R = 2, rho = 0.999 (the code's defaults); lambda_u = 1 (the code's default 0 turns GUM off).

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,52 +23,11 @@ from torch import nn
 
 from ..errors import UserError
 from ..resources import gpt2_tokenizer_dir, minilm_dir, smollm2_gguf
-from .families import Family, base_model, family_for, family_of, usable_positions
+from .families import family_for, family_of
+from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer  # noqa: F401  (re-exported)
+from .saved import load_saved
 
 log = logging.getLogger(__name__)
-
-SAVED_META = "anatomy_prune.json"  # marks a model folder written by anatomy-prune (see saved.py)
-KINDS = ("classifier", "causal-lm", "backbone")
-SAFE = dict(trust_remote_code=False)  # every from_pretrained call: never run code shipped with a model
-
-
-@dataclass
-class Loaded:
-    """A model with what is needed to use it: tokenizer, family adapter and where it came from."""
-
-    model: nn.Module            # BinaryClassifier, a causal LM (LM head kept) or a bare base model
-    tokenizer: object           # a transformers tokenizer
-    kind: str                   # one of KINDS
-    spec: str                   # what the user asked for
-    info: dict = field(default_factory=dict)  # provenance: base model, plan, fine-tune settings...
-
-    @property
-    def family(self) -> Family:
-        return family_of(self.model)
-
-    @property
-    def config(self):
-        return base_model(self.model).config
-
-    @property
-    def max_positions(self) -> int:
-        """Tokens a sequence may have (RoBERTa-like and MPNet models: two fewer than their position table)."""
-        return usable_positions(self.config)
-
-    @property
-    def recorded_max_length(self) -> int | None:
-        """The max length a saved model was fine-tuned or pruned with, if it records one."""
-        v = self.info.get("max_length") or (self.info.get("finetune") or {}).get("max_length")
-        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def base_spec(self) -> str:
-        return self.info.get("base_model", self.spec)
-
 
 def pick_device(device: str | None = None) -> torch.device:
     """The device to run on: as asked, else CUDA when present, else CPU."""
@@ -130,6 +88,40 @@ def _tiny_llama() -> tuple[nn.Module, object, str]:
     return _seeded(lambda: LlamaForCausalLM(cfg)), tok, "causal-lm"
 
 
+def _tiny_of_type(model_type: str) -> Callable[[], tuple[nn.Module, object, str]]:
+    """A random tiny model of any supported type (TINY sizes), with a real tokenizer: BERT's WordPiece for
+    encoders, GPT-2's BPE for decoders. For tests and smoke runs of every architecture."""
+    def build() -> tuple[nn.Module, object, str]:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        fam = family_for(model_type)
+        if fam.decoder:
+            tok = _bpe_tokenizer()
+            special = dict(pad_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(minilm_dir()), **SAFE)
+            tok.model_max_length = TINY["positions"]
+            special = dict(pad_token_id=tok.pad_token_id)
+        h, n, heads, ff = TINY["hidden"], TINY["layers"], TINY["heads"], TINY["d_ff"]
+        sizes = dict(vocab_size=len(tok), hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+                     intermediate_size=ff, max_position_embeddings=TINY["positions"])
+        if model_type == "distilbert":
+            sizes = dict(vocab_size=len(tok), dim=h, n_layers=n, n_heads=heads, hidden_dim=ff,
+                         max_position_embeddings=TINY["positions"])
+        elif model_type in ("roberta", "xlm-roberta", "camembert", "mpnet"):
+            sizes["max_position_embeddings"] = TINY["positions"] + 2  # their positions start after the padding id
+        elif model_type == "electra":
+            sizes["embedding_size"] = h
+        elif fam.name == "llama":
+            sizes.update(num_key_value_heads=2, head_dim=h // heads, tie_word_embeddings=True)
+        cfg = AutoConfig.for_model(model_type, **sizes, **special)
+        if fam.decoder:
+            return _seeded(lambda: AutoModelForCausalLM.from_config(cfg)), tok, "causal-lm"
+        kw = {"add_pooling_layer": False} if model_type in ("bert", "roberta", "xlm-roberta", "camembert") else {}
+        return _seeded(lambda: AutoModel.from_config(cfg, **kw)), tok, "backbone"
+    return build
+
+
 def _minilm() -> tuple[nn.Module, object, str]:
     from transformers import AutoModel, AutoTokenizer
 
@@ -171,6 +163,12 @@ ALIASES: dict[str, Callable[[], tuple[nn.Module, object, str]]] = {
     "tiny-gpt2": _tiny_gpt2,
     "tiny-llama": _tiny_llama,
 }
+for _t in ("roberta", "xlm-roberta", "camembert", "mpnet", "electra", "distilbert", "mistral", "qwen2", "qwen3",
+           "gemma", "olmo"):
+    ALIASES[f"tiny-{_t}"] = _tiny_of_type(_t)
+TINY_TYPES = {"bert": "tiny-bert", "gpt2": "tiny-gpt2", "llama": "tiny-llama",
+              **{t: f"tiny-{t}" for t in ("roberta", "xlm-roberta", "camembert", "mpnet", "electra", "distilbert",
+                                          "mistral", "qwen2", "qwen3", "gemma", "olmo")}}
 DEFAULT_ENCODER = "minilm"
 
 
@@ -225,14 +223,6 @@ def resolve_saved(path: Path) -> Path | None:
     return None
 
 
-def finish_tokenizer(tok, model: nn.Module) -> None:
-    fam = family_of(model)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if fam.decoder:
-        tok.padding_side = "right"  # readout_index finds the last real token either way
-
-
 def load_model(spec: str, device: str | torch.device | None = None) -> Loaded:
     """Load a model spec (alias, folder or hub id) onto `device` (default: CUDA when present, else CPU)."""
     if not spec or not str(spec).strip():
@@ -248,7 +238,6 @@ def load_model(spec: str, device: str | torch.device | None = None) -> Loaded:
             raise UserError(f"'{spec}' is a file, not a model folder; give a folder, an alias or a hub id")
         saved = resolve_saved(path)
         if saved is not None:
-            from .saved import load_saved
             loaded = load_saved(saved, spec)
             loaded.model.to(dev).eval()
             return loaded

@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 from ..runfolder import now_iso, read_json, write_json
 from .families import base_model, ffn_sites, ffn_widths, supported_model_types
-from .loading import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer
+from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer
 from .surgery import resize_ffn, set_config_widths
 
 log = logging.getLogger(__name__)

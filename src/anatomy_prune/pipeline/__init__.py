@@ -1,4 +1,4 @@
-"""Stage 9, pipeline: the pruning step that every caller shares (`prune_step`), and the jobs that write
+"""The pipeline stage: the pruning step that every caller shares (`prune_step`), and the jobs that write
 run folders: finetune, anatomy, prune, sweep, redundancy, the latency benchmark and reports."""
 from .step import PruneResult, prune_step
 

@@ -1,4 +1,4 @@
-"""Stage 4, scores: the calibration sample and its statistics, and the scorers (one score per FFN neuron,
+"""The scores stage: the calibration sample and its statistics, and the scorers (one score per FFN neuron,
 higher = keep) behind one registry: random, magnitude, activation, the paper's strategy, calibrated.
 Importing the package registers the built-in scorers."""
 from . import basic, calibrated, strategy  # noqa: F401  (each registers itself in SCORERS)

@@ -1,4 +1,4 @@
-"""Stage 2, training: the one training loop, the tasks it trains on (classification, language modelling)
+"""The training stage: the one training loop, the tasks it trains on (classification, language modelling)
 and the fine-tune recipe."""
 from .finetune import FinetuneConfig, train_classifier
 from .loop import Optim, frozen_embeddings, train_loop, warmup_decay

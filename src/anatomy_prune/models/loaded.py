@@ -1,0 +1,62 @@
+"""`Loaded`: a model with what is needed to use it (tokenizer, kind, where it came from), and the constants
+shared by loading and saving."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .families import Family, base_model, family_of, usable_positions
+
+SAVED_META = "anatomy_prune.json"  # marks a model folder written by anatomy-prune (see saved.py)
+KINDS = ("classifier", "causal-lm", "backbone")
+SAFE = dict(trust_remote_code=False)  # every from_pretrained call: never run code shipped with a model
+
+
+@dataclass
+class Loaded:
+    """A model with what is needed to use it: tokenizer, family adapter and where it came from."""
+
+    model: nn.Module            # BinaryClassifier, a causal LM (LM head kept) or a bare base model
+    tokenizer: object           # a transformers tokenizer
+    kind: str                   # one of KINDS
+    spec: str                   # what the user asked for
+    info: dict = field(default_factory=dict)  # provenance: base model, plan, fine-tune settings...
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.model)
+
+    @property
+    def config(self):
+        return base_model(self.model).config
+
+    @property
+    def max_positions(self) -> int:
+        """Tokens a sequence may have (RoBERTa-like and MPNet models: two fewer than their position table)."""
+        return usable_positions(self.config)
+
+    @property
+    def recorded_max_length(self) -> int | None:
+        """The max length a saved model was fine-tuned or pruned with, if it records one."""
+        v = self.info.get("max_length") or (self.info.get("finetune") or {}).get("max_length")
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def base_spec(self) -> str:
+        return self.info.get("base_model", self.spec)
+
+
+def finish_tokenizer(tok, model: nn.Module) -> None:
+    fam = family_of(model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if fam.decoder:
+        tok.padding_side = "right"  # readout_index finds the last real token either way
+
+
