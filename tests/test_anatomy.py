@@ -12,17 +12,24 @@ import pytest
 import torch
 
 from anatomy_prune import UserError
-from anatomy_prune.anatomy import (check_threshold, jaccard_matrices, layer_similarity, neuron_similarity,
-                                   neurons_above, randomness, readout_pass, readout_states,
-                                   redraw_anatomy_figures, run_anatomy)
+from anatomy_prune.anatomy.graphs import graph_stats, layers_of, neuron_graph, read_graph, write_graph
+from anatomy_prune.anatomy.measures import (check_threshold, compute_anatomy, jaccard_matrices, layer_similarity,
+                                            neuron_similarity, neurons_above, randomness, readout_pass,
+                                            readout_states)
 from anatomy_prune.cli import main
-from anatomy_prune.families import base_model
-from anatomy_prune.graphs import graph_stats, layers_of, neuron_graph, read_graph, write_graph
+from anatomy_prune.hooks import capture_ffn_hidden, final_norm_name, hook_points, run_with_hooks
+from anatomy_prune.models.families import base_model
+from anatomy_prune.pipeline.anatomy import redraw_anatomy_figures, run_anatomy
 
 from conftest import TEXTS, make_classifier
 
 FILES = {"layer_similarity.json", "neuron_similarity.npz", "neurons.json", "neuron_graph.graphml", "summary.json"}
 FIGURES = ("layer_similarity", "layer_similarity_spread", "neuron_graph", "jaccard", "fraction_above")
+
+
+def _outputs(folder) -> set[str]:
+    """A run folder's entries, without its hidden marker and lock."""
+    return {p.name for p in folder.iterdir() if not p.name.startswith(".anatomy-prune")}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -177,7 +184,7 @@ def test_run_anatomy_writes_consistent_files(tmp_path):
     names = [f"t{i}" for i in range(len(TEXTS))]
     out = tmp_path / "anat"
     summary = run_anatomy(loaded, TEXTS, names, out, threshold=0.2, max_length=32, figures=False, progress=False)
-    assert {p.name for p in out.iterdir()} == FILES
+    assert _outputs(out) == FILES
     layer = json.loads((out / "layer_similarity.json").read_text())
     assert layer["names"] == names and layer["inputs"] == TEXTS and layer["model"] == "tiny-gpt2"
     sim = np.array(layer["similarity"])
@@ -194,6 +201,9 @@ def test_run_anatomy_writes_consistent_files(tmp_path):
         a, b = set(per_layer[i]), set(per_layer[i + 1])
         assert {(u, v) for u, v in g.edges if u in a} == {(u, v) for u in a for v in b}
     assert summary["n_inputs"] == 4 and summary["graph"]["nodes"] == g.number_of_nodes()
+    in_memory = compute_anatomy(loaded, TEXTS, names, threshold=0.2, max_length=32, progress=False)
+    assert in_memory["neurons"]["neurons"] == neurons["neurons"]
+    np.testing.assert_allclose(in_memory["sims"][1].numpy(), npz["layer_1"], atol=1e-6)
     assert json.loads((out / "summary.json").read_text())["neurons"]["union_size"] == [len(per_layer[i]) for i in range(3)]
 
 
@@ -218,19 +228,34 @@ def test_figures_redraw_from_saved_files_without_a_model(tmp_path, monkeypatch):
     out = tmp_path / "anat"
     run_anatomy(loaded, TEXTS, None, out, threshold=0.2, max_length=32, figures=False, progress=False)
     assert not (out / "figures").exists()
-    import anatomy_prune.models as models
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("redraw must not load a model"))
-    written = redraw_anatomy_figures(out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    import anatomy_prune.models.loading as loading
+    import anatomy_prune.pipeline.anatomy as job
+    for mod in (loading, job):
+        monkeypatch.setattr(mod, "load_model", lambda *a, **k: pytest.fail("redraw must not load a model"))
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    written = redraw_anatomy_figures(out, figs)
     assert sorted(p.stem for p in written) == sorted(FIGURES)
     for name in FIGURES:
-        assert (out / "figures" / f"{name}.png").stat().st_size > 1000
-        assert (out / "figures" / f"{name}.pdf").is_file()
+        assert (figs / f"{name}.png").stat().st_size > 1000
+        assert (figs / f"{name}.pdf").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written into the run
+    with pytest.raises(UserError, match="layer_similarity.json"):
+        redraw_anatomy_figures(figs, tmp_path)
+
+
+def test_figures_drawn_by_the_run(tmp_path):
+    out = tmp_path / "anat"
+    run_anatomy(make_classifier("tiny-gpt2"), TEXTS, None, out, threshold=0.2, max_length=32, progress=False)
+    assert _outputs(out) == FILES | {"figures"}
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == sorted(f"{n}.png" for n in FIGURES)
 
 
 def test_long_inputs_are_truncated_with_a_warning(tmp_path, caplog):
     loaded = make_classifier("tiny-llama")
     texts = [TEXTS[0], " ".join(TEXTS * 5), TEXTS[1]]
-    with caplog.at_level(logging.WARNING, logger="anatomy_prune.anatomy"):
+    with caplog.at_level(logging.WARNING, logger="anatomy_prune.anatomy.measures"):
         s = run_anatomy(loaded, texts, None, tmp_path / "a", max_length=12, figures=False, progress=False)
     assert "1 of 3 inputs are longer than 12 tokens" in caplog.text
     assert s["n_truncated"] == 1
@@ -245,12 +270,64 @@ def test_bad_input_writes_nothing(tmp_path, monkeypatch):
         run_anatomy(loaded, [], None, tmp_path / "a")
     with pytest.raises(UserError, match="max-length"):
         run_anatomy(loaded, TEXTS, None, tmp_path / "a", max_length=10_000)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="current or a parent folder"):
+        run_anatomy(loaded, TEXTS, None, tmp_path / "..", max_length=32, progress=False)
     # a failure half-way (here: while drawing) leaves neither the folder nor a temporary one behind
     import anatomy_prune.plotting.anatomy as plots
     monkeypatch.setattr(plots, "plot_jaccard", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         run_anatomy(loaded, TEXTS, None, tmp_path / "a", max_length=32, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- named hook points -----------------------------------------------------------------------------
+
+def test_run_with_hooks_observes_edits_and_always_removes(tiny):
+    enc = tiny.tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    base = base_model(tiny.model)
+    points = hook_points(tiny.model)
+    assert {"ffn.0.hidden", "ffn.1.hidden", "ffn.2.hidden", "model.input"} <= set(points)
+    assert ("final_norm.input" in points) == tiny.family.decoder
+    assert final_norm_name(tiny.model) == {"bert": None, "gpt2": "ln_f", "llama": "norm"}[tiny.family.name]
+    with torch.no_grad():
+        dense = base(**enc).last_hidden_state
+    seen, kwargs = [], []
+    zero_layer_1 = lambda x, point: torch.zeros_like(x) if point == "ffn.1.hidden" else None  # noqa: E731
+    with torch.no_grad(), run_with_hooks(tiny.model, {"ffn.*.hidden": [lambda x, p: seen.append((p, x.shape)),
+                                                                       zero_layer_1],
+                                                      "model.input": lambda kw, p: kwargs.append(sorted(kw))}):
+        edited = base(**enc).last_hidden_state
+    assert [p for p, _ in seen] == ["ffn.0.hidden", "ffn.1.hidden", "ffn.2.hidden"]
+    assert all(shape == (*enc["input_ids"].shape, 37) for _, shape in seen)
+    assert "input_ids" in kwargs[0] and "attention_mask" in kwargs[0]
+    assert not torch.allclose(edited, dense)
+    # the edit is exactly "layer 1's down projection receives zeros": the same as zeroing its weight
+    import copy
+    from anatomy_prune.models.families import ffn_sites, get_module, weight_out_in
+    twin = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        weight_out_in(get_module(base_model(twin), ffn_sites(twin)[1].down)).zero_()
+        torch.testing.assert_close(base_model(twin)(**enc).last_hidden_state, edited, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(base(**enc).last_hidden_state, dense)  # removed after the block
+    with pytest.raises(RuntimeError), run_with_hooks(tiny.model, {"ffn.0.hidden": zero_layer_1}):
+        raise RuntimeError("boom")
+    with torch.no_grad():
+        torch.testing.assert_close(base(**enc).last_hidden_state, dense)  # removed after an exception too
+    with pytest.raises(KeyError, match="ffn.9.hidden"), run_with_hooks(tiny.model, {"ffn.9.hidden": zero_layer_1}):
+        pass
+
+
+def test_capture_ffn_hidden_reduces_per_layer(tiny):
+    enc = tiny.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), capture_ffn_hidden(tiny.model) as full, \
+            capture_ffn_hidden(tiny.model, reduce=lambda x: x.abs().sum()) as sums:
+        base_model(tiny.model)(**enc)
+        base_model(tiny.model)(**enc)
+    assert [len(a) for a in full] == [2, 2, 2] and full[0][0].shape == (*enc["input_ids"].shape, 37)
+    for layer in range(3):
+        assert sums[layer][1].item() == pytest.approx(full[layer][1].abs().sum().item(), rel=1e-5)
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
@@ -263,7 +340,7 @@ def test_cli_anatomy_on_a_text_file(tmp_path, capsys):
                  "--threshold", "0.3", "--max-length", "32", "--no-figures"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_inputs"] == 3 and len(printed["layer_similarity_mean"]) == 4
-    assert {p.name for p in out.iterdir()} == FILES
+    assert _outputs(out) == FILES
     assert json.loads((out / "neurons.json").read_text())["threshold"] == 0.3
     assert json.loads((out / "summary.json").read_text())["inputs_spec"] == str(inputs)
 
@@ -286,7 +363,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, me
 
 @pytest.mark.slow
 def test_minilm_anatomy_on_the_probes(tmp_path):
-    from anatomy_prune.anatomy import anatomy_from_spec
+    from anatomy_prune.pipeline.anatomy import anatomy_from_spec
 
     s = anatomy_from_spec("minilm", tmp_path / "m", figures=False)
     assert s["n_inputs"] == 10 and s["n_layers"] == 6

@@ -7,20 +7,34 @@ import torch
 
 from anatomy_prune import UserError
 from anatomy_prune.apply import physical
-from anatomy_prune.calibrated import (auto_floor, global_keep_counts, plan_from_stats, sensitivity_scores,
-                                      unexplained_share)
-from anatomy_prune.compensate import compensate, ffn_input_stats
-from anatomy_prune.families import base_model, ffn_sites, get_module, weight_out_in
-from anatomy_prune.hooks import capture_ffn_activations
-from anatomy_prune.methods import METHODS, make_plan
-from anatomy_prune.models import load_model
+from anatomy_prune.apply.compensate import compensate
+from anatomy_prune.hooks import capture_ffn_hidden
+from anatomy_prune.models.families import base_model, ffn_sites, get_module, weight_out_in
+from anatomy_prune.models.loading import load_model
+from anatomy_prune.pipeline.step import prune_step
+from anatomy_prune.plan import keep_counts, plan_from_scores
+from anatomy_prune.scores import Scores, get_scorer, score
+from anatomy_prune.scores.calibrated import auto_floor, sensitivity_scores, unexplained_share
+from anatomy_prune.scores.calibration import ffn_input_stats
 
 from conftest import make_classifier
 from test_compensate import calib, texts
 
 
+def make_plan(name, cal, sparsity, **params):
+    """Score, then the one allocator (what the old methods.make_plan did)."""
+    return plan_from_scores(score(name, cal, sparsity, **params), sparsity, method=name, seed=cal.seed)
+
+
+def plan_from_stats(stats, sparsity, beta=0.0, model=None, floor=None):
+    """The calibrated allocation (global, raw scores, floor) of sensitivity scores from given statistics."""
+    values = sensitivity_scores(stats, "fisher", beta=beta, model=model)
+    allocation = {"kind": "global", "floor": auto_floor(sparsity) if floor is None else floor, "normalize": "none"}
+    return plan_from_scores(Scores(values, allocation), sparsity)
+
+
 def test_registered_with_its_recipe():
-    m = METHODS["calibrated"]
+    m = get_scorer("calibrated")
     assert m.needs_data and {"floor", "score", "beta", "ridge", "readout_mix"} <= set(m.params)
 
 
@@ -54,12 +68,25 @@ def test_global_budgets_follow_the_scores():
     """A layer whose neurons matter less loses more of them; normalize='mean' evens that out."""
     g = torch.Generator().manual_seed(0)
     scores = [torch.rand(40, generator=g) * 10, torch.rand(40, generator=g), torch.rand(40, generator=g) * 0.1]
-    counts = global_keep_counts(scores, 0.5, floor=0.1)
+    counts = keep_counts(scores, 0.5, {"kind": "global", "floor": 0.1, "normalize": "none"})
     assert sum(counts) == 60 and counts[0] > counts[1] > counts[2] == 4
-    even = global_keep_counts(scores, 0.5, floor=0.1, normalize="mean")
-    assert max(even) - min(even) < counts[0] - counts[2]
+    even = keep_counts(scores, 0.5, {"kind": "global", "floor": 0.1, "normalize": "mean"})
+    assert sum(even) == 60 and max(even) - min(even) < counts[0] - counts[2]
     with pytest.raises(UserError, match="normalize"):
-        global_keep_counts(scores, 0.5, normalize="max")
+        keep_counts(scores, 0.5, {"kind": "global", "normalize": "max"})
+
+
+def test_the_one_allocator_kinds_and_rounding():
+    scores = [torch.arange(37.0) - 18.5, torch.arange(37.0) - 32.5, torch.full((20,), -0.5)]
+    assert keep_counts(scores, 0.5, {"kind": "local"}) == [19, 19, 10]            # 37 - round(18.5), 20 - 10
+    assert keep_counts(scores, None, {"kind": "threshold"}) == [18, 4, 0]           # score >= 0 kept
+    assert keep_counts(scores, 0.5, {"kind": "local", "multiple_of": 8}) == [24, 24, 16]
+    assert keep_counts(scores, 0.1, {"kind": "local", "multiple_of": 16}) == [37, 37, 20]  # capped at the width
+    with pytest.raises(UserError, match="sparsity"):
+        keep_counts(scores, None, {"kind": "local"})
+    for bad in ({"floor": 1.5}, {"floor": "x"}, {"multiple_of": 0}, {"multiple_of": 2.0}):
+        with pytest.raises(UserError):
+            keep_counts(scores, 0.5, {"kind": "global", **bad})
 
 
 def test_same_data_same_plan():
@@ -104,16 +131,16 @@ def test_readout_mix_fits_the_last_layer_on_the_readout_token():
         stats = ffn_input_stats(loaded, cal, cache=False, progress=False)
         site = ffn_sites(loaded.model)[-1]
         down = get_module(base_model(loaded.model), site.down)
-        with torch.no_grad(), capture_ffn_activations(loaded.model) as acts:
+        with torch.no_grad(), capture_ffn_hidden(loaded.model) as acts:
             for b in cal.batches():
                 loaded.model(**b)
         h = torch.cat([a[:, 0] for a in acts[-1]])                            # CLS tokens: [n, d_ff]
         with torch.no_grad():
             dense = down(h)
-        plan = plan_from_stats(stats, 0.6, beta=0.0, readout_mix=mix)
-        compensate(loaded.model, plan, stats)
+        plan = plan_from_stats(stats, 0.6, beta=0.0)
+        compensate(loaded.model, plan, stats, readout_mix=mix)
         keep = torch.zeros(h.shape[1])
-        keep[plan.keep[site.layer]] = 1.0
+        keep[list(plan.keep[site.layer])] = 1.0
         with torch.no_grad():
             errs[mix] = (down(h * keep) - dense).pow(2).sum().item()
     assert errs[1.0] < errs[0.0]
@@ -136,11 +163,14 @@ def test_bare_backbone_has_no_loss_to_score_with():
 
 @pytest.mark.parametrize("alias", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
 def test_compensated_pruning_moves_logits_less_on_held_out_inputs(alias):
-    """End to end on a tiny classifier: the same calibrated plan with compensation changes the logits of
-    reviews it never saw less than without."""
+    """End to end on a tiny classifier: the same calibrated plan with compensation (the pruning step applies
+    the scorer's recipe) changes the logits of reviews it never saw less than without."""
     loaded = make_classifier(alias)
     cal = calib(loaded, n=96, max_length=32)
-    plan = make_plan("calibrated", cal, 0.5, floor=0.2)
+    res = prune_step(loaded, cal, "calibrated", sparsity=0.5, params={"floor": 0.2}, mode="physical")
+    plan, report = res.plan, res.compensation
+    assert plan.params["compensate"] is True and report["readout_mix"] == 0.5 and report["ridge"] > 0
+    assert plan.keep == make_plan("calibrated", cal, 0.5, floor=0.2).keep
     held = loaded.tokenizer(texts(32, seed=123), padding=True, truncation=True, max_length=32,
                             return_tensors="pt")
     held = {"input_ids": held["input_ids"], "attention_mask": held["attention_mask"]}
@@ -148,41 +178,40 @@ def test_compensated_pruning_moves_logits_less_on_held_out_inputs(alias):
         dense = loaded.model(**held)
     plain = copy.deepcopy(loaded.model)
     physical(plain, plan)
-    stats = ffn_input_stats(loaded, cal, progress=False)   # reused from the plan's pass
-    report = compensate(loaded.model, plan, stats)
-    physical(loaded.model, plan)
     with torch.no_grad():
         err_plain = (plain(**held) - dense).abs().mean()
-        err_comp = (loaded.model(**held) - dense).abs().mean()
+        err_comp = (res.loaded.model(**held) - dense).abs().mean()
     assert err_comp < err_plain
     assert report["mean_rel_err_compensated"] < report["mean_rel_err_removed"]
 
 
-def test_plan_from_stats_without_gradients_is_refused():
+def test_scores_without_gradients_are_refused():
     loaded = load_model("tiny-bert", device="cpu")
     stats = ffn_input_stats(loaded, calib(loaded, labels=False), cache=False, progress=False)
     with pytest.raises(UserError, match="gradients"):
-        plan_from_stats(stats, 0.5)
+        sensitivity_scores(stats, "fisher")
+    with pytest.raises(UserError, match="score"):
+        sensitivity_scores(stats, "hessian")
 
 
 @pytest.mark.slow
 def test_fine_tuned_minilm_keeps_its_accuracy_at_half_the_neurons():
-    """The real thing, small: runs/demo/model, 64 calibration reviews, 200 test reviews, 50% removed."""
+    """The real thing, small: runs/demo/finetune/model, 64 calibration reviews, 200 test reviews, 50% removed."""
     from pathlib import Path
 
     from anatomy_prune.data import eval_set
     from anatomy_prune.evaluate import evaluate_classifier
-    from anatomy_prune.prune import make_calibration
+    from anatomy_prune.scores.calibration import make_calibration
 
-    if not (Path("runs/demo/model") / "anatomy_prune.json").is_file():
-        pytest.skip("runs/demo/model is not there (make demo)")
-    loaded = load_model("runs/demo/model", device="cpu")
+    model_dir = Path("runs/demo/finetune/model")
+    if not (model_dir / "anatomy_prune.json").is_file():
+        pytest.skip(f"{model_dir} is not there (make demo)")
+    loaded = load_model(str(model_dir), device="cpu")
     test = eval_set("imdb", 200)
     dense = evaluate_classifier(loaded, test, 64, 128, progress=False)["accuracy"]
     cal = make_calibration(loaded, 64, 128, exclude=test.texts, batch_size=16)
-    plan = make_plan("calibrated", cal, 0.5)
-    report = compensate(loaded.model, plan, ffn_input_stats(loaded, cal, progress=False))
-    physical(loaded.model, plan)
-    pruned = evaluate_classifier(loaded, test, 64, 128, progress=False)["accuracy"]
+    res = prune_step(loaded, cal, "calibrated", sparsity=0.5, mode="physical")
+    report = res.compensation
+    pruned = evaluate_classifier(res.loaded, test, 64, 128, progress=False)["accuracy"]
     assert report["mean_rel_err_compensated"] < report["mean_rel_err_removed"]
     assert pruned >= dense - 0.02

@@ -8,13 +8,14 @@ import torch
 
 from anatomy_prune import UserError
 from anatomy_prune.apply import masked, physical
-from anatomy_prune.compensate import FFNStats, compensate, ffn_input_stats, fit_removed
-from anatomy_prune.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
-from anatomy_prune.hooks import capture_ffn_activations
-from anatomy_prune.io import save_model
-from anatomy_prune.methods import Calibration
-from anatomy_prune.models import load_model
+from anatomy_prune.apply.compensate import compensate, fit_removed
+from anatomy_prune.hooks import capture_ffn_hidden
+from anatomy_prune.models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
+from anatomy_prune.models.loading import load_model
+from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.step import compensation_recipe, prune_step
 from anatomy_prune.plan import PruningPlan, plan_from_scores
+from anatomy_prune.scores.calibration import Calibration, FFNStats, ffn_input_stats
 
 from conftest import TEXTS, make_classifier
 
@@ -125,7 +126,7 @@ def test_never_worse_than_plain_removal_on_the_calibration_tokens(tiny, sparsity
     least as close to the dense output as plain removal, and the diagnostics say the same."""
     cal = calib(tiny, labels=False)
     stats = ffn_input_stats(tiny, cal, cache=False, progress=False)
-    with torch.no_grad(), capture_ffn_activations(tiny.model) as acts:
+    with torch.no_grad(), capture_ffn_hidden(tiny.model) as acts:
         for b in cal.batches():
             tiny.model(**b)
     masks = torch.cat([b["attention_mask"].flatten() for b in cal.batches()]).bool()
@@ -138,7 +139,7 @@ def test_never_worse_than_plain_removal_on_the_calibration_tokens(tiny, sparsity
         h = torch.cat([a.flatten(0, 1) for a in acts[site.layer]])[masks]      # [tokens, d_ff]
         new = get_module(base, site.down)
         keep = torch.zeros(h.shape[1])
-        keep[plan.keep[site.layer]] = 1.0
+        keep[list(plan.keep[site.layer])] = 1.0
         with torch.no_grad():
             dense, plain, comp = old(h), old(h * keep), new(h * keep)         # [tokens, d_model]
         err_plain = (plain - dense).pow(2).sum().item()
@@ -159,7 +160,7 @@ def test_conv1d_orientation_is_kept():
     stats = ffn_input_stats(loaded, calib(loaded), cache=False, progress=False)
     compensate(loaded.model, plan, stats)
     assert down.weight.shape == before.shape == (37, 32)
-    gone, kept = plan.removed(0), plan.keep[0]
+    gone, kept = plan.removed(0), list(plan.keep[0])
     assert torch.equal(down.weight[gone], before[gone])      # removed rows untouched (sliced away later)
     assert not torch.allclose(down.weight[kept], before[kept])
 
@@ -175,7 +176,7 @@ def test_llama_stays_bias_free_and_reloads(tmp_path):
                for s in ffn_sites(loaded.model))
     enc = encode(loaded, texts(3, seed=5))
     expected = outputs(loaded, enc)
-    save_model(loaded, tmp_path / "m", plan=plan)
+    save_model(loaded, tmp_path / "m", plan=plan.to_dict())
     again = load_model(str(tmp_path / "m"), device="cpu")
     torch.testing.assert_close(outputs(again, enc), expected)
 
@@ -185,7 +186,7 @@ def test_too_few_tokens_warns_and_regularises(caplog):
     cal = Calibration(loaded, ["great film"], None, max_length=8, batch_size=1)   # 4 tokens, 37 neurons
     stats = ffn_input_stats(loaded, cal, cache=False, progress=False)
     plan = random_plan(loaded.model, 0.3)
-    with caplog.at_level(logging.WARNING, logger="anatomy_prune.compensate"):
+    with caplog.at_level(logging.WARNING, logger="anatomy_prune.apply.compensate"):
         report = compensate(loaded.model, plan, stats, ridge=1e-4)
     assert "ill-posed" in caplog.text
     assert report["ill_posed_layers"] == [0, 1, 2]
@@ -201,7 +202,7 @@ def test_singular_gram_warns_and_regularises(caplog):
         for site in ffn_sites(loaded.model):
             weight_out_in(get_module(base_model(loaded.model), site.up[1]))[plan.keep[site.layer][0]] = 0.0
     stats = ffn_input_stats(loaded, calib(loaded, labels=False), cache=False, progress=False)
-    with caplog.at_level(logging.WARNING, logger="anatomy_prune.compensate"):
+    with caplog.at_level(logging.WARNING, logger="anatomy_prune.apply.compensate"):
         report = compensate(loaded.model, plan, stats, ridge=0.0)
     assert "singular" in caplog.text
     assert all(e["ill_posed"] and e["ridge"] > 0 for e in report["layers"])
@@ -214,9 +215,11 @@ def test_bad_input_is_refused():
     wrong = FFNStats(gram=[torch.eye(11, dtype=torch.float64)] * 3, n_tokens=5, n_examples=1)
     with pytest.raises(UserError, match="widths"):
         compensate(loaded.model, plan, wrong)
-    compensate(loaded.model, plan, stats)
-    with pytest.raises(UserError, match="already compensated"):
-        compensate(loaded.model, plan, stats)
+    for ridge, mix in ((-1.0, 0.0), (0.01, 1.5), ("x", 0.0), (True, 0.0)):
+        with pytest.raises(UserError, match="ridge"):
+            compensate(loaded.model, plan, stats, ridge=ridge, readout_mix=mix)
+    with pytest.raises(UserError, match="does not fit"):
+        compensate(loaded.model, PruningPlan(keep=[[0]] * 2, widths=[37, 37]), stats)
     with pytest.raises(UserError, match="empty"):
         ffn_input_stats(loaded, Calibration(loaded, [], None), cache=False)
     with pytest.raises(UserError, match="fine-tune"):
@@ -247,3 +250,66 @@ def test_stats_are_shared_through_the_calibration():
     assert "ffn_stats+grads" in cal.used and cal.timings["ffn_stats+grads"] > 0
     assert ffn_input_stats(loaded, cal, cache=False, progress=False) is not first
     assert ffn_input_stats(loaded, calib(loaded, n=8), progress=False) is not first  # another Calibration
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["physical", "mask"])
+def test_prune_step_never_modifies_its_input_model_or_plan(mode):
+    """Compensation works on a copy of the unpruned model with an explicit recipe: the input model, the
+    given plan and its params stay as they were, nothing is recorded on the model, and the same step run
+    twice gives the same pruned model (the old "compensated twice" mistake cannot happen)."""
+    loaded = make_classifier("tiny-gpt2")
+    cal = calib(loaded, n=16)
+    before = _state(loaded.model)
+    plan = random_plan(loaded.model, 0.5)
+    plan_before = plan.to_dict()
+    first = prune_step(loaded, cal, plan=plan, compensate=True, mode=mode)
+    second = prune_step(loaded, cal, plan=plan, compensate=True, mode=mode)
+    assert _same(_state(loaded.model), before) and ffn_widths(loaded.model) == [37] * 3
+    assert plan.to_dict() == plan_before and first.plan.to_dict() == plan_before
+    assert first.compensation is not None and first.compensation == second.compensation
+    assert first.loaded.model is not loaded.model and second.loaded.model is not first.loaded.model
+    assert _same(_state(first.loaded.model), _state(second.loaded.model))
+    assert not _same(_state(first.loaded.model), before)
+    assert not any("compensat" in name for m in (loaded.model, first.loaded.model) for name in vars(m))
+    # a method with --compensate: the recipe is the request, recorded nowhere on the model or its plan
+    made = prune_step(loaded, cal, "magnitude", sparsity=0.5, compensate=True, mode=mode)
+    assert made.plan.params.get("compensate") is None and made.compensation is not None
+    assert _same(_state(loaded.model), before)
+    # inplace=True prunes the given model itself (and only then)
+    same = prune_step(loaded, cal, plan=plan, compensate=True, mode=mode, inplace=True)
+    assert same.loaded.model is loaded.model and _same(_state(loaded.model), _state(first.loaded.model))
+
+
+def test_compensate_uses_the_explicit_recipe_not_the_plan():
+    """compensate() reads ridge / readout_mix from its arguments only: plan params change nothing, and
+    the plan is left as it was."""
+    loaded = make_classifier("tiny-bert")
+    stats = ffn_input_stats(loaded, calib(loaded), cache=False, progress=False)
+    plain = random_plan(loaded.model, 0.5)
+    loud = plain.with_info(params={"compensate": True, "ridge": 500.0, "readout_mix": 1.0})
+    a, b, c = (copy.deepcopy(loaded.model) for _ in range(3))
+    ra = compensate(a, plain, stats, ridge=0.01)
+    rb = compensate(b, loud, stats, ridge=0.01)
+    rc = compensate(c, plain, stats, ridge=500.0)
+    assert _same(_state(a), _state(b)) and ra["layers"] == rb["layers"]
+    assert not _same(_state(a), _state(c)) and rc["ridge"] == 500.0
+    assert loud.params == {"compensate": True, "ridge": 500.0, "readout_mix": 1.0}
+
+
+def test_compensation_recipe():
+    plan = PruningPlan(keep=[[0, 1]], widths=[4])
+    assert compensation_recipe(plan, False) is None
+    assert compensation_recipe(plan, True) == {"ridge": 0.01, "readout_mix": 0.0, "own": False}
+    own = plan.with_info(params={"compensate": True, "ridge": 0.5, "readout_mix": 0.25})
+    assert compensation_recipe(own, False) == {"ridge": 0.5, "readout_mix": 0.25, "own": True}
+    bad = plan.with_info(params={"compensate": True, "ridge": "lots"})
+    with pytest.raises(UserError, match="ridge"):
+        compensation_recipe(bad, False)

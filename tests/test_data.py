@@ -3,8 +3,8 @@ import json
 import pytest
 
 from anatomy_prune import UserError
-from anatomy_prune.data import (clean, eval_set, load_probes, load_splits, read_labelled_file, read_texts,
-                                resolve_inputs, split, TextSet)
+from anatomy_prune.data import (TextSet, calibration_set, clean, eval_set, load_probes, load_splits,
+                                read_labelled_file, read_texts, resolve_inputs, split)
 
 
 def test_probes_are_the_papers_ten():
@@ -23,15 +23,17 @@ def test_imdb_offline_has_25000_balanced_reviews():
     assert 400 < sum(splits.test.labels) < 600  # shuffled: both classes
     assert not any("<br" in t for t in splits.test.texts)
     again = load_splits("imdb", (100, 50, 1000), seed=0)
-    assert again.test.texts == splits.test.texts
-    other = load_splits("imdb", (100, 50, 1000), seed=1)
-    assert other.test.texts != splits.test.texts
+    assert again.test.texts == splits.test.texts and again.train.texts == splits.train.texts
+    # train, validation and test never share a review
+    parts = [set(splits.train.texts), set(splits.validation.texts), set(splits.test.texts)]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == 1150
     # the test split does not depend on the train size
     assert eval_set("imdb", 1000).texts == splits.test.texts
+    assert load_splits("imdb", (300, 50, 1000), seed=0).test.texts == splits.test.texts
 
 
 def test_too_large_split_is_refused():
-    with pytest.raises(UserError, match="choose smaller sizes"):
+    with pytest.raises(UserError, match="choose smaller sizes|ask for at most"):
         load_splits("imdb", (25_000, 4_000, 1_000))
 
 
@@ -78,8 +80,25 @@ def test_inputs(tmp_path):
         resolve_inputs("imdb:lots")
 
 
-def test_split_is_disjoint():
+def test_split_is_disjoint_and_seeded():
     data = TextSet([f"t{i}" for i in range(30)], [i % 2 for i in range(30)])
     s = split(data, (10, 5, 5), seed=3, source="x")
     seen = s.train.texts + s.validation.texts + s.test.texts
-    assert len(set(seen)) == 20
+    assert len(set(seen)) == 20 and len(s.train) == 10 and len(s.validation) == 5 and len(s.test) == 5
+    assert all(data.labels[data.texts.index(t)] == y for t, y in zip(s.test.texts, s.test.labels))
+    assert split(data, (10, 5, 5), seed=3, source="x").test.texts == s.test.texts      # the same seed
+    assert split(data, (10, 5, 5), seed=4, source="x").test.texts != s.test.texts      # another shuffle
+    with pytest.raises(UserError, match="choose smaller sizes"):
+        split(data, (20, 6, 5), seed=3, source="x")
+
+
+def test_calibration_set_from_a_text_file(tmp_path):
+    f = tmp_path / "calib.txt"
+    f.write_text("first text\n\nsecond text\nthird text\nfourth text\n")
+    cal = calibration_set(2, source=str(f), exclude=["first text"])
+    assert cal.texts == ["second text", "third text"] and cal.labels == [-1, -1]  # unlabelled, eval text left out
+    assert len(calibration_set(10, source=str(f))) == 4
+    with pytest.raises(UserError, match="calib-size"):
+        calibration_set(0, source=str(f))
+    with pytest.raises(UserError, match="no text outside the evaluation set"):
+        calibration_set(2, source=str(f), exclude=["first text", "second text", "third text", "fourth text"])

@@ -2,26 +2,25 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from anatomy_prune import UserError, load_model
 from anatomy_prune.cli import main
 from anatomy_prune.evaluate import evaluate_classifier, perplexity
-from anatomy_prune.finepruning import CubicSchedule, FinepruneConfig, finepruning, lm_text_split
-from anatomy_prune.finepruning_masks import (NeuronMasks, RunningSimilarity, gum_regulariser, keep_count,
-                                             top_masks, uniqueness_weights)
-from anatomy_prune.families import ffn_widths
+from anatomy_prune.finepruning.masks import (NeuronMasks, RunningSimilarity, abs_cosine, gum_regulariser, top_masks,
+                                             uniqueness_weights)
+from anatomy_prune.finepruning.schedule import CubicSchedule
+from anatomy_prune.finepruning.train import (FinepruneConfig, as_task_model, finepruning, lm_text_split, make_task,
+                                             plan_of)
+from anatomy_prune.hooks import run_with_hooks
+from anatomy_prune.models.families import base_model, ffn_sites, ffn_widths, get_module
+from anatomy_prune.scores.basic import magnitude_scores
 
-WORDS = "the film was good bad long short funny dull and I liked hated every minute of its story".split()
+# text_file: the conftest fixture (forty lines of seeded word salad)
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (24,), generator=g).tolist()) for _ in range(40)]
-    path = tmp_path / "text.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def keep_count(width: int, keep: float) -> int:
+    """Neurons kept out of `width` at keep fraction `keep` (the allocator's rounding), by hand."""
+    return width - int(round((1.0 - keep) * width))
 
 
 # --- schedule --------------------------------------------------------------------------------------
@@ -78,29 +77,70 @@ def test_random_masks_are_nested_over_the_schedule():
         assert sum(int(m.sum()) for m in prev) == keep_count(111, 0.3) if selection == "global" else True
 
 
+def _ste_pass(loaded, masks, c):
+    """One forward through the model with the masks installed; the loss is c . (layer 0's down-projection
+    output), so dL/dh' = W^T c there. Returns (h before the mask, h' after it, y) of layer 0."""
+    base = base_model(loaded.model)
+    down = get_module(base, ffn_sites(loaded.model)[0].down)
+    seen = {}
+    # an outer run_with_hooks observes what the inner (the masks) then edits
+    with run_with_hooks(loaded.model, {"ffn.0.hidden": lambda x, p: seen.setdefault("h", x.detach().clone())}), \
+            masks.installed():
+        handle = down.register_forward_hook(lambda m, a, y: seen.update(masked=a[0].detach().clone(), y=y))
+        try:
+            base(input_ids=torch.tensor([[101, 2023, 2003, 1037, 2204, 2143, 102]] * 2))
+        finally:
+            handle.remove()
+    (seen["y"] * c).sum().backward()
+    return seen["h"], seen["masked"], seen["y"], down
+
+
 def test_ste_gives_the_hand_formula_on_a_tiny_layer():
-    torch.manual_seed(0)
-    down = nn.Linear(5, 3)                           # d_ff = 5 -> d_model = 3
-    h = torch.randn(2, 4, 5)                         # [batch, pos, d_ff]
-    c = torch.randn(3)
-    masks = NeuronMasks([down], [5], torch.device("cpu"), learnable=True)
-    hard = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
-    masks.set([hard])
-    with masks.installed():
-        y = down(h)
-        (y * c).sum().backward()
-    torch.testing.assert_close(y, down(h * hard))    # forward: the hard mask
+    loaded = load_model("tiny-bert", device="cpu")
+    for p in loaded.model.parameters():
+        p.requires_grad_(True)
+    c = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    masks = NeuronMasks(loaded.model, ffn_widths(loaded.model), torch.device("cpu"), learnable=True)
+    hard = torch.ones(37)
+    hard[[1, 4, 20]] = 0.0
+    masks.set([hard, torch.ones(37), torch.ones(37)])
+    h, masked, y, down = _ste_pass(loaded, masks, c)
+    torch.testing.assert_close(masked, h * hard)                  # forward: the hard mask
+    torch.testing.assert_close(y, down(h * hard))
     # dL/ds_i = sum_tokens h_i * dL/dh'_i with dL/dh' = W^T c, for kept and pruned neurons alike
     expected = (h * (down.weight.t() @ c)).sum(dim=(0, 1))
-    torch.testing.assert_close(masks.scores[0].grad, expected)
+    torch.testing.assert_close(masks.scores[0].grad, expected, rtol=1e-4, atol=1e-5)
     assert masks.scores[0].grad[1].abs() > 0         # a pruned neuron still gets its first-order gradient
+    assert masks.scores[1].grad is None or masks.scores[1].grad.abs().max() == 0  # the loss never reaches them
     # with every neuron kept, the score gradient is sum_j W2_ji dL/dW2_ji (the movement formula, -(-W dL/dW))
-    down.zero_grad()
+    loaded.model.zero_grad(set_to_none=True)
     masks.scores[0].grad = None
-    masks.set([torch.ones(5)])
-    with masks.installed():
-        (down(h) * c).sum().backward()
-    torch.testing.assert_close(masks.scores[0].grad, (down.weight * down.weight.grad).sum(dim=0))
+    masks.set([torch.ones(37)] * 3)
+    _ste_pass(loaded, masks, c)
+    torch.testing.assert_close(masks.scores[0].grad, (down.weight * down.weight.grad).sum(dim=0),
+                               rtol=1e-4, atol=1e-5)
+    # the hooks are gone after the block: the model computes the dense output again
+    with torch.no_grad():
+        x = torch.tensor([[101, 2023, 102]])
+        masks.set([torch.zeros(37)] * 3)
+        dense = base_model(loaded.model)(input_ids=x).last_hidden_state
+        with masks.installed():
+            cut = base_model(loaded.model)(input_ids=x).last_hidden_state
+        torch.testing.assert_close(base_model(loaded.model)(input_ids=x).last_hidden_state, dense)
+    assert not torch.allclose(cut, dense)
+
+
+def test_magnitude_masks_come_from_the_one_magnitude_score():
+    """Fine-pruning's magnitude method ranks neurons by scores.basic.magnitude_scores: zeroing a neuron's
+    output column drops it to the bottom, and the local mask removes it first."""
+    loaded = load_model("tiny-gpt2", device="cpu")
+    mlp = base_model(loaded.model).h[1].mlp
+    with torch.no_grad():
+        mlp.c_proj.weight[7] = 0.0                  # Conv1D [d_ff, d]: row 7 is neuron 7's output vector
+    scores = magnitude_scores(loaded.model)
+    assert scores[1][7] == 0 and (scores[0] > 0).all()
+    masks = top_masks(scores, 1 - 1 / 37, "local")  # one neuron per layer removed
+    assert masks[1][7] == 0 and int(masks[1].sum()) == 36
 
 
 def test_gum_uniqueness_weights_on_a_constructed_activation_matrix():
@@ -121,12 +161,40 @@ def test_gum_uniqueness_weights_on_a_constructed_activation_matrix():
     torch.testing.assert_close(sim.sq[0], 0.001 * 0.999 * (H * H).sum(0) + 0.999 * (H2 * H2).sum(0))
 
 
+def test_abs_cosine_by_hand():
+    h = torch.tensor([[1.0, 2.0, -1.0], [0.0, 2.0, 0.0]])  # [tokens, m]: columns (1,0), (2,2), (-1,0)
+    c = abs_cosine(h.t() @ h, (h * h).sum(0), eps=0.0)
+    r = 2 ** -0.5
+    torch.testing.assert_close(c, torch.tensor([[0.0, r, 1.0], [r, 0.0, r], [1.0, r, 0.0]]))
+
+
 def test_gum_regulariser_matches_the_formula():
     s = [torch.tensor([0.0, 1.0, -1.0]), torch.tensor([2.0, 0.5])]
     w = [torch.tensor([1.0, 2.0, 1.5]), torch.tensor([1.0, 1.0])]
     sig = torch.sigmoid
     expected = ((sig(s[0]) * w[0]).sum() / 3 + (sig(s[1]) * w[1]).sum() / 2) / (3 * 2)
     torch.testing.assert_close(gum_regulariser(s, w), expected)
+
+
+def test_task_model_task_and_plan_helpers(text_file):
+    lm = load_model("tiny-gpt2", device="cpu")
+    assert as_task_model(lm, "lm", 0) is lm
+    cfg = FinepruneConfig(model="tiny-gpt2", method="magnitude", sparsity=0.5, steps=10, text=str(text_file),
+                          max_length=16, batch_size=2, eval_size=6)
+    task, held_out = make_task(lm, cfg)
+    train, expected_held_out = lm_text_split(str(text_file), cfg.train_size, 6, cfg.seed)
+    assert held_out.texts == expected_held_out and set(held_out.labels) == {-1} and task.max_length == 16
+    assert task.batch(0)["input_ids"].shape == (2, 16) and not set(held_out.texts) & set(train)
+    masks = NeuronMasks(lm.model, ffn_widths(lm.model), torch.device("cpu"))
+    masks.set(top_masks(magnitude_scores(lm.model), 0.5, "local"))
+    plan = plan_of(lm, masks, cfg)
+    assert plan.method == "finepruning-magnitude" and plan.kept_widths == [19, 19, 19]
+    assert plan.params["selection"] == "local" and plan.seed == 0 and list(plan.widths) == [37] * 3
+    backbone = load_model("tiny-bert", device="cpu")
+    clf = as_task_model(backbone, "imdb", 0)
+    assert clf.kind == "classifier" and clf.model.backbone is backbone.model
+    with pytest.raises(UserError, match="causal language model"):
+        make_task(clf, cfg)
 
 
 # --- end to end ------------------------------------------------------------------------------------
@@ -179,7 +247,7 @@ def test_finepruned_folder_gives_the_masked_outputs(tmp_path, text_file):
     with torch.no_grad():
         got = again.model(input_ids=r.probe["input_ids"]).logits
     torch.testing.assert_close(got, r.probe_outputs, rtol=1e-5, atol=1e-5)
-    assert again.info["plan"]["keep"] == r.plan.keep
+    assert again.info["plan"]["keep"] == r.plan.to_dict()["keep"]
     assert r.plan.kept_widths == [26, 26, 26]  # 37 - round(0.3 * 37), every layer alike (local)
 
 
@@ -189,7 +257,7 @@ def test_random_method_is_seeded_and_keeps_the_top_random_scores(tmp_path, text_
     r = finepruning(FinepruneConfig(**kw), tmp_path / "a", progress=False, figures=False)
     g = torch.Generator().manual_seed(7)
     expected = top_masks([torch.rand(37, generator=g) for _ in range(3)], 0.5, "local")
-    assert r.plan.keep == [torch.nonzero(m).flatten().tolist() for m in expected]
+    assert r.plan.to_dict()["keep"] == [torch.nonzero(m).flatten().tolist() for m in expected]
 
 
 # --- bad input: one line, nothing written -----------------------------------------------------------

@@ -21,7 +21,7 @@ STAGES = [
     ("evaluate", ["evaluate"]),
     ("plotting", ["plotting"]),
     ("pipeline", ["pipeline", "finepruning"]),
-    ("entry points", ["demo", "cli", "__main__", "__init__"]),
+    ("entry points", ["demo", "notebook", "cli_args", "cli", "__main__", "__init__"]),
 ]
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from anatomy_prune import UserError, load_model
-from anatomy_prune.families import (family_for, ffn_sites, ffn_widths, neuron_output_vectors, readout_index,
-                                    supported_model_types)
-from anatomy_prune.models import ALIASES
+from anatomy_prune.models.families import (family_for, ffn_sites, ffn_widths, neuron_output_vectors, readout_index,
+                                           supported_model_types, usable_positions)
+from anatomy_prune.models.loading import ALIASES, TINY, Loaded, max_length_for
 
 from conftest import assert_tiny
 
@@ -56,9 +56,20 @@ def test_unsupported_architecture_names_supported_ones():
 
 
 def test_unsupported_folder(tmp_path):
+    from safetensors.torch import save_file
     from transformers import T5Config
     T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, d_kv=8, vocab_size=10).save_pretrained(tmp_path)
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")  # weights present: the type is what fails
     with pytest.raises(UserError, match="not supported"):
+        load_model(str(tmp_path))
+
+
+def test_folder_with_only_pickled_weights_is_refused(tmp_path):
+    from transformers import BertConfig
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+               vocab_size=10).save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match="safetensors only"):
         load_model(str(tmp_path))
 
 
@@ -83,3 +94,28 @@ def test_distilbert_family_is_supported():
     from transformers import DistilBertConfig, DistilBertModel
     m = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=21))
     assert ffn_widths(m) == [21, 21]
+
+
+def test_usable_positions_reserve_the_offset_of_roberta_like_models():
+    from transformers import BertConfig, GPT2Config, RobertaConfig
+    assert usable_positions(BertConfig(max_position_embeddings=512)) == 512
+    assert usable_positions(GPT2Config(n_positions=1024)) == 1024
+    assert usable_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+
+
+def test_max_length_for_is_the_one_rule():
+    loaded = load_model("tiny-bert", device="cpu")
+    assert loaded.max_positions == TINY["positions"]
+    assert max_length_for(loaded, 32) == 32                       # as given
+    assert max_length_for(loaded) == TINY["positions"]            # fallback 256, capped at the positions
+    assert max_length_for(loaded, fallback=64) == 64
+    with pytest.raises(UserError, match="positions"):
+        max_length_for(loaded, TINY["positions"] + 1)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(UserError, match="max-length"):
+            max_length_for(loaded, bad)
+    # a saved model's recorded fine-tune length comes before the fallback, and is capped too
+    tuned = Loaded(loaded.model, loaded.tokenizer, loaded.kind, "x", {"finetune": {"max_length": 48}})
+    assert max_length_for(tuned) == 48 and max_length_for(tuned, 16) == 16
+    assert max_length_for(Loaded(loaded.model, loaded.tokenizer, loaded.kind, "x", {"max_length": 10_000})) \
+        == TINY["positions"]

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 
 import pytest
@@ -7,16 +6,18 @@ import torch
 from anatomy_prune import load_model
 from anatomy_prune.apply import mask, physical
 from anatomy_prune.cli import main
-from anatomy_prune.io import save_model
+from anatomy_prune.data import calibration_set
+from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.report import write_report
+from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan import PruningPlan
-from anatomy_prune.prune import calibration_set
-from anatomy_prune.sweep import ffn_restore, ffn_snapshot, write_report
+from anatomy_prune.scores import SCORERS
+from anatomy_prune.scores.calibration import Calibration
 
 from conftest import TEXTS, make_classifier
 
 CALIB = ["Not bad at all.", "The worst film of the year, by far and away.", "Meh.",
          "A quiet, tender story; I loved every minute of it.", "Two hours of noise and nothing else."]
-HAS_COMPENSATE = importlib.util.find_spec("anatomy_prune.compensate") is not None
 
 
 @pytest.fixture
@@ -33,8 +34,8 @@ def calib_txt(tmp_path):
     return path
 
 
-def _fast(tiny_csv, calib_txt, *extra):
-    return ["--data", str(tiny_csv), "--calib-data", str(calib_txt), "--eval-size", "24", "--batch-size", "8", *extra]
+def _fast(data_csv, calib_txt, *extra):
+    return ["--data", str(data_csv), "--calib-data", str(calib_txt), "--eval-size", "24", "--batch-size", "8", *extra]
 
 
 def _logits(loaded, texts=TEXTS):
@@ -62,7 +63,7 @@ def test_prune_end_to_end_and_reload(tmp_path, clf_dir, tiny_csv, calib_txt, mod
     assert plan.method == "strategy" and plan.base_model == "tiny-bert"
     # the folder is a model spec; it gives the logits of the original with the plan applied
     again = load_model(str(out), device="cpu")
-    assert again.info["plan"]["keep"] == plan.keep
+    assert again.info["plan"]["keep"] == plan.to_dict()["keep"]
     reference = load_model(str(clf_dir), device="cpu")
     (physical if mode == "physical" else mask)(reference.model, plan)
     torch.testing.assert_close(_logits(again), _logits(reference), rtol=1e-5, atol=1e-6)
@@ -108,8 +109,8 @@ def test_apply_a_plan_file(tmp_path, clf_dir, tiny_csv, calib_txt):
     (["--method", "magnitude", "--sparsity", "0.5", "--mode", "zero"], "mask, physical"),
     (["--plan", "WRONG_PLAN"], "does not fit"),
     (["--method", "strategy", "--alpha", "0.1", "--focus", "9"], "outside"),
-] + ([] if HAS_COMPENSATE else [(["--method", "magnitude", "--sparsity", "0.5", "--compensate"],
-                                  "compensation is not available")]))
+    (["--method", "magnitude", "--sparsity", "0.5", "--allocation", "global", "--floor", "2"], "floor"),
+])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, clf_dir, tiny_csv, calib_txt, capsys, args, msg):
     wrong = tmp_path / "wrong.json"
     PruningPlan(keep=[[0]] * 2, widths=[37, 37]).save(wrong)
@@ -119,10 +120,36 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, clf_dir, tiny_csv, c
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
     assert not out.exists()
-    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "clf", "reviews.csv", "wrong.json"]
 
 
-@pytest.mark.skipif(not HAS_COMPENSATE, reason="anatomy_prune.compensate (issue 7) is not there yet")
+def test_out_folder_rules_and_force(tmp_path, clf_dir, tiny_csv, calib_txt, capsys):
+    """Another run's folder is refused unless --force; a foreign non-empty folder too; '.' never."""
+    out = tmp_path / "out"
+    head = ["prune", "--model", str(clf_dir), "--method", "magnitude"]
+    base = [*head, "--out", str(out), *_fast(tiny_csv, calib_txt)]
+    assert main([*base, "--sparsity", "0.3"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["neurons_removed"] == 3 * 11
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".anatomy-prune")} == {
+        "plan.json", "model", "metrics.json"}
+    capsys.readouterr()
+    assert main([*base, "--sparsity", "0.5"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["neurons_removed"] == 3 * 11  # untouched
+    assert main([*base, "--sparsity", "0.5", "--force"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["neurons_removed"] == 3 * 18
+    assert load_model(str(out), device="cpu").info["ffn_widths"] == [37] * 3  # mask mode: shapes kept
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main([*head, "--out", str(foreign), "--sparsity", "0.3", *_fast(tiny_csv, calib_txt)]) == 2
+    assert "not empty" in capsys.readouterr().err and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    for bad in (".", ".."):
+        assert main([*head, "--sparsity", "0.3", "--out", bad, *_fast(tiny_csv, calib_txt)]) == 2
+        assert "current or a parent folder" in capsys.readouterr().err
+
+
 def test_compensate_option(tmp_path, clf_dir, tiny_csv, calib_txt):
     out = tmp_path / "comp"
     assert main(["prune", "--model", str(clf_dir), "--method", "magnitude", "--sparsity", "0.5", "--compensate",
@@ -142,7 +169,8 @@ def test_imdb_calibration_is_pinned_training_reviews():
 def test_sweep_two_methods_two_sparsities(tmp_path, clf_dir, tiny_csv, calib_txt, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", str(clf_dir), "--methods", "random,strategy", "--sparsities", "0,0.3,0.6",
-                 "--out", str(out), "--report", str(tmp_path / "report.md"), *_fast(tiny_csv, calib_txt)]) == 0
+                 "--seeds", "1", "--out", str(out), "--report", str(tmp_path / "report.md"),
+                 *_fast(tiny_csv, calib_txt)]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["sparsity"]) for r in rows] == [
         ("dense", 0.0), ("random", 0.3), ("random", 0.6), ("strategy", 0.3), ("strategy", 0.6)]
@@ -169,43 +197,54 @@ def test_sweep_two_methods_two_sparsities(tmp_path, clf_dir, tiny_csv, calib_txt
 def test_sweep_physical_and_config(tmp_path, clf_dir, tiny_csv, calib_txt):
     out = tmp_path / "fig5a"
     assert main(["sweep", "--model", str(clf_dir), "--methods", "magnitude", "--sparsities", "0.5", "--mode",
-                 "physical", "--config", "paper_figure5a.toml", "--out", str(out), *_fast(tiny_csv, calib_txt)]) == 0
+                 "physical", "--config", "paper_figure5a.toml", "--out", str(out),
+                 *_fast(tiny_csv, calib_txt)]) == 0
     rows = json.loads((out / "results.json").read_text())
     config_rows = [r for r in rows if r["label"]]
     assert len(config_rows) == 5 and all(r["method"] == "strategy" for r in config_rows)  # the BERT rows only
     assert [r["plan_params"]["alpha"] for r in config_rows] == [0.01, 0.025, 0.05, 0.05, 0.05]
     assert rows[1]["params"] < rows[0]["params"]  # physical: smaller model; the dense one restored for the next
     assert all(r["params"] <= rows[0]["params"] for r in rows)
+    (tmp_path / "r").mkdir()
     path = write_report(out, tmp_path / "r" / "report.md")
     assert "alpha=0.05, beta=0.01" in path.read_text()
+    text = write_report(out, None, relative_to=tmp_path)   # as text, links relative to a folder
+    assert text == path.read_text().replace("../fig5a/", "fig5a/")
 
 
 def test_sweep_bad_input_writes_nothing(tmp_path, clf_dir, tiny_csv, calib_txt, capsys):
     out = tmp_path / "out"
-    for args, msg in ((["--methods", "random,nope"], "choose one of"), (["--sparsities", "0.1,x"], "numbers"),
-                      (["--sparsities", "0.1,1.5"], "[0, 1)"), (["--config", "no_such.toml"], "not found")):
+    for args, msg in ((["--methods", "random,nope"], "choose one of"),
+                      (["--sparsities", "0.1,x"], "--sparsities: expected a comma-separated list"),
+                      (["--sparsities", "0.1,1.5"], "[0, 1)"),
+                      (["--config", "no_such.toml"], "not a file and not a packaged config")):
         assert main(["sweep", "--model", str(clf_dir), *args, "--out", str(out), *_fast(tiny_csv, calib_txt)]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1
         assert not out.exists()
 
 
-def test_snapshot_restores_masked_weights():
+def test_every_point_prunes_a_copy():
+    """What ffn_snapshot / ffn_restore did by hand is now the step's guarantee: the dense model a sweep
+    holds is never pruned, in either mode, and each point's model is its own copy."""
     loaded = make_classifier("tiny-gpt2")
     before = _logits(loaded)
-    snap = ffn_snapshot(loaded.model)
+    cal = Calibration(loaded, [], seed=0)
     plan = PruningPlan(keep=[[0, 1]] * 3, widths=[37] * 3)
-    mask(loaded.model, plan)
-    assert not torch.allclose(_logits(loaded), before)
-    ffn_restore(loaded.model, snap)
-    torch.testing.assert_close(_logits(loaded), before)
+    masked_ = prune_step(loaded, cal, plan=plan, mode="mask")
+    removed = prune_step(loaded, cal, plan=plan, mode="physical")
+    torch.testing.assert_close(_logits(loaded), before)                      # the dense model as it was
+    assert not torch.allclose(_logits(masked_.loaded), before)
+    torch.testing.assert_close(_logits(removed.loaded), _logits(masked_.loaded), rtol=1e-5, atol=1e-6)
+    assert masked_.loaded.model is not removed.loaded.model is not loaded.model
+    mask(loaded.model, plan)                                                 # by hand, in place: it does change
+    torch.testing.assert_close(_logits(loaded), _logits(masked_.loaded))
 
 
-@pytest.mark.skipif(not HAS_COMPENSATE, reason="anatomy_prune.compensate (issue 7) is not there yet")
 def test_sweep_compensates_every_point_in_mask_mode(tmp_path, clf_dir, tiny_csv):
-    from anatomy_prune.methods import METHODS
     out = tmp_path / "comp"
-    second = "calibrated" if "calibrated" in METHODS else "activation"  # issue 7 registers calibrated
+    second = "calibrated"
+    assert second in SCORERS
     assert main(["sweep", "--model", str(clf_dir), "--methods", f"magnitude,{second},magnitude", "--sparsities",
                  "0.5", "--compensate", "--calib-size", "16", "--calib-max-length", "32", "--out", str(out),
                  "--data", str(tiny_csv), "--eval-size", "24"]) == 0
@@ -217,8 +256,8 @@ def test_sweep_compensates_every_point_in_mask_mode(tmp_path, clf_dir, tiny_csv)
 
 
 def test_stopped_sweep_resumes(tmp_path, clf_dir, tiny_csv, calib_txt, monkeypatch):
-    import anatomy_prune.sweep as sweep
-    real, calls = sweep.evaluate_loaded, []
+    import anatomy_prune.pipeline.sweep as sweep
+    real, calls = sweep.evaluate, []
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -226,15 +265,55 @@ def test_stopped_sweep_resumes(tmp_path, clf_dir, tiny_csv, calib_txt, monkeypat
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(sweep, "evaluate_loaded", flaky)
-    kw = dict(methods=["magnitude", "random"], sparsities=[0.5], out_dir=tmp_path / "sw", eval_size=24,
+    monkeypatch.setattr(sweep, "evaluate", flaky)
+    out = tmp_path / "sw"
+    resume = out / ".anatomy-prune-resume.json"
+    kw = dict(methods=["magnitude", "random"], sparsities=[0.5], out_dir=out, eval_size=24, seeds=1,
               data=str(tiny_csv), calib_data=str(calib_txt), figures=False, progress=False)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(str(clf_dir), **kw)
-    assert not (tmp_path / "sw").exists() and (tmp_path / ".sw.partial.json").is_file()
-    first = json.loads((tmp_path / ".sw.partial.json").read_text())["rows"]
+    # the resume data lives inside the run folder; no output, no staging and no lock are left
+    assert resume.is_file() and {p.name for p in out.iterdir()} == {".anatomy-prune.json", resume.name}
+    assert json.loads((out / ".anatomy-prune.json").read_text())["status"] == "incomplete"
+    first = json.loads(resume.read_text())["data"]["rows"]
+    assert [r["method"] for r in first] == ["dense", "magnitude"]
     rows = sweep.run_sweep(str(clf_dir), **kw)
     assert len(calls) == 4  # only the missing point was evaluated again
     assert rows[:2] == first and [r["method"] for r in rows] == ["dense", "magnitude", "random"]
-    assert not (tmp_path / ".sw.partial.json").exists()
-    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["resumed_after"] == 1
+    assert not resume.exists()
+    assert json.loads((out / "sweep.json").read_text())["resumed_after"] == 1
+    assert sorted(p.name for p in (out / "plans").iterdir()) == ["00-magnitude.json", "01-random.json"]
+    # --restart (resume=False) evaluates every point again
+    counted = []
+    monkeypatch.setattr(sweep, "evaluate", lambda *a, **k: counted.append(1) or real(*a, **k))
+    sweep.run_sweep(str(clf_dir), **{**kw, "resume": False})
+    assert len(counted) == 3
+
+
+def test_random_runs_over_seeds_with_intervals_and_paired_tests(tmp_path, clf_dir, tiny_csv, calib_txt):
+    """A stochastic method repeats over --seeds; every row has an interval and McNemar against dense;
+    aggregate.json gives mean, std and each seed; predictions.json keeps per-review correctness."""
+    out = tmp_path / "seeded"
+    assert main(["sweep", "--model", str(clf_dir), "--methods", "random,magnitude", "--sparsities", "0.5",
+                 "--seeds", "3", "--out", str(out), *_fast(tiny_csv, calib_txt)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in rows] == [("dense", None), ("random", 0), ("random", 1),
+                                                         ("random", 2), ("magnitude", None)]
+    plans = [json.loads((out / r["plan"]).read_text())["keep"] for r in rows[1:4]]
+    assert plans[0] != plans[1] != plans[2]  # the seeds draw different neurons
+    for r in rows:
+        lo, hi = r["accuracy_interval"]
+        assert lo <= r["accuracy"] <= hi and 0 < hi - lo < 1
+    for r in rows[1:]:
+        v = r["vs_dense"]
+        assert 0 <= v["p_value"] <= 1 and v["n"] == 24
+        assert v["diff"] == pytest.approx(r["accuracy"] - rows[0]["accuracy"], abs=1e-6)
+    agg = {(a["method"], a["target_sparsity"]): a for a in json.loads((out / "aggregate.json").read_text())}
+    assert agg[("random", 0.5)]["n_seeds"] == 3
+    assert agg[("random", 0.5)]["accuracy"] == pytest.approx(sum(r["accuracy"] for r in rows[1:4]) / 3)
+    pred = json.loads((out / "predictions.json").read_text())["rows"]
+    assert len(pred) == 5 and all(len(p) == 24 for p in pred)
+    assert sum(pred[1]) / 24 == pytest.approx(rows[1]["accuracy"], abs=1e-6)
+    assert main(["sweep", "--model", str(clf_dir), "--methods", "random", "--sparsities", "0.5", "--seeds", "0",
+                 "--out", str(tmp_path / "zero"), *_fast(tiny_csv, calib_txt)]) == 2
+    assert not (tmp_path / "zero").exists()

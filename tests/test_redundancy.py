@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from anatomy_prune import load_model
+from anatomy_prune import UserError, load_model
+from anatomy_prune.anatomy.redundancy import cosine_similar, measure, redundancy_of, summary
 from anatomy_prune.cli import main
-from anatomy_prune.families import base_model, ffn_widths
+from anatomy_prune.models.families import base_model, ffn_widths
 from anatomy_prune.plan import plan_from_scores
 from anatomy_prune.plotting.redundancy import plot_methods, plot_per_layer
-from anatomy_prune.redundancy import cosine_similar, measure, summary
 
 
 def lm_loss(model, batch):
@@ -76,7 +76,7 @@ def test_measure_on_a_pruned_model_with_an_emptied_layer(alias):
     from anatomy_prune.apply import physical
     lm = load_model(alias, device="cpu")
     plan = plan_from_scores([torch.arange(37.0)] * 3, 0.5)
-    plan.keep[1] = []
+    plan = plan.with_info(keep=[plan.keep[0], [], plan.keep[2]])
     physical(lm.model, plan)
     res = measure(lm.model, lm_batches(1), lm_loss, progress=False)
     assert [lay["width"] for lay in res["layers"]] == [19, 0, 19]
@@ -114,7 +114,34 @@ def test_redundancy_cli_on_a_plan_and_figures(tmp_path):
     red = json.loads((out / "redundancy.json").read_text())
     assert [lay["width"] for lay in red["layers"]] == plan.kept_widths and red["n_sequences"] == 4
     assert (out / "figures" / "redundancy_per_layer.png").is_file()
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".anatomy-prune")} == {"redundancy.json",
+                                                                                          "figures"}
     rows = [{"label": m, "metric": "perplexity", "perplexity": p, "dense_perplexity": 20.0, "target_sparsity": 0.5,
              "redundancy": summary(red), "kept_widths": plan.kept_widths} for m, p in (("random", 30.0), ("gum", 25.0))]
     assert plot_methods(rows, tmp_path / "figs").is_file()
     assert plot_per_layer({r["label"]: r for r in rows}, tmp_path / "figs").is_file()
+
+
+def test_redundancy_of_a_task_is_measure_on_its_analysis_batches(text_file):
+    from anatomy_prune.train.tasks import LMTask
+    lm = load_model("tiny-gpt2", device="cpu")
+    texts = text_file.read_text().splitlines()
+    task = LMTask(lm, texts, batch_size=2, max_length=16, steps=3, seed=0)
+    got = redundancy_of(lm.model, task, 5, progress=False)
+    expected = measure(lm.model, task.analysis_batches(5), task.loss, progress=False)
+    assert got["n_sequences"] == expected["n_sequences"] == 5
+    assert got["per_neuron"]["sensitivity"] == expected["per_neuron"]["sensitivity"]
+    assert summary(got)["layers"] == got["layers"] and "per_neuron" not in summary(got)
+    with pytest.raises(UserError, match="analysis-size"):
+        redundancy_of(lm.model, task, 0)
+
+
+def test_redundancy_job_refuses_a_plan_that_does_not_fit(tmp_path, text_file, capsys):
+    from anatomy_prune.plan import PruningPlan
+    PruningPlan(keep=[[0]] * 2, widths=[37, 37]).save(tmp_path / "wrong.json")
+    out = tmp_path / "red"
+    rc = main(["redundancy", "--model", "tiny-gpt2", "--plan", str(tmp_path / "wrong.json"), "--text",
+               str(text_file), "--max-length", "16", "--analysis-size", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "does not fit" in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .cli_args import (_calib_args, _device_arg, _eval_args, _force_arg, _method_names, _method_param_args,
+                       _method_params, _model_arg, _task_args)
 from .errors import UserError
 
 log = logging.getLogger("anatomy_prune")
@@ -19,53 +21,30 @@ log = logging.getLogger("anatomy_prune")
 
 # --- shared argument helpers ---------------------------------------------------------------------
 
-def _model_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--model", default=default, required=default is None,
-                   help="model spec: alias (minilm, smollm2, tiny-bert, tiny-gpt2, tiny-llama), folder or hub id"
-                   + (f" (default: {default})" if default else ""))
-
-
-def _force_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force", action="store_true",
-                   help="write into an --out folder that holds another run (its outputs of the same names are "
-                   "replaced; files anatomy-prune did not write are never touched)")
-
-
-def _device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when present, else CPU)")
-
-
-def _eval_args(p: argparse.ArgumentParser, eval_size: int = 1000) -> None:
-    p.add_argument("--data", default="imdb", help="imdb (offline CSV), hf (hub IMDB) or a CSV/JSONL file "
-                   "with text and label columns (default: imdb)")
-    p.add_argument("--eval-size", type=int, default=eval_size, help=f"test reviews to evaluate (default: {eval_size})")
-    p.add_argument("--batch-size", type=int, default=32, help="inference batch size (default: 32)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per input (default: the fine-tune's max length, else 256)")
-
-
 # --- finetune -----------------------------------------------------------------------------------
 
 def _add_finetune(sub) -> None:
-    from .train.finetune import FinetuneConfig
+    from .train.finetune import PRESETS, FinetuneConfig
 
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune a backbone with the paper's binary head on IMDB",
                        description="Fine-tune a model with dropout + dense + sigmoid on its readout token "
                        "(CLS for encoders, last token for decoders) and write a run folder: DIR/model is a "
-                       "model spec for every other command. The same settings again reuse the folder.")
-    _model_arg(p, d.model)
-    p.add_argument("--data", default=d.data, help="imdb, hf or a CSV/JSONL file (default: imdb)")
+                       "model spec for every other command. The same settings again reuse the folder. "
+                       "A --preset gives a whole recipe (paper-bert, paper-gpt2: the paper's models and data "
+                       "from the hub); options given beside it override its values.")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a named recipe: " + ", ".join(PRESETS) + " (default: demo's values)")
+    p.add_argument("--model", default=None, help=f"model spec (default: {d.model})")
+    p.add_argument("--data", default=None, help=f"imdb, hf or a CSV/JSONL file (default: {d.data})")
     p.add_argument("--out", default="runs/finetune", help="run folder (default: runs/finetune)")
-    for name in ("train_size", "val_size", "test_size", "batch_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
-                       help=f"(default: {getattr(d, name)})")
-    p.add_argument("--max-length", type=int, default=d.max_length, help=f"(default: {d.max_length})")
-    p.add_argument("--truncation", choices=("head", "tail"), default=d.truncation,
+    for name in ("train_size", "val_size", "test_size", "batch_size", "max_length"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"(default: {getattr(d, name)})")
+    p.add_argument("--truncation", choices=("head", "tail"), default=None,
                    help=f"which end of a long review to keep (default: {d.truncation})")
-    p.add_argument("--epochs", type=float, default=d.epochs, help=f"(default: {d.epochs})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"(default: {d.lr})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--epochs", type=float, default=None, help=f"(default: {d.epochs})")
+    p.add_argument("--lr", type=float, default=None, help=f"(default: {d.lr})")
+    p.add_argument("--seed", type=int, default=None, help=f"(default: {d.seed})")
     p.add_argument("--train-embeddings", action="store_true", help="also train the word embeddings (slower)")
     p.add_argument("--force", action="store_true", help="train again even if the run folder exists")
     _device_arg(p)
@@ -73,13 +52,15 @@ def _add_finetune(sub) -> None:
 
 def _run_finetune(args) -> int:
     from .pipeline.finetune import finetune
-    from .train.finetune import FinetuneConfig
+    from .train.finetune import preset
 
-    cfg = FinetuneConfig(model=args.model, data=args.data, train_size=args.train_size, val_size=args.val_size,
-                         test_size=args.test_size, max_length=args.max_length, truncation=args.truncation, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         freeze_embeddings=not args.train_embeddings)
-    res = finetune(cfg, args.out, device=args.device, force=args.force)
+    given = {k: getattr(args, k) for k in ("model", "data", "train_size", "val_size", "test_size", "batch_size",
+                                           "max_length", "truncation", "epochs", "lr", "seed")
+             if getattr(args, k) is not None}
+    if args.train_embeddings:
+        given["freeze_embeddings"] = False
+    cfg = preset(args.preset or "demo", **given)
+    res = finetune(cfg, args.out, device=args.device, force=args.force, dtype=args.dtype)
     print(json.dumps({"run_dir": str(res.run_dir), "model": str(res.model_dir), "reused": res.reused,
                       **res.metrics}, indent=1))
     return 0
@@ -106,8 +87,8 @@ def _run_evaluate(args) -> int:
 
     if args.json:
         check_output_file(args.json, "--json")
-    data = eval_set(args.data, args.eval_size)
-    loaded = load_model(args.model, device=args.device)
+    data = eval_set(args.data, args.eval_size, args.split)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     metrics = evaluate_classifier(loaded, data, args.batch_size, args.max_length)
     metrics.update(size_report(loaded), model=args.model, data=args.data, created=now_iso())
     if args.json:
@@ -128,7 +109,7 @@ def _add_anatomy(sub) -> None:
     _model_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     _force_arg(p)
-    p.add_argument("--inputs", default="probes", help="probes (the paper's ten sentences), imdb:N (N test "
+    p.add_argument("--inputs", default="probes", help="probes (the paper's ten sentences), imdb:N or hf:N (N test "
                    "reviews) or a text file with one input per line (default: probes)")
     p.add_argument("--threshold", type=float, default=0.35, help="neuron similarity threshold in [-1, 1] "
                    "(default: 0.35, the paper's)")
@@ -143,7 +124,7 @@ def _run_anatomy(args) -> int:
     from .pipeline.anatomy import anatomy_from_spec
 
     s = anatomy_from_spec(args.model, args.out, args.inputs, args.threshold, args.max_length, args.batch_size,
-                          args.device, figures=not args.no_figures, force=args.force)
+                          args.device, figures=not args.no_figures, force=args.force, dtype=args.dtype)
     print(json.dumps({"out": args.out, "n_inputs": s["n_inputs"], "n_truncated": s["n_truncated"],
                       "layer_similarity_mean": s["layer_similarity"]["mean"],
                       "mean_fraction_above": s["neurons"]["mean_fraction_above"],
@@ -153,60 +134,6 @@ def _run_anatomy(args) -> int:
 
 
 # --- prune and sweep ------------------------------------------------------------------------------
-
-def _method_names() -> str:
-    from .scores import scorer_names
-    return ", ".join(scorer_names())
-
-
-def _calib_args(p: argparse.ArgumentParser) -> None:
-    from .data.splits import CALIB_SIZE
-    from .scores.calibration import CALIB_MAX_LENGTH
-    p.add_argument("--calib-size", type=int, default=CALIB_SIZE,
-                   help=f"calibration reviews, a seeded sample of the IMDB training split (default: {CALIB_SIZE})")
-    p.add_argument("--calib-max-length", type=int, default=CALIB_MAX_LENGTH,
-                   help=f"tokens per calibration review (default: {CALIB_MAX_LENGTH})")
-    p.add_argument("--calib-data", default="imdb", help="imdb (training split) or a text file, one text per line")
-    p.add_argument("--compensate", action="store_true",
-                   help="refit the kept neurons' down projection on calibration activations")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and random choices (default: 0)")
-
-
-def _method_param_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("method parameters (only those given are passed; a method refuses ones it lacks)")
-    g.add_argument("--alpha", type=float, default=None, help="strategy: alpha (then the sparsity is what it is)")
-    g.add_argument("--beta", type=float, default=None, help="strategy, encoders: beta (default 0.001, the paper's)")
-    g.add_argument("--focus", default=None, help="strategy: focusing blocks, e.g. 2,3,4,5 (alpha x3 there; default: "
-                   "the paper's 4,6,8,10,11 of 12 mapped by depth, decoders the last block)")
-    g.add_argument("--no-protect", action="store_true", help="random: do not keep the anatomy's important neurons")
-    g.add_argument("--protect-threshold", type=float, default=None,
-                   help="random: similarity above which a neuron is important (default: 0.35)")
-    g.add_argument("--allocation", choices=("local", "global"), default=None,
-                   help="random / magnitude / activation: same fraction per layer (local, default) or one "
-                   "normalised ranking of all layers (global)")
-    g.add_argument("--floor", type=float, default=None, help="global allocation: least fraction a layer keeps")
-    g.add_argument("--multiple-of", type=int, default=None,
-                   help="round each layer's kept width up to a multiple of K (faster kernels)")
-
-
-def _method_params(args) -> dict:
-    from .pipeline.sweep import parse_list
-    params = {}
-    if args.alpha is not None:
-        params["alpha"] = args.alpha
-    if args.beta is not None:
-        params["beta"] = args.beta
-    if args.focus is not None:
-        params["focus"] = parse_list(args.focus, "focus", int)
-    if args.no_protect:
-        params["protect"] = False
-    if args.protect_threshold is not None:
-        params["threshold"] = args.protect_threshold
-    for name in ("allocation", "floor", "multiple_of"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    return params
-
 
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune FFN neurons by a method (or a plan file), evaluate and save",
@@ -233,8 +160,8 @@ def _run_prune(args) -> int:
     m = prune(args.model, args.out, method=args.method, sparsity=args.sparsity, params=_method_params(args),
               mode=args.mode, plan_file=args.plan, compensate=args.compensate, calib_size=args.calib_size,
               calib_max_length=args.calib_max_length, calib_data=args.calib_data, data=args.data,
-              eval_size=args.eval_size, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-              device=args.device, force=args.force)
+              eval_size=args.eval_size, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
+              seed=args.seed, device=args.device, force=args.force, dtype=args.dtype)
     keys = ("accuracy", "perplexity", "latency_s", "n_eval", "sparsity", "neurons_removed", "params",
             "flops_per_token", "prune_s", "peak_mem_mb")
     print(json.dumps({"out": args.out, "method": m["method"], "mode": m["mode"],
@@ -258,6 +185,9 @@ def _add_sweep(sub) -> None:
     _force_arg(p)
     p.add_argument("--config", default=None, help="TOML grid of method parameters (configs/paper_figure5a.toml)")
     p.add_argument("--report", default=None, help="also write a markdown report to this file")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="seeds of a method whose scores are random draws (random): each point runs this many "
+                   "times; results give the mean, the standard deviation and each seed (default: 5)")
     p.add_argument("--restart", action="store_true",
                    help="start from scratch (default: a stopped sweep with the same settings resumes)")
     _method_param_args(p)
@@ -287,10 +217,11 @@ def _run_sweep(args) -> int:
         if unused:
             raise UserError(f"no method in --methods takes {sorted(unused)}")
     rows = run_sweep(args.model, methods, parse_list(args.sparsities, "sparsities", float), mode=args.mode,
-                     out_dir=args.out, eval_size=args.eval_size, data=args.data, config=args.config, params=params,
+                     out_dir=args.out, eval_size=args.eval_size, split=args.split, data=args.data, config=args.config, params=params,
                      compensate=args.compensate, calib_size=args.calib_size, calib_max_length=args.calib_max_length,
                      calib_data=args.calib_data, batch_size=args.batch_size, max_length=args.max_length,
-                     seed=args.seed, device=args.device, resume=not args.restart, force=args.force)
+                     seed=args.seed, device=args.device, resume=not args.restart, force=args.force,
+                     dtype=args.dtype, seeds=args.seeds)
     if args.report:
         write_report(args.out, args.report)
     metric = "accuracy" if "accuracy" in rows[0] else "perplexity"
@@ -301,26 +232,6 @@ def _run_sweep(args) -> int:
 
 
 # --- finepruning and redundancy -------------------------------------------------------------
-
-def _task_args(p: argparse.ArgumentParser, d) -> None:
-    p.add_argument("--task", choices=("lm", "imdb"), default=d.task,
-                   help="lm: causal-LM loss, perplexity on held-out text (decoders); imdb: binary classification, "
-                   f"BCE, accuracy (default: {d.task})")
-    p.add_argument("--text", default=d.text, help="lm: imdb (review text, offline), wikitext (hub) or a text file, "
-                   f"one text per line (default: {d.text})")
-    p.add_argument("--data", default=d.data, help="imdb task: imdb, hf or a CSV/JSONL file with text and label "
-                   f"(default: {d.data})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per sequence (default: the fine-tune's max length, else 128)")
-    p.add_argument("--train-size", type=int, default=d.train_size, help=f"training texts (default: {d.train_size})")
-    p.add_argument("--eval-size", type=int, default=d.eval_size, help=f"held-out texts (default: {d.eval_size})")
-    p.add_argument("--analysis-size", type=int, default=d.analysis_size,
-                   help=f"sequences for sensitivity and uniqueness (default: {d.analysis_size})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
-    p.add_argument("--no-figures", action="store_true", help="write the results only")
-    _device_arg(p)
-
 
 def _add_finepruning(sub) -> None:
     from .finepruning.train import METHODS, FinepruneConfig
@@ -362,7 +273,7 @@ def _run_finepruning(args) -> int:
                           train_size=args.train_size, eval_size=args.eval_size, analysis_size=args.analysis_size,
                           freeze_embeddings=not args.train_embeddings, eval_dense=not args.no_dense_eval,
                           seed=args.seed)
-    r = finepruning(cfg, args.out, device=args.device, figures=not args.no_figures, force=args.force).results
+    r = finepruning(cfg, args.out, device=args.device, figures=not args.no_figures, force=args.force, dtype=args.dtype).results
     print(json.dumps({"out": args.out, "method": r["method"], "selection": r["selection"], r["metric"]: r[r["metric"]],
                       "dense_" + r["metric"]: r["dense_" + r["metric"]], "sparsity": round(r["sparsity"], 4),
                       "steps": r["steps"], "train_s": round(r["time"]["train_s"], 1),
@@ -393,7 +304,7 @@ def _run_redundancy(args) -> int:
                           batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
                           eval_size=args.eval_size, analysis_size=args.analysis_size, seed=args.seed)
     red = redundancy_job(args.model, args.out, cfg, plan_file=args.plan, device=args.device,
-                         figures=not args.no_figures, force=args.force)
+                         figures=not args.no_figures, force=args.force, dtype=args.dtype)
     print(json.dumps({"out": args.out, "neurons": red["neurons"], "sens_sum": red["sens_sum"],
                       "unique": red["unique"], "n_sequences": red["n_sequences"]}, indent=1))
     return 0
@@ -414,7 +325,7 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, smoke=args.smoke, device=args.device, force=args.force)
+    run_demo(args.out, smoke=args.smoke, device=args.device, force=args.force, dtype=args.dtype)
     return 0
 
 
@@ -451,8 +362,15 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong and where to look), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anatomy-prune", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="anatomy-prune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():

@@ -21,15 +21,14 @@ from .pipeline.finetune import finetune
 from .pipeline.report import write_report
 from .pipeline.sweep import run_sweep
 from .runfolder import RunFolder, now_iso, read_json
-from .train.finetune import FinetuneConfig
+from .train.finetune import preset
 
 log = logging.getLogger(__name__)
 
 # The default recipe (measured: 85.4% on the 1,000 test reviews, see README): 4,000 training reviews, one
 # epoch, 128 tokens from each review's end, word embeddings frozen.
-DEMO_FINETUNE = FinetuneConfig()
-SMOKE_FINETUNE = FinetuneConfig(model="tiny-bert", train_size=64, val_size=16, test_size=32, max_length=64,
-                                batch_size=16, epochs=1.0)
+DEMO_FINETUNE = preset("demo")
+SMOKE_FINETUNE = preset("smoke")
 DEMO_SWEEP = dict(methods=("random", "magnitude", "strategy", "calibrated"), sparsities=(0.1, 0.3, 0.5, 0.7, 0.9),
                   mode="physical", calib_size=256)
 SMOKE_SWEEP = dict(methods=("random", "magnitude", "strategy", "calibrated"), sparsities=(0.5,), mode="physical",
@@ -37,7 +36,7 @@ SMOKE_SWEEP = dict(methods=("random", "magnitude", "strategy", "calibrated"), sp
 
 
 def run_demo(out: str | Path = "runs/demo", smoke: bool = False, device: str | None = None,
-             force: bool = False) -> dict:
+             force: bool = False, dtype: str | None = None) -> dict:
     """Run every step of the demo into `out`; returns the summary (also written to out/summary.json)."""
     cfg = SMOKE_FINETUNE if smoke else DEMO_FINETUNE
     sweep_cfg = dict(SMOKE_SWEEP if smoke else DEMO_SWEEP)
@@ -45,12 +44,12 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, device: str | N
         out = rf.path
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        ft = finetune(cfg, out / "finetune", device=device)
+        ft = finetune(cfg, out / "finetune", device=device, dtype=dtype)
         timings["finetune_s"] = time.perf_counter() - t0
         model_spec = str(ft.model_dir)
 
         t0 = time.perf_counter()
-        model = load_model(model_spec, device=device)
+        model = load_model(model_spec, device=device, dtype=dtype)
         metrics = evaluate_classifier(model, eval_set("imdb", cfg.test_size), batch_size=32, max_length=cfg.max_length)
         metrics.update(size_report(model), model=model_spec, created=now_iso())
         timings["evaluate_s"] = time.perf_counter() - t0
@@ -59,11 +58,12 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, device: str | N
         del model
 
         t0 = time.perf_counter()
-        anatomy = anatomy_from_spec(model_spec, out / "anatomy", inputs="probes", device=device)
+        anatomy = anatomy_from_spec(model_spec, out / "anatomy", inputs="probes", device=device, dtype=dtype)
         timings["anatomy_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        rows = run_sweep(model_spec, out_dir=out / "sweep", eval_size=cfg.test_size, device=device, **sweep_cfg)
+        rows = run_sweep(model_spec, out_dir=out / "sweep", eval_size=cfg.test_size, device=device, dtype=dtype,
+                         **sweep_cfg)
         timings["sweep_s"] = time.perf_counter() - t0
 
         summary = {"finetune": ft.metrics, "reused_finetune": ft.reused, "test": metrics,

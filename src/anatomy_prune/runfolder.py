@@ -232,6 +232,7 @@ class RunFolder:
         self._lock_created = False
         self._staged: list[str] = []
         self._entered = False
+        self._staging_made = False   # only a writer that holds the lock made (and may remove) the staging
 
     # --- state of the folder before this run --------------------------------------------------
     @property
@@ -327,6 +328,7 @@ class RunFolder:
             shutil.rmtree(st)  # stale: left by a run that was killed (we hold the lock, so none is running)
         try:
             st.mkdir()
+            self._staging_made = True
             (st / STAGING_MARK).write_text(f"{os.getpid()} {now_iso()}\n")
             if fresh:  # a folder this run made is marked at once, so a rerun after a kill recognises it
                 self._write_marker("incomplete", [])
@@ -429,7 +431,7 @@ class RunFolder:
 
     def _cleanup(self, failed: bool = True) -> None:
         st = self.staging
-        if st.is_dir() and not st.is_symlink() and (st / STAGING_MARK).is_file():
+        if self._staging_made and st.is_dir() and not st.is_symlink() and (st / STAGING_MARK).is_file():
             shutil.rmtree(st, ignore_errors=True)
         if self._lock_fd is not None:
             if self._lock_created and failed:

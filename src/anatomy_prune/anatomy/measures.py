@@ -87,7 +87,8 @@ def readout_pass(loaded: Loaded, texts: Sequence[str], max_length: int = 128, ba
         b = to_device(b, loaded.device)
         idx = readout_index(loaded.family, b["attention_mask"])  # [batch]
         seen: list[Tensor] = []
-        with run_with_hooks(loaded.model, {"final_norm.input": lambda x, _p: seen.append(x.detach())} if norm else {}):
+        with run_with_hooks(loaded.model, {"final_norm.input": lambda x, _p: seen.append(x.detach())} if norm else {}), \
+                loaded.autocast():
             hidden = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                           output_hidden_states=True).hidden_states  # L+1 x [batch, pos, d]
         states.append(torch.stack([gather_readout(h, idx) for h in hidden], dim=1).float().cpu())

@@ -145,7 +145,7 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: floa
     layers = []
     for site in ffn_sites(model):
         down = get_module(base, site.down)
-        keep, removed = plan.keep[site.layer], plan.removed(site.layer)
+        keep, removed = list(plan.keep[site.layer]), plan.removed(site.layer)
         w_view = weight_out_in(down)                                          # [d_model, d_ff] (a view)
         bias = getattr(down, "bias", None)
         has_bias = bias is not None

@@ -114,16 +114,28 @@ def read_imdb_offline() -> TextSet:
     return TextSet(texts, labels)
 
 
-def read_imdb_hub() -> TextSet:  # pragma: no cover - needs the network
+HUB_IMDB = "stanfordnlp/imdb"
+
+
+def read_imdb_hub() -> tuple[TextSet, TextSet]:
+    """The hub's IMDB (train and test, 25,000 reviews each) through `datasets`; in the local cache when
+    HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set."""
     try:
         from datasets import load_dataset
     except ImportError:
-        raise UserError("--data hf needs the 'datasets' package: pip install datasets") from None
+        raise UserError("--data hf needs the 'datasets' package: pip install 'anatomy-prune[notebooks]'") from None
     try:
-        ds = load_dataset("imdb", split="train")
-    except Exception as exc:
-        raise UserError(f"could not load IMDB from the hub ({type(exc).__name__}); offline, use --data imdb") from None
-    return TextSet([clean(t) for t in ds["text"]], [int(x) for x in ds["label"]])
+        ds = load_dataset(HUB_IMDB)
+    except Exception as exc:  # offline without a cache, network errors, ...
+        raise UserError(f"could not load {HUB_IMDB} ({type(exc).__name__}); offline, use --data imdb "
+                        "(the embedded IMDB) or go online") from None
+    if "train" not in ds or "test" not in ds:
+        raise UserError(f"{HUB_IMDB} has no train / test splits here; use --data imdb")
+
+    def to_set(part) -> TextSet:
+        return TextSet([clean(t) for t in part["text"]], [int(x) for x in part["label"]])
+
+    return to_set(ds["train"]), to_set(ds["test"])
 
 
 def read_texts(path: str | Path) -> list[str]:

@@ -16,28 +16,29 @@ def load_probes() -> list[dict]:
     return json.loads(packaged("data", "probes.json").read_text(encoding="utf-8"))["probes"]
 
 
-def resolve_inputs(inputs: str = "probes", seed: int = 0) -> tuple[list[str], list[str]]:
-    """`probes`, `imdb:N` (N test reviews) or a text file -> (texts, names)."""
+def resolve_inputs(inputs: str = "probes") -> tuple[list[str], list[str]]:
+    """`probes`, `imdb:N` / `hf:N` (N test reviews of the embedded or the hub's IMDB) or a text file ->
+    (texts, names)."""
     if inputs == "probes":
         probes = load_probes()
         return [p["text"] for p in probes], [f"{p['id']}: {p['subtask']}" for p in probes]
-    if inputs.startswith("imdb:"):
+    if inputs.startswith(("imdb:", "hf:")):
         try:
             n = int(inputs.split(":", 1)[1])
         except ValueError:
-            raise UserError(f"--inputs '{inputs}': write imdb:N with N a positive number") from None
+            raise UserError(f"--inputs '{inputs}': write imdb:N (or hf:N) with N a positive number") from None
         if n <= 0:
             raise UserError(f"--inputs '{inputs}': N must be positive")
-        test = eval_set("imdb", n, seed)
+        test = eval_set(inputs.split(":", 1)[0], n)
         return test.texts, [f"review {i} ({'pos' if y else 'neg'})" for i, y in enumerate(test.labels)]
     texts = read_texts(inputs)
     return texts, [f"line {i + 1}" for i in range(len(texts))]
 
 
-def lm_texts(source: str = "imdb", n: int = 200, seed: int = 1) -> list[str]:
-    """Held-out text for perplexity: IMDB test reviews (offline), a text file, or wikitext (hub)."""
-    if source == "imdb":
-        return eval_set("imdb", n, seed).texts
+def lm_texts(source: str = "imdb", n: int = 200) -> list[str]:
+    """Held-out text for perplexity: IMDB test reviews (the named test split), a text file, or wikitext (hub)."""
+    if source in ("imdb", "hf"):
+        return eval_set(source, n).texts
     if source == "wikitext":  # pragma: no cover - needs the network
         try:
             from datasets import load_dataset

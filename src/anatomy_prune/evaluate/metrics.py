@@ -14,6 +14,7 @@ from ..data.batches import batches, to_device
 from ..data.reviews import TextSet
 from ..errors import UserError
 from ..models.loading import Loaded, max_length_for
+from .stats import classification_report
 from .timing import runtime_info, sync
 
 
@@ -29,19 +30,24 @@ def evaluate_classifier(loaded: Loaded, data: TextSet, batch_size: int = 32, max
     max_length = max_length_for(loaded, max_length)
     model, device = loaded.model.eval(), loaded.device
     enc = [to_device(b, device) for b in batches(loaded.tokenizer, data.texts, batch_size, max_length)]
-    with torch.inference_mode():  # warm-up on one batch so lazy initialisation is not timed
+    with torch.inference_mode(), loaded.autocast():  # warm-up on one batch so lazy initialisation is not timed
         model(input_ids=enc[0]["input_ids"], attention_mask=enc[0]["attention_mask"])
-    preds = []
+    logits = []
     sync(device)
     start = time.perf_counter()
-    for b in tqdm(enc, desc="evaluate", disable=not progress, leave=False):
-        preds.append(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) > 0)
+    with loaded.autocast():
+        for b in tqdm(enc, desc="evaluate", disable=not progress, leave=False):
+            logits.append(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).float())
     sync(device)
     latency = time.perf_counter() - start
-    pred = torch.cat(preds).long().cpu()
+    scores = torch.cat(logits).float().cpu()
+    report = classification_report(data.labels, scores.tolist())
+    pred = (scores > 0).long()
+    # accuracy as before (float32 mean), so numbers match across versions; the report adds the rest
     acc = (pred == torch.tensor(data.labels)).float().mean().item()
-    return {"accuracy": acc, "latency_s": latency, "n_eval": len(data), "batch_size": batch_size,
-            "max_length": max_length, **runtime_info(device)}
+    correct = (pred == torch.tensor(data.labels)).int().tolist()
+    return {**report, "accuracy": acc, "latency_s": latency, "n_eval": len(data), "batch_size": batch_size,
+            "max_length": max_length, "correct": correct, "dtype": loaded.dtype, **runtime_info(device)}
 
 
 @torch.inference_mode()
@@ -67,7 +73,8 @@ def perplexity(loaded: Loaded, texts: Sequence[str], max_length: int | None = No
     start = time.perf_counter()
     for i in tqdm(range(0, n_blocks, batch_size), desc="perplexity", disable=not progress, leave=False):
         x = blocks[i:i + batch_size].to(device)
-        logits = loaded.model(input_ids=x).logits[:, :-1].float()  # [batch, pos-1, vocab]
+        with loaded.autocast():
+            logits = loaded.model(input_ids=x).logits[:, :-1].float()  # [batch, pos-1, vocab]
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                            reduction="sum")
         nll += loss.item()
@@ -97,21 +104,19 @@ def metric_name(kind: str) -> str:
     return "accuracy" if kind == "classifier" else "perplexity"
 
 
-LM_EVAL_SEED = 1  # data.lm_texts' default seed: the causal-LM evaluation texts
-
-
-def evaluation_set(loaded: Loaded, data: str = "imdb", eval_size: int | None = 1000) -> TextSet:
-    """What a model is evaluated on: the test reviews for a classifier (a user file: its first eval_size
-    rows), held-out text (labels -1) for a causal LM's perplexity."""
+def evaluation_set(loaded: Loaded, data: str = "imdb", eval_size: int | None = 1000, split: str = "test") -> TextSet:
+    """What a model is evaluated on: the first eval_size reviews of a named split (test, or heldout for
+    larger comparisons) for a classifier (a user file: its first eval_size rows), held-out text (labels -1)
+    for a causal LM's perplexity."""
     from ..data.splits import eval_set
     from ..data.texts import lm_texts
 
     if eval_size is not None and (isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size <= 0):
         raise UserError(f"--eval-size must be a positive whole number, got {eval_size}")
     if loaded.kind == "classifier":
-        return eval_set(data, eval_size)
+        return eval_set(data, eval_size, split)
     if loaded.kind == "causal-lm":
-        texts = lm_texts(data, eval_size, seed=LM_EVAL_SEED)
+        texts = eval_set(data, eval_size, split).texts if data in ("imdb", "hf") else lm_texts(data, eval_size)
         return TextSet(texts, [-1] * len(texts))
     raise UserError(f"model '{loaded.spec}' has no classification head and is not a causal LM, so it cannot be "
                     f"evaluated; fine-tune it first: anatomy-prune finetune --model {loaded.spec}")

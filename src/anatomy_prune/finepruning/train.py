@@ -139,8 +139,8 @@ def lm_text_split(source: str, train_size: int, eval_size: int, seed: int) -> tu
     """(training texts, held-out texts). imdb: reviews of the IMDB training split vs its test split (the
     same held-out reviews as data.lm_texts for the same seed); a text file: its non-empty lines shuffled by
     seed, the first `eval_size` (at most half) held out."""
-    if source == "imdb":
-        splits = load_splits("imdb", (train_size, 0, eval_size), seed)
+    if source in ("imdb", "hf"):
+        splits = load_splits(source, (train_size, 0, eval_size), seed)
         return splits.train.texts, splits.test.texts
     if source == "wikitext":  # pragma: no cover - needs the network
         try:
@@ -165,7 +165,7 @@ def as_task_model(loaded: Loaded, task: str, seed: int) -> Loaded:
         torch.manual_seed(seed)
         model = BinaryClassifier(loaded.model).to(loaded.device)
         return Loaded(model=model, tokenizer=loaded.tokenizer, kind="classifier", spec=loaded.spec,
-                      info={"base_model": loaded.base_spec})
+                      info={"base_model": loaded.base_spec}, dtype=loaded.dtype)
     return loaded
 
 
@@ -245,7 +245,8 @@ def train_masked(task, cfg: FinepruneConfig, progress: bool = True) -> tuple[Neu
     with masks.installed():
         hist = train_loop(model, cfg.steps, step_loss, optim, extra_groups=extra, after_backward=after_backward,
                           postfix=lambda t: {"keep": f"{sched.keep(t):.2f}"}, desc=f"fine-prune {method}",
-                          progress=progress)
+                          progress=progress, autocast=task.loaded.autocast,
+                          scale_loss=task.loaded.dtype == "float16")
     hist.update(step=list(range(cfg.steps)), keep=state["keep"], kept=state["kept"])
     masks.set(top_masks(_scores_now(method, model, masks, frozen), sched.keep_final, selection))
     if sim is not None:
@@ -280,13 +281,13 @@ class FinepruneResult:
 
 
 def finepruning(cfg: FinepruneConfig, out: str | Path, device: str | None = None, progress: bool = True,
-                figures: bool = True, force: bool = False) -> FinepruneResult:
+                figures: bool = True, force: bool = False, dtype: str | None = None) -> FinepruneResult:
     """Fine-prune `cfg.model`; write DIR/results.json, DIR/plan.json, DIR/redundancy.json, DIR/model/
     and DIR/figures/. Bad input fails before training and leaves nothing behind."""
     cfg.validate()
     with RunFolder(out, "finepruning", asdict(cfg), force=force) as rf:
         t0 = time.perf_counter()
-        loaded = as_task_model(load_model(cfg.model, device=device), cfg.task, cfg.seed)
+        loaded = as_task_model(load_model(cfg.model, device=device, dtype=dtype), cfg.task, cfg.seed)
         torch.manual_seed(cfg.seed)
         task, held_out = make_task(loaded, cfg)
         load_s = time.perf_counter() - t0

@@ -66,6 +66,14 @@ def usable_positions(config) -> int:
     return n
 
 
+POOLED = ("bert", "roberta", "xlm-roberta", "camembert", "mpnet")  # base models built with a pooler by default
+
+
+def base_model_kwargs(model_type: str) -> dict:
+    """Arguments for building a base model: no pooler (nothing here reads it; a reloaded one would be random)."""
+    return {"add_pooling_layer": False} if model_type in POOLED else {}
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..resources import gpt2_tokenizer_dir, minilm_dir, smollm2_gguf
-from .families import family_for, family_of
-from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer  # noqa: F401  (re-exported)
+from .families import base_model_kwargs, family_for, family_of
+from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer, resolve_dtype  # noqa: F401  (re-exported)
 from .saved import load_saved
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 def pick_device(device: str | None = None) -> torch.device:
     """The device to run on: as asked, else CUDA when present, else CPU."""
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UserError(f"unknown --device '{device}'; give cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise UserError(f"--device {device}: no such CUDA GPU here; use --device cpu (or leave --device out)")
+        if dev.type not in ("cpu", "cuda"):
+            raise UserError(f"--device {device} is not supported; give cpu, cuda or cuda:N")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -117,8 +125,7 @@ def _tiny_of_type(model_type: str) -> Callable[[], tuple[nn.Module, object, str]
         cfg = AutoConfig.for_model(model_type, **sizes, **special)
         if fam.decoder:
             return _seeded(lambda: AutoModelForCausalLM.from_config(cfg)), tok, "causal-lm"
-        kw = {"add_pooling_layer": False} if model_type in ("bert", "roberta", "xlm-roberta", "camembert") else {}
-        return _seeded(lambda: AutoModel.from_config(cfg, **kw)), tok, "backbone"
+        return _seeded(lambda: AutoModel.from_config(cfg, **base_model_kwargs(model_type))), tok, "backbone"
     return build
 
 
@@ -199,14 +206,12 @@ def _from_pretrained(where: str, is_local: bool) -> tuple[nn.Module, object, str
             + f"; use an alias ({', '.join(ALIASES)}), a local folder, or go online (unset HF_HUB_OFFLINE)"
         ) from None
     fam = family_for(getattr(cfg, "model_type", "?"))
-    kw = dict(use_safetensors=True, **SAFE)
+    kw = dict(use_safetensors=True, dtype=torch.float32, **SAFE)  # weights in float32; --dtype sets compute
     try:
         if fam.decoder:
             model, kind = AutoModelForCausalLM.from_pretrained(where, **kw), "causal-lm"
-        elif cfg.model_type in ("bert", "roberta", "xlm-roberta", "camembert"):
-            model, kind = AutoModel.from_pretrained(where, add_pooling_layer=False, **kw), "backbone"
         else:
-            model, kind = AutoModel.from_pretrained(where, **kw), "backbone"
+            model, kind = AutoModel.from_pretrained(where, **base_model_kwargs(cfg.model_type), **kw), "backbone"
         tok = AutoTokenizer.from_pretrained(where, **SAFE)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -223,8 +228,9 @@ def resolve_saved(path: Path) -> Path | None:
     return None
 
 
-def load_model(spec: str, device: str | torch.device | None = None) -> Loaded:
-    """Load a model spec (alias, folder or hub id) onto `device` (default: CUDA when present, else CPU)."""
+def load_model(spec: str, device: str | torch.device | None = None, dtype: str | None = None) -> Loaded:
+    """Load a model spec (alias, folder or hub id) onto `device` (default: CUDA when present, else CPU).
+    dtype: compute precision (auto, float32, float16, bfloat16; see loaded.resolve_dtype)."""
     if not spec or not str(spec).strip():
         raise UserError("empty model spec; give an alias (" + ", ".join(ALIASES) + "), a folder or a hub id")
     spec = str(spec)
@@ -240,6 +246,7 @@ def load_model(spec: str, device: str | torch.device | None = None) -> Loaded:
         if saved is not None:
             loaded = load_saved(saved, spec)
             loaded.model.to(dev).eval()
+            loaded.dtype = resolve_dtype(dtype, dev)
             return loaded
         model, tok, kind = _from_pretrained(str(path), is_local=True)
         info = {"base_model": str(path.resolve())}
@@ -252,7 +259,7 @@ def load_model(spec: str, device: str | torch.device | None = None) -> Loaded:
     finish_tokenizer(tok, model)
     model.to(dev).eval()
     log.info("loaded %s (%s, %s) on %s", spec, kind, family_of(model).name, dev)
-    return Loaded(model=model, tokenizer=tok, kind=kind, spec=spec, info=info)
+    return Loaded(model=model, tokenizer=tok, kind=kind, spec=spec, info=info, dtype=resolve_dtype(dtype, dev))
 
 
 def max_length_for(loaded: Loaded, given: int | None = None, fallback: int = 256) -> int:

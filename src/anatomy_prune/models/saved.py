@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UserError
 from ..runfolder import now_iso, read_json, write_json
-from .families import base_model, ffn_sites, ffn_widths, supported_model_types
+from .families import base_model, base_model_kwargs, ffn_sites, ffn_widths, supported_model_types
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer
 from .surgery import resize_ffn, set_config_widths
 
@@ -193,9 +193,10 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         bound = max(int(full or 0), max(cfg_widths or [0]))
         if bound and max(widths, default=0) > bound:
             raise _bad(folder, f"{SAVED_META} FFN widths exceed the config's {bound}")
+    kw = {} if kind == "causal-lm" else base_model_kwargs(cfg.model_type)
     try:
         with torch.random.fork_rng(devices=[]):
-            net = builder.from_config(cfg, **SAFE)
+            net = builder.from_config(cfg, **kw, **SAFE)
     except Exception as exc:
         raise _bad(folder, f"its config cannot be built ({type(exc).__name__})") from None
     if kind in ("classifier", "backbone"):
@@ -212,7 +213,7 @@ def load_saved(folder: Path, spec: str) -> Loaded:
     except Exception as exc:  # safetensors' own errors (SafetensorError) after our checks: still one line
         raise _bad(folder, f"{weights[0].name} cannot be read ({type(exc).__name__})") from None
     missing, unexpected = net.load_state_dict(state, strict=False)
-    tied = [k for k in missing if k.endswith(("lm_head.weight", "pooler.dense.weight", "pooler.dense.bias"))]
+    tied = [k for k in missing if k.endswith("lm_head.weight")]
     real_missing = [k for k in missing if k not in tied]
     if real_missing or unexpected:
         raise _bad(folder, f"weights do not match its config (missing {real_missing[:3]}, unexpected {unexpected[:3]})")

@@ -89,7 +89,7 @@ def redraw_anatomy_figures(run_dir: str | Path, folder: str | Path) -> list[Path
 
 def anatomy_from_spec(model: str, out_dir: str | Path, inputs: str = "probes", threshold: float = DEFAULT_THRESHOLD,
                       max_length: int | None = None, batch_size: int = 16, device: str | None = None,
-                      figures: bool = True, force: bool = False) -> dict:
+                      figures: bool = True, force: bool = False, dtype: str | None = None) -> dict:
     """What `anatomy-prune anatomy` does: check the arguments, read the inputs, load the model, run_anatomy.
 
     max_length: models.max_length_for's rule (the fine-tune's, else 256, capped at the model's positions).
@@ -103,7 +103,7 @@ def anatomy_from_spec(model: str, out_dir: str | Path, inputs: str = "probes", t
     settings = dict(model=model, inputs=inputs, threshold=threshold, max_length=max_length, batch_size=batch_size)
     with RunFolder(out_dir, "anatomy", settings, force=force) as rf:
         t0 = time.perf_counter()
-        loaded = load_model(model, device=device)
+        loaded = load_model(model, device=device, dtype=dtype)
         load_s = time.perf_counter() - t0
         return _write_anatomy(rf, loaded, texts, names, threshold, max_length, batch_size, figures, True,
                               {"inputs_spec": inputs, "load_s": round(load_s, 3)})

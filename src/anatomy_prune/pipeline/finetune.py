@@ -34,10 +34,11 @@ class FinetuneResult:
 
 
 def finetune(cfg: FinetuneConfig, out: str | Path, device: str | None = None, force: bool = False,
-             progress: bool = True) -> FinetuneResult:
+             progress: bool = True, dtype: str | None = None) -> FinetuneResult:
     """Fine-tune `cfg.model` with a binary head; write `out/model/` and `out/finetune.json`."""
     cfg.validate()
-    with RunFolder(out, "finetune", asdict(cfg), force=force) as rf:
+    settings = asdict(cfg) if dtype in (None, "auto", "float32") else {**asdict(cfg), "dtype": dtype}
+    with RunFolder(out, "finetune", settings, force=force) as rf:
         run_dir = rf.path
         if rf.same_as_before and not force and rf.existing("model") and rf.existing("finetune.json"):
             log.info("reusing the fine-tuned model in %s (same settings)", run_dir)
@@ -45,7 +46,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, device: str | None = None, fo
         splits = load_splits(cfg.data, (cfg.train_size, cfg.val_size, cfg.test_size), cfg.seed)
         if len(set(splits.train.labels)) < 2:
             raise UserError("the training split has a single class; give more data or another seed")
-        base = load_model(cfg.model, device=device)
+        base = load_model(cfg.model, device=device, dtype=dtype)
         if base.kind == "classifier":
             raise UserError(f"'{cfg.model}' is already a fine-tuned classifier; fine-tune its base model instead")
         max_length_for(base, cfg.max_length)  # checks it against the model's positions
@@ -54,14 +55,15 @@ def finetune(cfg: FinetuneConfig, out: str | Path, device: str | None = None, fo
         torch.manual_seed(cfg.seed)
         model = BinaryClassifier(base.model, dropout=cfg.dropout).to(base.device)
         loaded = Loaded(model=model, tokenizer=base.tokenizer, kind="classifier", spec=str(run_dir / "model"),
-                        info={"base_model": base.base_spec, "max_length": cfg.max_length})
+                        info={"base_model": base.base_spec, "max_length": cfg.max_length}, dtype=base.dtype)
         metrics = train_classifier(loaded, splits.train, cfg, progress)
         if len(splits.validation):
             val = evaluate_classifier(loaded, splits.validation, batch_size=32, max_length=cfg.max_length,
                                       progress=progress)
             metrics["val_accuracy"] = val["accuracy"]
         save_model(loaded, rf.stage("model"), finetune=asdict(cfg), max_length=cfg.max_length)
-        rf.write_json("finetune.json", {"config": asdict(cfg), "metrics": metrics, "created": now_iso()})
+        rf.write_json("finetune.json", {"config": asdict(cfg), "metrics": metrics, "dtype": loaded.dtype,
+                                        "device": str(loaded.device), "created": now_iso()})
     log.info("fine-tuned %s in %.0f s; validation accuracy %s", cfg.model, metrics["train_s"],
              metrics.get("val_accuracy"))
     return FinetuneResult(run_dir, run_dir / "model", metrics, False)

@@ -32,24 +32,25 @@ log = logging.getLogger(__name__)
 def prune(model: str, out: str | Path, method: str | None = None, sparsity: float | None = None,
           params: dict | None = None, mode: str = "mask", plan_file: str | Path | None = None,
           compensate: bool = False, calib_size: int = CALIB_SIZE, calib_max_length: int = CALIB_MAX_LENGTH,
-          calib_data: str = "imdb", data: str = "imdb", eval_size: int = 1000, batch_size: int = 32,
+          calib_data: str | None = None, data: str = "imdb", eval_size: int = 1000, split: str = "test", batch_size: int = 32,
           max_length: int | None = None, seed: int = 0, device: str | None = None, progress: bool = True,
-          force: bool = False) -> dict:
+          force: bool = False, dtype: str | None = None) -> dict:
     """Prune `model` with a registered `method` (or apply the plan in `plan_file`) and write `out`.
 
     Returns the metrics written to `out/metrics.json`. Every check that needs no model runs first, and the
     output folder is made (and checked writable) before the model is loaded."""
     params = dict(params or {})
     check_mode(mode)
+    calib_data = calib_data or (data if data in ("imdb", "hf") else "imdb")
     given = PruningPlan.load(plan_file) if plan_file else None
     check_request(method, sparsity, params, given)
     settings = dict(model=model, method=method, sparsity=sparsity, params=params, mode=mode,
                     plan=given.to_dict() if given else None, compensate=compensate, calib_size=calib_size,
-                    calib_max_length=calib_max_length, calib_data=calib_data, data=data, eval_size=eval_size,
+                    calib_max_length=calib_max_length, calib_data=calib_data, data=data, eval_size=eval_size, split=split,
                     batch_size=batch_size, max_length=max_length, seed=seed)
     with RunFolder(out, "prune", settings, force=force) as rf:
-        loaded = load_model(model, device=device)
-        eval_data = evaluation_set(loaded, data, eval_size)
+        loaded = load_model(model, device=device, dtype=dtype)
+        eval_data = evaluation_set(loaded, data, eval_size, split)
         needs_data = needs_calibration(method, given, compensate)
         calib = make_calibration(loaded, calib_size, calib_max_length, seed, calib_data, exclude=eval_data.texts) \
             if needs_data else Calibration(loaded, [], seed=seed, max_length=calib_max_length)
@@ -66,7 +67,7 @@ def prune(model: str, out: str | Path, method: str | None = None, sparsity: floa
                    "compensated": res.compensation is not None, "compensation": res.compensation,
                    "prune_s": res.prune_s, "calib_size": len(calib.texts), "calib_max_length": calib.max_length,
                    "calib_data": calib_data if needs_data else None, "seed": seed, "model": model,
-                   "base_model": loaded.base_spec, "data": data, "created": now_iso()}
+                   "base_model": loaded.base_spec, "data": data, "split": split, "created": now_iso()}
         plan.save(rf.stage("plan.json"))
         save_model(res.loaded, rf.stage("model"), plan=plan.to_dict(),
                    pruned={"method": plan.method, "mode": mode, "sparsity": plan.sparsity,

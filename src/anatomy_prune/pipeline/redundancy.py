@@ -14,7 +14,7 @@ from ..runfolder import RunFolder, now_iso
 
 def redundancy_job(spec: str, out: str | Path, cfg: FinepruneConfig, plan_file: str | None = None,
                    device: str | None = None, progress: bool = True, figures: bool = True,
-                   force: bool = False) -> dict:
+                   force: bool = False, dtype: str | None = None) -> dict:
     """Sensitivity and uniqueness on the task's analysis examples; writes DIR/redundancy.json and a figure."""
     cfg.validate()
     plan = PruningPlan.load(plan_file) if plan_file else None
@@ -23,7 +23,7 @@ def redundancy_job(spec: str, out: str | Path, cfg: FinepruneConfig, plan_file: 
                 "train_size": cfg.train_size, "eval_size": cfg.eval_size, "analysis_size": cfg.analysis_size,
                 "seed": cfg.seed}
     with RunFolder(out, "redundancy", settings, force=force) as rf:
-        loaded = as_task_model(load_model(spec, device=device), cfg.task, cfg.seed)
+        loaded = as_task_model(load_model(spec, device=device, dtype=dtype), cfg.task, cfg.seed)
         if plan is not None:
             plan.check_fits(loaded.model)
         task, _held_out = make_task(loaded, cfg)

@@ -83,7 +83,7 @@ def prune_step(loaded: Loaded, calib: Calibration, method: str | None = None, *,
         if plan is None:
             scores = score(method, calib, sparsity, **dict(params or {}))
             plan = plan_from_scores(scores, sparsity, allocation=allocation, base_model=loaded.base_spec,
-                                    method=method, seed=calib.seed)
+                                    method=method, seed=calib.seed if scores.seed is None else scores.seed)
         plan.check_fits(loaded.model)
         recipe = compensation_recipe(plan, compensate)
         report = None

@@ -7,6 +7,11 @@ are computed once on the unpruned model and shared by all methods and sparsities
 DIR/results.json is a list of rows, the dense baseline first (method "dense", sparsity 0):
   {method, sparsity, target_sparsity, achieved_sparsity, mode, accuracy | perplexity, latency_s, n_eval,
    neurons_removed, neurons_removed_per_layer, params, flops_per_token, prune_s, plan_params, label, plan}
+Every accuracy carries its 95% Wilson interval, and every point is compared with the dense model on the same
+reviews by McNemar's exact test (`vs_dense`: the difference, the discordant counts, the p-value). Methods
+whose scores are random draws (random) run over `seeds` seeds (default 5); DIR/aggregate.json gives each
+(method, sparsity) its mean, standard deviation and every seed. DIR/predictions.json keeps every row's
+per-review correctness, for paired comparisons between methods (pipeline.report.compare_methods).
 DIR/sweep.json records the settings, DIR/plans/ every plan, DIR/figures/ the figures (PNG + PDF).
 A config file (TOML, e.g. the packaged paper_figure5a.toml) adds rows with explicit method parameters.
 Finished points are kept in the run folder's resume file, so a stopped sweep with the same settings
@@ -26,6 +31,7 @@ from ..data.splits import CALIB_SIZE
 from ..errors import UserError
 from ..evaluate.counts import count_params, ffn_flops_per_token, flops_per_token
 from ..evaluate.metrics import evaluate, evaluation_set, metric_name
+from ..evaluate.stats import mcnemar, seed_summary
 from ..evaluate.timing import peak_mem_mb
 from ..models.families import ffn_sites
 from ..models.loading import Loaded, load_model
@@ -130,11 +136,30 @@ def _brief(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in ("thresholds", "layer_sim", "rule_removed_per_layer")}
 
 
+QUALITY = ("accuracy_interval", "interval_level", "f1", "roc_auc", "confusion_matrix", "standard_error", "correct")
+
+
 def _row(loaded: Loaded, result: dict, metric: str, **fields) -> dict:
     return {**fields, metric: result[metric], "latency_s": result["latency_s"], "n_eval": result["n_eval"],
+            **{k: result[k] for k in QUALITY if k in result},
             "params": count_params(loaded.model), "flops_per_token": flops_per_token(loaded.model),
             "ffn_flops_per_token": ffn_flops_per_token(loaded.model),
-            **{k: result[k] for k in ("device", "device_name", "threads") if k in result}}
+            **{k: result[k] for k in ("device", "device_name", "threads", "dtype") if k in result}}
+
+
+def aggregate(rows: list[dict], metric: str) -> list[dict]:
+    """Per (method, target sparsity, label): the metric's mean, standard deviation and every seed's value."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r.get("target_sparsity"), r.get("label")), []).append(r)
+    out = []
+    for (method, target, label), rs in groups.items():
+        s = seed_summary([r[metric] for r in rs])
+        out.append({"method": method, "target_sparsity": target, "label": label,
+                    "sparsity": sum(r["sparsity"] for r in rs) / len(rs), "seeds": [r.get("seed") for r in rs],
+                    metric: s["mean"], f"{metric}_std": s["std"], f"{metric}_values": s["values"],
+                    "n_seeds": s["n_seeds"], "vs_dense_p_values": [r.get("vs_dense", {}).get("p_value") for r in rs]})
+    return out
 
 
 def _resumable(done: dict | None, points: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -150,7 +175,8 @@ def _resumable(done: dict | None, points: list[dict]) -> tuple[list[dict], list[
         checked = [PruningPlan.from_dict(p).to_dict() for p in plans]
     except UserError:
         return [], []
-    if any(r.get("method") != pt["method"] for r, pt in zip(rows[1:], points)):
+    if any((r.get("method"), r.get("target_sparsity"), r.get("seed")) != (pt["method"], pt["sparsity"], pt.get("seed"))
+           for r, pt in zip(rows[1:], points)):
         return [], []
     return rows, checked
 
@@ -159,19 +185,23 @@ def _resumable(done: dict | None, points: list[dict]) -> tuple[list[dict], list[
 
 def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
               sparsities: Sequence[float] = DEFAULT_SPARSITIES, mode: str = "mask", out_dir: str | Path = "runs/sweep",
-              eval_size: int = 1000, data: str = "imdb", config: str | Path | None = None,
+              eval_size: int = 1000, data: str = "imdb", config: str | Path | None = None, split: str = "test",
               params: dict[str, dict] | None = None, compensate: bool = False, calib_size: int = CALIB_SIZE,
-              calib_max_length: int = CALIB_MAX_LENGTH, calib_data: str = "imdb", batch_size: int = 32,
+              calib_max_length: int = CALIB_MAX_LENGTH, calib_data: str | None = None, batch_size: int = 32,
               max_length: int | None = None, seed: int = 0, device: str | None = None,
               reference: dict | None = None, figures: bool = True, resume: bool = True,
-              progress: bool = True, force: bool = False) -> list[dict]:
+              progress: bool = True, force: bool = False, dtype: str | None = None, seeds: int = 5) -> list[dict]:
     """Evaluate every (method, sparsity) and the config's rows on the same texts; write `out_dir`.
 
     params: extra parameters per method name (e.g. {"strategy": {"beta": 0.0}}). A sparsity of 0 is the
     dense baseline, evaluated once. reference: the paper's points to draw (default: PAPER_BERT_IMDB for
-    classifiers). Returns the rows written to results.json.
+    classifiers). seeds: how many seeds a stochastic method (random) runs at each point. Returns the rows
+    written to results.json.
     """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100:
+        raise UserError(f"--seeds must be a whole number in [1, 100], got {seeds}")
     check_mode(mode)
+    calib_data = calib_data or (data if data in ("imdb", "hf") else "imdb")
     methods = list(methods)
     for m in methods:
         get_scorer(m)
@@ -183,16 +213,18 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
     if not cfg and not (methods and any(s > 0 for s in sparsities)):
         raise UserError("nothing to sweep: give --methods and non-zero --sparsities, or --config")
     settings = {"model": model_spec, "methods": methods, "sparsities": sparsities, "mode": mode,
-                "config": cfg, "params": params, "compensate": compensate, "eval_size": eval_size, "data": data,
+                "config": cfg, "params": params, "compensate": compensate, "eval_size": eval_size, "data": data, "split": split,
                 "calib_size": calib_size, "calib_max_length": calib_max_length, "calib_data": calib_data,
-                "batch_size": batch_size, "max_length": max_length, "seed": seed}
+                "batch_size": batch_size, "max_length": max_length, "seed": seed, "seeds": seeds}
     with RunFolder(out_dir, "sweep", settings, force=force) as rf:
-        loaded = load_model(model_spec, device=device)
-        eval_data = evaluation_set(loaded, data, eval_size)
+        loaded = load_model(model_spec, device=device, dtype=dtype)
+        eval_data = evaluation_set(loaded, data, eval_size, split)
         calib = make_calibration(loaded, calib_size, calib_max_length, seed, calib_data, exclude=eval_data.texts)
         metric = metric_name(loaded.kind)
-        points = [{"method": m, "sparsity": s, "params": params.get(m, {}), "label": None}
-                  for m in methods for s in sparsities if s > 0]
+        points = [{"method": m, "sparsity": s, "params": {**params.get(m, {}), **({"seed": k} if k is not None else {})},
+                   "label": None, "seed": k}
+                  for m in methods for s in sparsities if s > 0
+                  for k in (range(seeds) if get_scorer(m).stochastic and "seed" not in params.get(m, {}) else [None])]
         if cfg:
             points += config_points(cfg, loaded)
         rows, plans = _resumable(rf.read_resume() if resume else None, points)
@@ -204,7 +236,7 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
             rows = [_row(loaded, dense, metric, method="dense", sparsity=0.0, target_sparsity=0.0,
                          achieved_sparsity=0.0, mode=mode, neurons_removed=0,
                          neurons_removed_per_layer=[0] * len(ffn_sites(loaded.model)), prune_s=0.0,
-                         plan_params={}, label=None, compensated=False)]
+                         plan_params={}, label=None, compensated=False, seed=None)]
             log.info("dense: %s %.4f, %.1f s", metric, rows[0][metric], rows[0]["latency_s"])
         for i, pt in enumerate(tqdm(points[len(plans):], desc="sweep", disable=not progress), start=len(plans)):
             res = prune_step(loaded, calib, pt["method"], sparsity=pt["sparsity"], params=pt["params"],
@@ -215,8 +247,10 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
                        sparsity=plan.sparsity if pt["sparsity"] is None else pt["sparsity"],
                        target_sparsity=pt["sparsity"], achieved_sparsity=plan.sparsity, mode=mode,
                        neurons_removed=plan.neurons_removed, neurons_removed_per_layer=plan.removed_per_layer,
-                       prune_s=res.prune_s, plan_params=_brief(plan.params), label=pt["label"],
+                       prune_s=res.prune_s, plan_params=_brief(plan.params), label=pt["label"], seed=pt.get("seed"),
                        plan=f"plans/{i:02d}-{pt['method']}.json", compensated=res.compensation is not None)
+            if "correct" in row and "correct" in rows[0]:
+                row["vs_dense"] = mcnemar(row["correct"], rows[0]["correct"])
             if res.compensation:
                 row["compensation"] = res.compensation
             rows.append(row)
@@ -233,13 +267,17 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
                    "calib_stats_s": dict(calib.timings), "peak_mem_mb": peak_mem_mb(),
                    "runtime": {k: rows[0].get(k) for k in ("device", "device_name", "threads", "torch")},
                    "reference": reference, "resumed_after": resumed_after, "created": now_iso()}
-        rf.write_json("results.json", rows)
+        rf.write_json("results.json", [{k: v for k, v in r.items() if k != "correct"} for r in rows])
+        rf.write_json("predictions.json", {"note": "per row of results.json (same order): 1 where the review was "
+                                           "classified correctly", "rows": [r.get("correct") for r in rows]})
+        rf.write_json("aggregate.json", aggregate(rows, metric))
         rf.write_json("sweep.json", summary)
         plan_dir = rf.stage_dir("plans")
         for i, (pt, plan) in enumerate(zip(points, plans)):
             PruningPlan.from_dict(plan).save(plan_dir / f"{i:02d}-{pt['method']}.json")
         if figures:
-            draw_sweep_figures(rows, rf.stage_dir("figures"), reference=reference)
+            draw_sweep_figures([{k: v for k, v in r.items() if k != "correct"} for r in rows], rf.stage_dir("figures"),
+                               reference=reference)
     return rows
 
 

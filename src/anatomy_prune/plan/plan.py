@@ -35,8 +35,8 @@ def _is_int(x: Any) -> bool:
 class PruningPlan:
     """Per layer, the sorted ids of the FFN neurons kept, out of `widths[layer]`."""
 
-    keep: list[list[int]]
-    widths: list[int]                      # d_ff of each layer in the model the plan was made for
+    keep: tuple[tuple[int, ...], ...]      # per layer, sorted (given as lists or tuples; stored as tuples)
+    widths: tuple[int, ...]                # d_ff of each layer in the model the plan was made for
     base_model: str = ""
     method: str = ""
     params: dict = field(default_factory=dict)
@@ -68,8 +68,8 @@ class PruningPlan:
             raise UserError(f"{where}: 'seed' must be a whole number or null")
         if not isinstance(self.method, str) or not isinstance(self.base_model, str):
             raise UserError(f"{where}: 'method' and 'base_model' must be text")
-        object.__setattr__(self, "keep", clean)
-        object.__setattr__(self, "widths", [int(w) for w in self.widths])
+        object.__setattr__(self, "keep", tuple(tuple(k) for k in clean))  # immutable all the way down
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "params", copy.deepcopy(self.params))
 
     # --- counts -------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class PruningPlan:
     def keep_mask(self, layer: int, device: torch.device | str = "cpu") -> Tensor:
         """1.0 for kept neurons, 0.0 for removed ones: [d_ff]."""
         mask = torch.zeros(self.widths[layer], device=device)
-        mask[self.keep[layer]] = 1.0
+        mask[list(self.keep[layer])] = 1.0
         return mask
 
     def check_fits(self, model: nn.Module) -> None:
@@ -121,8 +121,9 @@ class PruningPlan:
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {k: copy.deepcopy(getattr(self, k)) for k in ("keep", "widths", "base_model", "method", "params",
-                                                          "seed", "created")}
+        d = {k: copy.deepcopy(getattr(self, k)) for k in ("base_model", "method", "params", "seed", "created")}
+        d["keep"] = [list(k) for k in self.keep]
+        d["widths"] = list(self.widths)
         d["format"] = PLAN_FORMAT
         d["summary"] = {"sparsity": round(self.sparsity, 6), "neurons_removed": self.neurons_removed,
                         "removed_per_layer": self.removed_per_layer}

@@ -22,16 +22,49 @@ def _metric(rows: Sequence[dict]) -> str:
 
 
 def _series(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    """Rows by method (config rows, which carry a label, as '<method> (config)'), sorted by sparsity,
-    each line starting from the dense baseline."""
+    """Rows by method (config rows, which carry a label, as '<method> (config)'), sorted by sparsity, each
+    line starting from the dense baseline; the seeds of a point are averaged (their spread kept in `_seeds`)."""
     dense = [r for r in rows if r["method"] == "dense"]
-    out: dict[str, list[dict]] = {}
+    out: dict[str, dict] = {}
     for r in rows:
         if r["method"] == "dense":
             continue
         name = r["method"] + (" (config)" if r.get("label") else "")
-        out.setdefault(name, []).append(r)
-    return {k: sorted(dense + v, key=lambda r: r["sparsity"]) for k, v in out.items()}
+        key = (r.get("target_sparsity"), r.get("label"), r["sparsity"] if r.get("target_sparsity") is None else None)
+        out.setdefault(name, {}).setdefault(key, []).append(r)
+    series = {}
+    for name, points in out.items():
+        merged = []
+        for rs in points.values():
+            if len(rs) == 1:
+                merged.append(rs[0])
+                continue
+            m = dict(rs[0])
+            for k in ("accuracy", "perplexity", "latency_s", "sparsity"):
+                if k in m:
+                    m[k] = sum(r[k] for r in rs) / len(rs)
+            m["_seeds"] = rs
+            merged.append(m)
+        series[name] = sorted(dense + merged, key=lambda r: r["sparsity"])
+    return series
+
+
+def _yerr(rs: Sequence[dict], metric: str, scale: float, shift: float = 0.0):
+    """Error bars: the 95% interval of a single evaluation, or the min-max over seeds."""
+    lo, hi = [], []
+    for r in rs:
+        v = scale * (r[metric] - shift)
+        if r.get("_seeds"):
+            vals = [scale * (s[metric] - shift) for s in r["_seeds"]]
+            lo.append(v - min(vals))
+            hi.append(max(vals) - v)
+        elif r.get("accuracy_interval") and metric == "accuracy":
+            lo.append(v - scale * (r["accuracy_interval"][0] - shift))
+            hi.append(scale * (r["accuracy_interval"][1] - shift) - v)
+        else:
+            lo.append(0.0)
+            hi.append(0.0)
+    return [lo, hi]
 
 
 def metric_vs_sparsity(rows: Sequence[dict], folder: str | Path, reference: dict | None = None,
@@ -49,10 +82,11 @@ def metric_vs_sparsity(rows: Sequence[dict], folder: str | Path, reference: dict
         style = dict(marker=MARKERS.get(label.split()[0], "."), label=label)
         if label.endswith("(config)"):
             style.update(linestyle="none")
-        ax.plot([100 * r["sparsity"] for r in rs], [scale * r[metric] for r in rs], **style)
+        xs = [100 * r["sparsity"] for r in rs]
+        ax.errorbar(xs, [scale * r[metric] for r in rs], yerr=_yerr(rs, metric, scale), capsize=2, **style)
         if two:
-            axes[0][1].plot([100 * r["sparsity"] for r in rs], [scale * (r[metric] - dense[metric]) for r in rs],
-                            **style)
+            axes[0][1].errorbar(xs, [scale * (r[metric] - dense[metric]) for r in rs],
+                                yerr=_yerr(rs, metric, scale, dense[metric]), capsize=2, **style)
     if reference and metric == "accuracy":
         for i, p in enumerate(reference["points"]):
             kw = dict(marker="x", color="black", s=60, zorder=5, label=reference["label"] if i == 0 else None)
@@ -69,7 +103,8 @@ def metric_vs_sparsity(rows: Sequence[dict], folder: str | Path, reference: dict
         ax.set_yscale("log")
         ax.set_ylabel("perplexity (log scale)")
     ax.set_xlabel("FFN neurons removed (%)")
-    ax.set_title(f"{metric.capitalize()} after pruning ({rows[-1]['mode']} mode, n={rows[0]['n_eval']})")
+    ax.set_title(f"{metric.capitalize()} after pruning ({rows[-1]['mode']} mode, n={rows[0]['n_eval']})\n"
+                 "bars: 95% interval of one evaluation, or min-max over seeds", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     if two:

@@ -36,17 +36,20 @@ def magnitude_scores(model: nn.Module) -> list[Tensor]:
 
 @register("random", "random neurons (the paper's baseline), same fraction per layer, keeping the anatomy's "
           "important neurons (similarity > 0.35 for any calibration input) unless protect=False",
-          protect=True, threshold=PROTECT_THRESHOLD, allocation="local", floor=0.0, multiple_of=1)
+          stochastic=True, protect=True, threshold=PROTECT_THRESHOLD, allocation="local", floor=0.0, multiple_of=1,
+          seed=None)
 def random_scores(calib: Calibration, sparsity: float, protect: bool = True, threshold: float = PROTECT_THRESHOLD,
-                  allocation: str = "local", floor: float = 0.0, multiple_of: int = 1) -> Scores:
-    g = torch.Generator().manual_seed(calib.seed)
+                  allocation: str = "local", floor: float = 0.0, multiple_of: int = 1, seed: int | None = None) -> Scores:
+    """seed: the random draw's seed (default: the calibration's), so a sweep can repeat the baseline."""
+    seed = calib.seed if seed is None else int(seed)
+    g = torch.Generator().manual_seed(seed)
     values = [torch.rand(w, generator=g) for w in ffn_widths(calib.loaded.model)]
     keep = important_neurons(calib, threshold) if protect else None
     params = {"protect": bool(protect)}
     if protect:
         params.update(threshold=threshold, protected_per_layer=[len(k) for k in keep],
                       calib_inputs=similarity_stats(calib)["n_inputs"])
-    return Scores(values, _allocation(allocation, floor, multiple_of), params, must_keep=keep, seed=calib.seed)
+    return Scores(values, _allocation(allocation, floor, multiple_of), params, must_keep=keep, seed=seed)
 
 
 @register("magnitude", "weight norm of each neuron (input rows x output column); no data",

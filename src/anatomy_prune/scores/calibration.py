@@ -287,15 +287,16 @@ def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
                 state["readout"] = readout_index(loaded.family, batch["attention_mask"])  # [batch]
                 if grads:
                     with torch.enable_grad(), neuron_masks(model) as masks:
-                        loss = _loss(loaded, batch)
+                        with loaded.autocast():
+                            loss = _loss(loaded, batch)
                         loss.backward()
                     loss_sum += loss.item()
                     for layer, ms in enumerate(masks):
-                        g = torch.cat([m.grad[:, 0] for m in ms]).double()         # [batch, d_ff]
+                        g = torch.cat([m.grad[:, 0].float() for m in ms]).double()  # [batch, d_ff]
                         fisher[layer] += (g * g).sum(0)
                         taylor[layer] += g.sum(0)
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad(), loaded.autocast():
                         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 for layer, grams in enumerate(store):
                     for g, g_ro in grams:    # accumulated across batches in float64

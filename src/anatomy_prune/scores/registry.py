@@ -42,15 +42,16 @@ class Scorer:
     needs_data: bool = True
     params: dict = field(default_factory=dict)  # parameter name -> default
     needs_sparsity: bool = True                 # False: its own parameters can set the sparsity (strategy)
+    stochastic: bool = False                    # True: its scores are random draws (its `seed` parameter)
 
 
 SCORERS: dict[str, Scorer] = {}
 
 
-def register(name: str, help: str, needs_data: bool = True, needs_sparsity: bool = True,
+def register(name: str, help: str, needs_data: bool = True, needs_sparsity: bool = True, stochastic: bool = False,
              **params) -> Callable[[ScoreFn], ScoreFn]:
     def add(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity)
+        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity, stochastic)
         return fn
     return add
 

@@ -3,9 +3,10 @@ optionally frozen. Fine-tuning and fine-pruning both run it; what differs (the l
 before it, statistics after the backward pass) comes in as callables."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -55,11 +56,14 @@ StepLoss = Callable[[int], dict[str, Tensor]]  # step -> {"loss": ..., optional 
 
 def train_loop(model: nn.Module, steps: int, step_loss: StepLoss, optim: Optim, *,
                extra_groups: Sequence[dict] = (), after_backward: Callable[[int], None] | None = None,
-               postfix: Callable[[int], dict] | None = None, desc: str = "train",
-               progress: bool = True) -> dict[str, list]:
+               postfix: Callable[[int], dict] | None = None, desc: str = "train", progress: bool = True,
+               autocast: Callable[[], AbstractContextManager] | None = None, scale_loss: bool = False
+               ) -> dict[str, list]:
     """Train `model` in place for `steps` steps; returns the history (loss and any other terms per step)
     with `train_s`. `step_loss(t)` builds step t's batch and returns its loss terms; their sum is
-    back-propagated. `extra_groups` adds parameter groups (e.g. learnable mask scores)."""
+    back-propagated. `extra_groups` adds parameter groups (e.g. learnable mask scores). `autocast` wraps each
+    step's forward pass (mixed precision; weights and optimiser stay float32); `scale_loss` scales the loss
+    against float16 underflow (torch.amp.GradScaler, CUDA float16)."""
     hist: dict[str, list] = {"loss": []}
     was_training = model.training
     with frozen_embeddings(model, optim.freeze_embeddings):
@@ -68,17 +72,21 @@ def train_loop(model: nn.Module, steps: int, step_loss: StepLoss, optim: Optim, 
         opt = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, eps=optim.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(steps, optim.warmup))
         model.train()
+        scaler = torch.amp.GradScaler(enabled=scale_loss)
         start = time.perf_counter()
         bar = tqdm(range(steps), desc=desc, disable=not progress)
         try:
             for t in bar:
-                terms = step_loss(t)
-                sum(terms.values()).backward()
+                with (autocast() if autocast else contextlib.nullcontext()):
+                    terms = step_loss(t)
+                scaler.scale(sum(terms.values())).backward()
                 if after_backward is not None:
                     after_backward(t)
+                scaler.unscale_(opt)
                 if optim.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(weights, optim.max_grad_norm)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 for k, v in terms.items():

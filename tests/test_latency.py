@@ -1,3 +1,5 @@
+"""The latency benchmark: dense vs masked vs physically pruned copies (pipeline.latency), its table
+(pipeline.report.markdown_table) and the script benchmarks/latency.py."""
 import copy
 import importlib.util
 import json
@@ -8,13 +10,13 @@ import torch
 
 from anatomy_prune import UserError, load_model
 from anatomy_prune.apply import physical
-from anatomy_prune.evaluate import flops_per_token
-from anatomy_prune.families import base_model, ffn_widths
-from anatomy_prune.models import TINY
+from anatomy_prune.evaluate.timing import fixed_inputs, noncontiguous_params
+from anatomy_prune.models.families import base_model, ffn_widths
+from anatomy_prune.models.loading import TINY
+from anatomy_prune.pipeline.latency import build_variants, latency_sweep, make_strided
+from anatomy_prune.pipeline.report import markdown_table
 from anatomy_prune.plan import plan_from_scores
-from anatomy_prune.speed import (Timing, fixed_inputs, forward_fn, ideal_speedup, latency_sweep, make_strided,
-                                 markdown_table, model_ideal_speedup, noncontiguous_params, paired_speedup,
-                                 round_widths, time_call, time_interleaved)
+from anatomy_prune.scores.calibration import Calibration
 
 from conftest import assert_tiny
 
@@ -32,63 +34,6 @@ def tiny_bert():
     return loaded
 
 
-def test_time_call_gives_sane_stats(tiny_bert):
-    inputs = fixed_inputs(tiny_bert.tokenizer.vocab_size, 2, 16)
-    t = time_call(forward_fn(tiny_bert.model, inputs), warmup=1, repeats=5)
-    d = t.to_dict()
-    assert d["repeats"] == 5 and len(d["times_s"]) == 5
-    assert 0 < d["min_s"] <= d["q1_s"] <= d["median_s"] <= d["q3_s"] <= d["max_s"] < 10
-
-
-def test_time_interleaved_warms_up_and_rotates_order():
-    calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    out = time_interleaved(fns, warmup=2, repeats=3)
-    assert calls[:6] == list("aabbcc")  # warm-up: each twice, untimed
-    assert calls[6:] == list("abc") + list("bca") + list("cab")  # one call each per round, order rotated
-    assert all(len(t.times_s) == 3 for t in out.values())
-    with pytest.raises(UserError):
-        time_interleaved(fns, repeats=0)
-
-
-def test_paired_speedup_uses_rounds():
-    dense, pruned = Timing([2.0, 4.0, 2.0]), Timing([1.0, 1.0, 2.0])
-    s = paired_speedup(dense, pruned)
-    assert s["speedup"] == pytest.approx(2.0)  # median 2.0 / median 1.0
-    assert s["paired_median"] == pytest.approx(2.0)  # ratios 2, 4, 1
-    assert s["paired_min"] == pytest.approx(1.0) and s["paired_max"] == pytest.approx(4.0)
-
-
-def test_ideal_speedup_arithmetic_on_constructed_case(tiny_bert):
-    d, f, layers, seq = TINY["hidden"], TINY["d_ff"], TINY["layers"], 16
-    pruned = physical(copy.deepcopy(tiny_bert.model), half_plan(tiny_bert.model))
-    kept = f - round(0.5 * f)  # 19 of 37
-    assert ffn_widths(pruned) == [kept] * layers
-    # per layer: Q, K, V, O (d x d), up and down (d x d_ff), 2 FLOPs per multiply-add, + attention 4 * seq * d
-    dense_flops = layers * (2 * (4 * d * d + 2 * d * f) + 4 * seq * d)
-    pruned_flops = layers * (2 * (4 * d * d + 2 * d * kept) + 4 * seq * d)
-    assert flops_per_token(tiny_bert.model, seq) == dense_flops
-    assert model_ideal_speedup(tiny_bert.model, pruned, seq) == pytest.approx(dense_flops / pruned_flops)
-    assert ideal_speedup(10, 4) == 2.5
-    with pytest.raises(ValueError):
-        ideal_speedup(10, 0)
-
-
-def test_round_widths_rounds_up_and_caps():
-    assert round_widths([1382, 768, 5, 1530, 0], 8, [1536] * 5) == [1384, 768, 8, 1536, 0]
-    assert round_widths([1382, 1530], 64, [1536, 1536]) == [1408, 1536]
-    assert round_widths([37, 19], 1, [37, 37]) == [37, 19]
-
-
-def test_fixed_inputs_exact_length_seeded():
-    a = fixed_inputs(30522, 3, 17, seed=1)
-    b = fixed_inputs(30522, 3, 17, seed=1)
-    assert a["input_ids"].shape == (3, 17) and torch.equal(a["input_ids"], b["input_ids"])
-    assert bool(a["attention_mask"].all())  # no padding
-    assert int(a["input_ids"].min()) >= 1000
-    assert not torch.equal(a["input_ids"], fixed_inputs(30522, 3, 17, seed=2)["input_ids"])
-
-
 def test_physical_weights_contiguous_and_strided_control_same_output(tiny):
     pruned = physical(copy.deepcopy(tiny.model), half_plan(tiny.model))
     assert noncontiguous_params(pruned) == []
@@ -100,6 +45,22 @@ def test_physical_weights_contiguous_and_strided_control_same_output(tiny):
         assert noncontiguous_params(strided)
     with torch.inference_mode():
         torch.testing.assert_close(strided(**inputs)[0], expected)
+
+
+def test_variants_are_pruned_copies_of_one_plan(tiny_bert):
+    before = {k: v.clone() for k, v in tiny_bert.model.state_dict().items()}
+    variants, plans = build_variants(tiny_bert, Calibration(tiny_bert, []), 0.5, multiples=[8], strided=True)
+    assert set(variants) == {"dense", "mask", "physical", "physical-x8", "physical-strided"}
+    assert variants["dense"] is tiny_bert.model
+    assert all(m is not tiny_bert.model for k, m in variants.items() if k != "dense")
+    assert all(torch.equal(v, tiny_bert.model.state_dict()[k]) for k, v in before.items())  # dense untouched
+    assert plans["mask"].keep == plans["physical"].keep == plans["physical-strided"].keep
+    assert ffn_widths(variants["mask"]) == [37] * 3 and ffn_widths(variants["physical"]) == [19] * 3
+    assert ffn_widths(variants["physical-x8"]) == [24] * 3 and plans["physical-x8"].params["multiple_of"] == 8
+    inputs = fixed_inputs(tiny_bert.tokenizer.vocab_size, 2, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(variants["physical"](**inputs)[0], variants["mask"](**inputs)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_latency_sweep_rows_and_bound(tiny_bert):
@@ -116,10 +77,15 @@ def test_latency_sweep_rows_and_bound(tiny_bert):
     assert 1.0 < x8["ideal_speedup"] < ph["ideal_speedup"]
     assert ph["efficiency"] == pytest.approx(ph["speedup"] / ph["ideal_speedup"])
     assert ph["param_reduction"] > 0 and mk["params"] == by[("dense", 16)]["params"]
+    assert ffn_widths(tiny_bert.model) == [37] * 3  # the dense model is never pruned
     table = markdown_table(res)
     assert table.count("\n") == 3 and "| 50% | 19 |" in table
+    with pytest.raises(UserError, match="no cuda rows"):
+        markdown_table(res, device="cuda")
     with pytest.raises(UserError, match="positions"):
         latency_sweep(tiny_bert, [0.5], [1], [TINY["positions"] + 1], progress=False)
+    with pytest.raises(UserError, match=r"\[0, 1\)"):
+        latency_sweep(tiny_bert, [1.0], [1], [8], progress=False)
 
 
 def _bench():
@@ -142,8 +108,8 @@ def test_benchmark_main_end_to_end(tmp_path):
     assert all(r["repeats"] == 2 and r["median_s"] > 0 for r in rows)
     assert len(list(out.glob("latency_*.json"))) == 1
     assert "| 50% |" in (out / "table.md").read_text()
-    assert (out / "speedup_cpu.png").stat().st_size > 0
-    assert not (tmp_path / "bench.partial.json").exists()  # progress file removed when the run completes
+    assert (out / "figures" / "speedup_cpu.png").stat().st_size > 0
+    assert not (out / ".anatomy-prune-resume.json").exists()  # progress file removed when the run completes
     redo = tmp_path / "redo"
     assert _bench().main(["--from-json", str(out / "latency.json"), "--out", str(redo), "--no-figure"]) == 0
     assert (redo / "table.md").read_text() == (out / "table.md").read_text()
@@ -157,3 +123,4 @@ def test_benchmark_bad_input_exits_2(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert bench.main(["--model", "tiny-bert", "--devices", "cuda", "--quick", "--out", str(tmp_path / "y")]) == 2
         assert "no requested device" in capsys.readouterr().err
+        assert not (tmp_path / "y").exists()

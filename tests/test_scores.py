@@ -1,18 +1,29 @@
+"""Scorers (random, magnitude, activation, the paper's strategy) behind the registry, the calibration
+statistics they share, and the plans the one allocator makes from their scores."""
 import pytest
 import torch
 
 from anatomy_prune import UserError
-from anatomy_prune.families import base_model
-from anatomy_prune.hooks import capture_ffn_activations
-from anatomy_prune.methods import (METHODS, Calibration, activation_stats, default_focus, important_neurons,
-                                   make_plan, map_focus, similarity_stats, strategy_thresholds)
+from anatomy_prune.hooks import capture_ffn_hidden
+from anatomy_prune.models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
+from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan import plan_from_scores
+from anatomy_prune.scores import SCORERS, Scores, get_scorer, score, scorer_names
+from anatomy_prune.scores.basic import magnitude_scores
+from anatomy_prune.scores.calibration import Calibration, activation_stats, important_neurons, similarity_stats
+from anatomy_prune.scores.strategy import default_focus, map_focus, strategy_thresholds
 
 from conftest import TEXTS
 
 CALIB_TEXTS = TEXTS + ["Not bad at all.", "The worst film of the year, by far and away.",
                        "A quiet, tender story; I loved every minute of it.", "Meh."]
 PAPER_METHODS = ("random", "magnitude", "strategy", "activation")
+
+
+def make_plan(name, calib, sparsity, **params):
+    """What the old methods.make_plan did: score, then the one allocator."""
+    return plan_from_scores(score(name, calib, sparsity, **params), sparsity, base_model=calib.loaded.base_spec,
+                            method=name, seed=calib.seed)
 
 
 @pytest.fixture
@@ -23,7 +34,7 @@ def calib(tiny) -> Calibration:
 @pytest.mark.parametrize("name", PAPER_METHODS)
 def test_plan_size_is_exact_at_a_target_sparsity(calib, name):
     plan = make_plan(name, calib, 0.4)
-    assert plan.method == name and plan.widths == [37, 37, 37]
+    assert plan.method == name and list(plan.widths) == [37, 37, 37]
     if name == "strategy":  # one global count, from the rule's solved alpha
         assert plan.neurons_removed == round(0.4 * 111)
         assert plan.params["alpha_solved"] and plan.params["alpha"] > 0
@@ -97,8 +108,11 @@ def test_random_keeps_the_protected_neurons(calib):
 
 
 def test_protected_neurons_beyond_the_budget_are_all_kept():
-    plan = plan_from_scores([torch.rand(10)], 0.8, protect=[[0, 1, 2, 3, 4]])
-    assert set(range(5)) <= set(plan.keep[0]) and len(plan.keep[0]) == 5
+    values = [torch.arange(10, dtype=torch.float)]  # the protected ones have the lowest scores
+    plan = plan_from_scores(Scores(values, {"kind": "local"}, must_keep=[[0, 1, 2, 3, 4]]), 0.8)
+    assert plan.to_dict()["keep"] == [[0, 1, 2, 3, 4]]
+    plan = plan_from_scores(Scores(values, {"kind": "local"}, must_keep=[[0]]), 0.8)
+    assert plan.to_dict()["keep"] == [[0, 9]]  # the protected one, then the best score
 
 
 def test_activation_is_the_mean_over_real_tokens(calib):
@@ -107,7 +121,7 @@ def test_activation_is_the_mean_over_real_tokens(calib):
     total, n = None, 0
     for text in CALIB_TEXTS:  # one text per pass: no padding at all
         enc = tok([text], truncation=True, max_length=32, return_tensors="pt")
-        with torch.no_grad(), capture_ffn_activations(model) as acts:
+        with torch.no_grad(), capture_ffn_hidden(model) as acts:
             base_model(model)(**enc)
         s = torch.stack([a[0][0].abs().sum(dim=0) for a in acts])  # [layers, d_ff]
         total = s if total is None else total + s
@@ -133,6 +147,10 @@ def test_multiple_of_rounds_kept_widths(calib):
 def test_bad_input():
     from anatomy_prune import load_model
     calib = Calibration(load_model("tiny-bert", device="cpu"), CALIB_TEXTS, max_length=32)
+
+    def by_step(name, cal, sparsity, **params):  # the pruning step refuses the same requests up front
+        return prune_step(cal.loaded, cal, name, sparsity=sparsity, params=params)
+
     for call, msg in [
         (lambda: make_plan("nope", calib, 0.5), "choose one of: activation, .*magnitude, random, strategy"),
         (lambda: make_plan("magnitude", calib, 1.0), r"\[0, 1\)"),
@@ -143,12 +161,61 @@ def test_bad_input():
         (lambda: make_plan("strategy", calib, None), "alpha"),
         (lambda: make_plan("strategy", calib, None, alpha=-1.0), "non-negative"),
         (lambda: make_plan("strategy", calib, None, alpha=0.1, focus=[7]), "outside"),
+        (lambda: by_step("nope", calib, 0.5), "choose one of: activation, .*magnitude, random, strategy"),
+        (lambda: by_step("magnitude", calib, 1.0), r"\[0, 1\)"),
+        (lambda: by_step("magnitude", calib, None), "sparsity"),
+        (lambda: by_step("magnitude", calib, 0.5, alpha=1.0), "no parameter"),
+        (lambda: by_step("strategy", calib, 0.5, alpha=0.1), "not both"),
+        (lambda: by_step("magnitude", calib, 0.5, allocation="everywhere"), "allocation"),
+        (lambda: by_step("magnitude", calib, 0.5, multiple_of=0), "multiple-of"),
     ]:
         with pytest.raises(UserError, match=msg):
             call()
 
 
 def test_registry_lists_the_paper_methods():
-    assert set(PAPER_METHODS) <= set(METHODS)
-    assert not METHODS["strategy"].needs_sparsity and METHODS["random"].needs_data
-    assert not METHODS["magnitude"].needs_data
+    assert set(PAPER_METHODS) <= set(SCORERS) and scorer_names() == sorted(SCORERS)
+    assert not get_scorer("strategy").needs_sparsity and get_scorer("random").needs_data
+    assert not get_scorer("magnitude").needs_data
+
+
+@pytest.mark.parametrize("name", PAPER_METHODS)
+def test_scorers_only_score(calib, name):
+    """A scorer returns one finite value per neuron and asks for an allocation; it changes nothing."""
+    before = {k: v.clone() for k, v in calib.loaded.model.state_dict().items()}
+    s = score(name, calib, 0.4)
+    assert isinstance(s, Scores) and [v.shape for v in s.values] == [(37,)] * 3
+    assert all(torch.isfinite(v).all() for v in s.values)
+    assert s.allocation["kind"] in ("local", "global", "threshold") and s.seed == calib.seed
+    after = calib.loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", PAPER_METHODS)
+def test_prune_step_makes_the_plan_of_score_and_allocate(calib, name):
+    """The pruning step's plan is the allocator's plan of the scorer's scores; its model is a pruned copy."""
+    res = prune_step(calib.loaded, calib, name, sparsity=0.4, mode="physical")
+    assert res.plan.keep == make_plan(name, calib, 0.4).keep and res.plan.method == name
+    assert res.loaded.model is not calib.loaded.model and res.compensation is None
+    assert ffn_widths(res.loaded.model) == res.plan.kept_widths and ffn_widths(calib.loaded.model) == [37] * 3
+    assert res.prune_s >= 0 and res.scores is not None
+
+
+def test_magnitude_scores_by_hand(tiny):
+    """||input rows|| x ||output column|| from each family's own weight layout (Conv1D stores [in, out])."""
+    got = magnitude_scores(tiny.model)
+    base = base_model(tiny.model)
+    for site in ffn_sites(tiny.model):
+        if tiny.family.name == "gpt2":
+            mlp = base.h[site.layer].mlp
+            w_in, w_out = mlp.c_fc.weight.t(), mlp.c_proj.weight.t()           # -> [d_ff, d], [d, d_ff]
+        elif tiny.family.name == "llama":
+            mlp = base.layers[site.layer].mlp
+            w_in = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=1)  # both rows go with the neuron
+            w_out = mlp.down_proj.weight
+        else:
+            w_in = base.encoder.layer[site.layer].intermediate.dense.weight
+            w_out = base.encoder.layer[site.layer].output.dense.weight
+        expected = w_in.detach().norm(dim=1) * w_out.detach().norm(dim=0)
+        torch.testing.assert_close(got[site.layer], expected)
+    assert weight_out_in(get_module(base, ffn_sites(tiny.model)[0].down)).shape == (32, 37)

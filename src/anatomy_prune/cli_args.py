@@ -1,0 +1,110 @@
+"""Argument groups shared by several subcommands of the CLI (cli.py)."""
+from __future__ import annotations
+
+import argparse
+
+
+def _model_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--model", default=default, required=default is None,
+                   help="model spec: alias (minilm, smollm2, tiny-bert, tiny-gpt2, tiny-llama), folder or hub id"
+                   + (f" (default: {default})" if default else ""))
+
+
+def _force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write into an --out folder that holds another run (its outputs of the same names are "
+                   "replaced; files anatomy-prune did not write are never touched)")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when present, else CPU)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="compute precision of forward passes (autocast; weights stay float32, statistics are "
+                   "kept in float32): auto = float16 on a CUDA GPU, float32 on a CPU (default: auto)")
+
+
+def _eval_args(p: argparse.ArgumentParser, eval_size: int = 1000) -> None:
+    p.add_argument("--data", default="imdb", help="imdb (offline CSV), hf (hub IMDB) or a CSV/JSONL file "
+                   "with text and label columns (default: imdb)")
+    p.add_argument("--eval-size", type=int, default=eval_size, help=f"reviews to evaluate (default: {eval_size})")
+    p.add_argument("--split", choices=("test", "heldout"), default="test",
+                   help="IMDB split to evaluate on: test (1,000 reviews) or heldout (5,000 no step has seen; "
+                   "for comparisons that need a small standard error) (default: test)")
+    p.add_argument("--batch-size", type=int, default=32, help="inference batch size (default: 32)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per input (default: the fine-tune's max length, else 256)")
+
+
+def _method_names() -> str:
+    from .scores import scorer_names
+    return ", ".join(scorer_names())
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    from .data.splits import CALIB_SIZE
+    from .scores.calibration import CALIB_MAX_LENGTH
+    p.add_argument("--calib-size", type=int, default=CALIB_SIZE,
+                   help=f"calibration reviews, a seeded sample of the IMDB training split (default: {CALIB_SIZE})")
+    p.add_argument("--calib-max-length", type=int, default=CALIB_MAX_LENGTH,
+                   help=f"tokens per calibration review (default: {CALIB_MAX_LENGTH})")
+    p.add_argument("--calib-data", default=None, help="imdb or hf (their calibration split) or a text file, one text "
+                   "per line (default: the --data IMDB, else imdb)")
+    p.add_argument("--compensate", action="store_true",
+                   help="refit the kept neurons' down projection on calibration activations")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and random choices (default: 0)")
+
+
+def _method_param_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method parameters (only those given are passed; a method refuses ones it lacks)")
+    g.add_argument("--alpha", type=float, default=None, help="strategy: alpha (then the sparsity is what it is)")
+    g.add_argument("--beta", type=float, default=None, help="strategy, encoders: beta (default 0.001, the paper's)")
+    g.add_argument("--focus", default=None, help="strategy: focusing blocks, e.g. 2,3,4,5 (alpha x3 there; default: "
+                   "the paper's 4,6,8,10,11 of 12 mapped by depth, decoders the last block)")
+    g.add_argument("--no-protect", action="store_true", help="random: do not keep the anatomy's important neurons")
+    g.add_argument("--protect-threshold", type=float, default=None,
+                   help="random: similarity above which a neuron is important (default: 0.35)")
+    g.add_argument("--allocation", choices=("local", "global"), default=None,
+                   help="random / magnitude / activation: same fraction per layer (local, default) or one "
+                   "normalised ranking of all layers (global)")
+    g.add_argument("--floor", type=float, default=None, help="global allocation: least fraction a layer keeps")
+    g.add_argument("--multiple-of", type=int, default=None,
+                   help="round each layer's kept width up to a multiple of K (faster kernels)")
+
+
+def _method_params(args) -> dict:
+    from .pipeline.sweep import parse_list
+    params = {}
+    if args.alpha is not None:
+        params["alpha"] = args.alpha
+    if args.beta is not None:
+        params["beta"] = args.beta
+    if args.focus is not None:
+        params["focus"] = parse_list(args.focus, "focus", int)
+    if args.no_protect:
+        params["protect"] = False
+    if args.protect_threshold is not None:
+        params["threshold"] = args.protect_threshold
+    for name in ("allocation", "floor", "multiple_of"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    return params
+
+
+def _task_args(p: argparse.ArgumentParser, d) -> None:
+    p.add_argument("--task", choices=("lm", "imdb"), default=d.task,
+                   help="lm: causal-LM loss, perplexity on held-out text (decoders); imdb: binary classification, "
+                   f"BCE, accuracy (default: {d.task})")
+    p.add_argument("--text", default=d.text, help="lm: imdb (review text, offline), wikitext (hub) or a text file, "
+                   f"one text per line (default: {d.text})")
+    p.add_argument("--data", default=d.data, help="imdb task: imdb, hf or a CSV/JSONL file with text and label "
+                   f"(default: {d.data})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sequence (default: the fine-tune's max length, else 128)")
+    p.add_argument("--train-size", type=int, default=d.train_size, help=f"training texts (default: {d.train_size})")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help=f"held-out texts (default: {d.eval_size})")
+    p.add_argument("--analysis-size", type=int, default=d.analysis_size,
+                   help=f"sequences for sensitivity and uniqueness (default: {d.analysis_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--no-figures", action="store_true", help="write the results only")
+    _device_arg(p)
