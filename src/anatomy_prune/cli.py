@@ -176,8 +176,9 @@ def _add_sweep(sub) -> None:
                        "DIR/plans/ and DIR/figures/ (accuracy and time against sparsity, neurons per layer). "
                        "--config runs a grid of method parameters, e.g. configs/paper_figure5a.toml.")
     _model_arg(p)
-    p.add_argument("--methods", default="random,magnitude,strategy,activation",
-                   help=f"comma-separated, from: {_method_names()} (default: random,magnitude,strategy,activation)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from: {_method_names()} (default: random,magnitude,strategy,activation; "
+                   "none when --config is given)")
     p.add_argument("--sparsities", default="0.1,0.3,0.5,0.7,0.9",
                    help="comma-separated fractions in [0, 1); 0 is the dense baseline (default: 0.1,0.3,0.5,0.7,0.9)")
     p.add_argument("--mode", default="mask", help="mask or physical (default: mask)")
@@ -204,6 +205,8 @@ def _run_sweep(args) -> int:
     if args.report:
         check_output_file(args.report, "--report")
 
+    if args.methods is None:
+        args.methods = "" if args.config else "random,magnitude,strategy,activation"
     methods = parse_list(args.methods, "methods") if args.methods else []
     extra = _method_params(args)
     params = {}

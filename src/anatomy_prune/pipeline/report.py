@@ -37,24 +37,28 @@ def write_report(sweep_dir: str | Path, out_md: str | Path | None, title: str = 
     if settings:
         rt = settings.get("runtime") or {}
         lines += [f"Model `{settings.get('model')}` ({settings.get('kind')}), {settings.get('eval_size')} evaluation "
-                  f"texts, mode `{settings.get('mode')}`, calibration {settings.get('calib_size')} training reviews x "
+                  f"texts, mode `{settings.get('mode')}`, calibration {settings.get('calib_size')} reviews x "
                   f"{settings.get('calib_max_length')} tokens, seed {settings.get('seed')}; "
                   f"{rt.get('device')} ({rt.get('device_name')}, {rt.get('threads')} threads), {settings.get('created')}.",
                   ""]
-    head = "accuracy %" if metric == "accuracy" else "perplexity"
+    head = "accuracy % [95% interval]" if metric == "accuracy" else "perplexity"
     delta = "vs dense (pts)" if metric == "accuracy" else "vs dense (x)"
     lines += [f"| method | sparsity | {head} | {delta} | latency s | params M | FLOPs/token M | prune s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = r["method"] + (f" ({r['label']})" if r.get("label") else "")
+        name = r["method"] + (f" ({r['label']})" if r.get("label") else "") + \
+            (f", seed {r['seed']}" if r.get("seed") is not None else "")
         if metric == "accuracy":
-            val = pct(r[metric])
+            iv = r.get("accuracy_interval")
+            val = pct(r[metric]) + (f" [{pct(iv[0])}-{pct(iv[1])}]" if iv else "")
             dv = f"{100 * (r[metric] - dense[metric]):+.1f}" if dense else ""
         else:
             val = f"{r[metric]:.2f}"
             dv = f"{r[metric] / dense[metric]:.2f}" if dense else ""
         lines.append(f"| {name} | {r['sparsity']:.2f} | {val} | {dv} | {r['latency_s']:.2f} | "
                      f"{r['params'] / 1e6:.2f} | {r['flops_per_token'] / 1e6:.1f} | {r['prune_s']:.2f} |")
+    if metric == "accuracy" and (d / "predictions.json").is_file():
+        lines += ["", compare_methods(d)["markdown"]]
     ref = settings.get("reference")
     if ref and dense and metric == "accuracy":
         lines += ["", f"The paper ({ref['label']}, dense {pct(ref['dense'])}%) beside ours "
@@ -164,3 +168,61 @@ def _figure_dirs(run: Path) -> list[Path]:
         if Path(root).name == "figures":
             found.append(Path(root))
     return found
+
+
+def compare_methods(sweep_dir: str | Path, level: float = 0.95) -> dict:
+    """Paired comparisons of a finished sweep (same reviews for every row): at each sparsity, every method
+    against dense and against the best method there, by McNemar's exact test, with Holm's correction over the
+    comparisons of the table. Seeded methods are compared seed by seed against the best; the table reports
+    their worst (largest) p-value. Returns {"level", "rows": [...], "markdown"}."""
+    from ..evaluate.stats import check_level, mcnemar
+
+    level = check_level(level)
+    d = Path(sweep_dir)
+    rows = read_json(d / "results.json", "sweep results")
+    pred = read_json(d / "predictions.json", "sweep predictions").get("rows")
+    if not isinstance(rows, list) or not isinstance(pred, list) or len(pred) != len(rows) or "accuracy" not in rows[0]:
+        raise UserError(f"'{d}' has no per-review predictions of a classifier sweep; run the sweep again")
+    dense_ok = pred[0]
+    by_point: dict = {}
+    for r, p in zip(rows[1:], pred[1:]):
+        key = (round(r["sparsity"] if r.get("target_sparsity") is None else r["target_sparsity"], 4), r.get("label"))
+        by_point.setdefault(key, {}).setdefault(r["method"], []).append((r, p))
+    out, tests = [], []
+    for (s, label), methods in sorted(by_point.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        mean = {m: sum(r["accuracy"] for r, _ in v) / len(v) for m, v in methods.items()}
+        best = max(mean, key=mean.get)
+        best_ok = methods[best][0][1]
+        for m, v in methods.items():
+            vs_dense = [mcnemar(p, dense_ok) for _, p in v]
+            vs_best = [mcnemar(p, best_ok) for _, p in v] if m != best else []
+            entry = {"sparsity": s, "label": label, "method": m, "accuracy": mean[m], "n_seeds": len(v),
+                     "best": m == best, "vs_dense_diff": sum(t["diff"] for t in vs_dense) / len(v),
+                     "vs_dense_p": max(t["p_value"] for t in vs_dense),
+                     "vs_best_diff": (sum(t["diff"] for t in vs_best) / len(v)) if vs_best else 0.0,
+                     "vs_best_p": max(t["p_value"] for t in vs_best) if vs_best else None}
+            out.append(entry)
+            tests.append((entry, "vs_dense_p"))
+            if vs_best:
+                tests.append((entry, "vs_best_p"))
+    # Holm's step-down correction over every test in the table
+    order = sorted(range(len(tests)), key=lambda i: tests[i][0][tests[i][1]])
+    alpha, running, n = 1 - level, 0.0, len(tests)
+    for rank, i in enumerate(order):
+        entry, key = tests[i]
+        adjusted = min(1.0, max(running, (n - rank) * entry[key]))
+        running = adjusted
+        entry[key.replace("_p", "_p_holm")] = adjusted
+        entry[key.replace("_p", "_supported")] = adjusted < alpha
+    lines = [f"Paired comparisons on the same {len(dense_ok)} reviews (McNemar's exact test, Holm-corrected over "
+             f"{n} tests, {int(level * 100)}% level). 'indistinguishable' = not supported by the test.", "",
+             "| sparsity | method | accuracy % | vs dense (pts) | vs dense | vs best at this sparsity |",
+             "|---|---|---|---|---|---|"]
+    for e in out:
+        name = e["method"] + (f" ({e['label']})" if e["label"] else "") + (f", {e['n_seeds']} seeds" if e["n_seeds"] > 1 else "")
+        vd = f"p={e['vs_dense_p_holm']:.2g} " + ("**supported**" if e["vs_dense_supported"] else "indistinguishable")
+        vb = "best" if e["best"] else (f"{100 * e['vs_best_diff']:+.1f} pts, p={e['vs_best_p_holm']:.2g} " +
+                                       ("**supported**" if e["vs_best_supported"] else "indistinguishable"))
+        lines.append(f"| {e['sparsity']:.0%} | {name} | {100 * e['accuracy']:.1f} | {100 * e['vs_dense_diff']:+.1f} | "
+                     f"{vd} | {vb} |")
+    return {"level": level, "n_tests": n, "rows": out, "markdown": "\n".join(lines) + "\n"}

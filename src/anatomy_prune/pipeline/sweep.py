@@ -101,11 +101,19 @@ def load_config(path: str | Path) -> dict:
             check_params(row["method"], params)
         except UserError as exc:
             raise UserError(f"config '{path}' row {i}: {exc}") from None
+        defaults = get_scorer(row["method"]).params
         for k, v in params.items():
+            want = defaults.get(k)
             if k == "focus":
                 if not isinstance(v, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in v):
                     raise UserError(f"config '{path}' row {i}: focus must be a list of block numbers")
-            elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) and k != "score":
+            elif isinstance(want, bool):
+                if not isinstance(v, bool):
+                    raise UserError(f"config '{path}' row {i}: {k} must be true or false, got {v!r}")
+            elif isinstance(want, str):
+                if not isinstance(v, str):
+                    raise UserError(f"config '{path}' row {i}: {k} must be text, got {v!r}")
+            elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise UserError(f"config '{path}' row {i}: {k} must be a number, got {v!r}")
     return cfg
 
@@ -121,7 +129,7 @@ def config_points(cfg: dict, loaded: Loaded) -> list[dict]:
             continue
         params = {k: v for k, v in row.items() if k not in ("method", "family", "sparsity", "label")}
         if "focus" in params:
-            params["focus"] = map_focus(params["focus"], n_layers, depth)
+            params["focus"] = map_focus(params["focus"], n_layers, depth, mapping=params.get("focus_mapping", "depth"))
         label = row.get("label") or ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("method", "family"))
         points.append({"method": row["method"], "sparsity": row.get("sparsity"), "params": params, "label": str(label)})
     if not points:

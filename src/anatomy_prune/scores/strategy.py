@@ -28,18 +28,39 @@ PAPER_BETA = 0.001        # Figure 5a's BERT rows (most use 0.001)
 FOCUS_FACTOR = 3.0        # "we make alpha three times higher" on the focusing layers
 
 
-def default_focus(n_layers: int, decoder: bool) -> list[int]:
-    """The paper's focusing layers, chosen on 12 blocks, mapped by relative depth to `n_layers` blocks:
-    block f of 12 becomes round(f / 11 * (n_layers - 1)), so the first and last blocks stay first and last
-    (BERT's 4,6,8,10,11 -> 2,3,4,5 on 6 blocks; GPT-2's 11 -> the last block)."""
-    return map_focus(PAPER_FOCUS["decoder" if decoder else "encoder"], n_layers)
+FOCUS_MAPPINGS = ("depth", "coverage")
 
 
-def map_focus(focus: Sequence[int], n_layers: int, depth: int = PAPER_DEPTH) -> list[int]:
-    """Blocks given for a `depth`-block model, mapped by relative depth to an `n_layers`-block one."""
+def default_focus(n_layers: int, decoder: bool, mapping: str = "depth") -> list[int]:
+    """The paper's focusing layers, chosen on 12 blocks, mapped to `n_layers` blocks (see map_focus).
+    The default is "depth": every focusing block keeps its relative depth, so none is lost and the first and
+    last blocks stay first and last (BERT's 4,6,8,10,11 -> 2,3,4,5 on 6 blocks; GPT-2's 11 -> the last)."""
+    return map_focus(PAPER_FOCUS["decoder" if decoder else "encoder"], n_layers, mapping=mapping)
+
+
+def map_focus(focus: Sequence[int], n_layers: int, depth: int = PAPER_DEPTH, mapping: str = "depth") -> list[int]:
+    """Blocks given for a `depth`-block model, mapped to an `n_layers`-block one.
+
+    depth:    block f becomes round(f / (depth - 1) * (n_layers - 1)): every focusing block survives, so a
+              shallower model can end up with a larger share of focused blocks (4 of MiniLM's 6 for BERT's 5
+              of 12);
+    coverage: the share of focused blocks is kept: k = round(len(focus) * n_layers / depth) blocks (at least
+              one) are focused, those whose span of depth covers most of the paper's focusing blocks (ties go
+              to the deeper block): BERT's 4,6,8,10,11 -> 3,4,5 on 6 blocks, GPT-2's 11 -> 5."""
+    if mapping not in FOCUS_MAPPINGS:
+        raise UserError(f"unknown focus mapping '{mapping}'; choose one of {', '.join(FOCUS_MAPPINGS)}")
+    focus = sorted(set(int(f) for f in focus))
     if n_layers == depth:
-        return sorted(set(int(f) for f in focus))
-    return sorted({min(n_layers - 1, int(round(f / max(1, depth - 1) * (n_layers - 1)))) for f in focus})
+        return focus
+    if mapping == "depth":
+        return sorted({min(n_layers - 1, int(round(f / max(1, depth - 1) * (n_layers - 1)))) for f in focus})
+    k = max(1, math.floor(len(focus) * n_layers / depth + 0.5)) if focus else 0
+    covered = []
+    for b in range(n_layers):
+        lo, hi = b * depth / n_layers, (b + 1) * depth / n_layers
+        covered.append(sum(max(0.0, min(hi, f + 1) - max(lo, f)) for f in focus))
+    best = sorted(range(n_layers), key=lambda b: (-covered[b], -b))[:k]
+    return sorted(b for b in best if covered[b] > 0)
 
 
 def _check_focus(focus: Sequence[int], n_layers: int) -> list[int]:
@@ -52,13 +73,17 @@ def _check_focus(focus: Sequence[int], n_layers: int) -> list[int]:
 
 
 def strategy_thresholds(layer_sim: Tensor, alpha: float, beta: float, focus: Sequence[int],
-                        decoder: bool) -> Tensor:
+                        decoder: bool, signed: bool = False) -> Tensor:
     """The paper's per-block pruning thresholds: [n_layers].
 
     encoder: t_i = |layer_sim[i] * alpha * f_i + i * beta|;  decoder: t_i = |layer_sim[i] * alpha * f_i|,
     with f_i = 3 on the focusing blocks and 1 elsewhere. layer_sim[i] is the mean layer similarity of the
     readout state *entering* block i (index 0 = embeddings), the pairing the paper's Figure 4a numbers show
     (GPT-2's block 0 gets the embeddings' negative similarity).
+
+    signed (decoders): no absolute value, t_i = layer_sim[i] * alpha * f_i, so a block entered with a negative
+    layer similarity (GPT-2's block 0) has a negative threshold and loses nothing; this is what the paper's
+    Figure 4a shows for GPT-2 (block 0 spared), while its formula writes abs(). Default: the formula.
     """
     n = len(layer_sim) - 1  # layer_sim: [L+1]
     f = torch.ones(n, dtype=torch.float64)
@@ -66,7 +91,7 @@ def strategy_thresholds(layer_sim: Tensor, alpha: float, beta: float, focus: Seq
     t = layer_sim[:n].double() * alpha * f
     if not decoder:
         t = t + torch.arange(n, dtype=torch.float64) * beta
-    return t.abs()
+    return t if (signed and decoder) else t.abs()
 
 
 def _strategy_count(m: list[Tensor], t: Tensor) -> int:
@@ -74,11 +99,11 @@ def _strategy_count(m: list[Tensor], t: Tensor) -> int:
 
 
 def solve_alpha(m: list[Tensor], layer_sim: Tensor, n_remove: int, beta: float, focus: Sequence[int],
-                decoder: bool, iters: int = 80) -> float:
+                decoder: bool, iters: int = 80, signed: bool = False) -> float:
     """Smallest alpha (to bisection precision) at which the rule prunes at least `n_remove` neurons."""
     if n_remove <= 0:
         return 0.0
-    count = lambda a: _strategy_count(m, strategy_thresholds(layer_sim, a, beta, focus, decoder))  # noqa: E731
+    count = lambda a: _strategy_count(m, strategy_thresholds(layer_sim, a, beta, focus, decoder, signed))  # noqa: E731
     lo, hi = 0.0, 1e-3
     while count(hi) < n_remove:
         lo, hi = hi, hi * 2
@@ -96,10 +121,18 @@ def solve_alpha(m: list[Tensor], layer_sim: Tensor, n_remove: int, beta: float, 
 
 @register("strategy", "the paper's threshold rule on mean |neuron similarity| (alpha solved for the "
           "target sparsity, or given with beta and focus)", needs_sparsity=False,
-          alpha=None, beta=None, focus=None, multiple_of=1)
+          alpha=None, beta=None, focus=None, multiple_of=1, rule="paper", focus_mapping="depth", signed=False)
 def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | None = None,
-                    beta: float | None = None, focus: Sequence[int] | None = None, multiple_of: int = 1) -> Scores:
-    """Scores |sim| - t (double), with the allocation that reproduces the paper's rule (see the module doc)."""
+                    beta: float | None = None, focus: Sequence[int] | None = None, multiple_of: int = 1,
+                    rule: str = "paper", focus_mapping: str = "depth", signed: bool = False) -> Scores:
+    """Scores |sim| - t (double), with the allocation that reproduces the paper's rule (see the module doc).
+
+    Ablations (issue: what drives the strategy): rule="uniform" keeps the score (mean |similarity|) but
+    removes the same fraction of every layer (no thresholds, no focusing layers); focus=[] runs the rule
+    without focusing layers; focus_mapping="coverage" maps the paper's focusing layers by the share of depth
+    they cover (map_focus); signed=True is the decoder rule without abs() (see strategy_thresholds)."""
+    if rule not in ("paper", "uniform"):
+        raise UserError(f"unknown strategy rule '{rule}'; choose paper or uniform")
     decoder = calib.loaded.family.decoder
     stats = similarity_stats(calib)
     m, layer_sim = stats["neuron_abs"], stats["layer_sim"]
@@ -107,7 +140,13 @@ def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | N
     if decoder and beta not in (None, 0, 0.0):
         raise UserError("beta is part of the encoder rule only; the decoder rule is |neuron_sim| < |layer_sim * alpha|")
     beta = 0.0 if decoder else (PAPER_BETA if beta is None else _number(beta, "beta"))
-    focus = default_focus(n_layers, decoder) if focus is None else _check_focus(focus, n_layers)
+    if rule == "uniform":
+        if sparsity is None:
+            raise UserError("the uniform rule needs a target sparsity")
+        return Scores([x.double() for x in m], {"kind": "local", "multiple_of": multiple_of},
+                      {"rule": "uniform", "similarity": "mean over calibration inputs of |neuron_sim|",
+                       "calib_inputs": stats["n_inputs"]}, seed=calib.seed)
+    focus = default_focus(n_layers, decoder, focus_mapping) if focus is None else _check_focus(focus, n_layers)
     total = sum(int(x.numel()) for x in m)
     if alpha is not None and sparsity is not None:
         raise UserError("give the strategy either a target sparsity or alpha, not both")
@@ -115,14 +154,15 @@ def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | N
         raise UserError("the strategy needs a target sparsity (--sparsity) or its alpha (--alpha)")
     solved = alpha is None
     if solved:
-        alpha = solve_alpha(m, layer_sim, int(round(sparsity * total)), beta, focus, decoder)
+        alpha = solve_alpha(m, layer_sim, int(round(sparsity * total)), beta, focus, decoder, signed=signed)
     else:
         alpha = _number(alpha, "alpha")
         if alpha < 0:
             raise UserError(f"alpha must be a non-negative number, got {alpha}")
-    t = strategy_thresholds(layer_sim, float(alpha), beta, focus, decoder)
+    t = strategy_thresholds(layer_sim, float(alpha), beta, focus, decoder, signed=bool(signed))
     values = [mi.double() - ti for mi, ti in zip(m, t.tolist())]  # < 0: below the threshold, pruned by the rule
     params = {"alpha": float(alpha), "alpha_solved": solved, "beta": beta, "focus": focus,
+              "focus_mapping": focus_mapping, "signed": bool(signed) and decoder,
               "rule": "decoder" if decoder else "encoder", "thresholds": [round(x, 8) for x in t.tolist()],
               "layer_sim": [round(float(x), 6) for x in layer_sim.tolist()],
               "rule_removed_per_layer": [int((v < 0).sum()) for v in values],
