@@ -146,6 +146,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of all FFN neurons to remove, in [0, 1)")
     p.add_argument("--mode", default="mask", help="mask (zero, the paper's way) or physical (remove) (default: mask)")
+    p.add_argument("--quantize", default=None, choices=("int8",),
+                   help="then quantize the pruned model: int8 = torch's dynamic int8 Linear layers (CPU)")
     p.add_argument("--out", required=True, help="output folder")
     _force_arg(p)
     _method_param_args(p)
@@ -161,7 +163,7 @@ def _run_prune(args) -> int:
               mode=args.mode, plan_file=args.plan, compensate=args.compensate, calib_size=args.calib_size,
               calib_max_length=args.calib_max_length, calib_data=args.calib_data, data=args.data,
               eval_size=args.eval_size, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
-              seed=args.seed, device=args.device, force=args.force, dtype=args.dtype)
+              seed=args.seed, device=args.device, force=args.force, dtype=args.dtype, quantize=args.quantize)
     keys = ("accuracy", "perplexity", "latency_s", "n_eval", "sparsity", "neurons_removed", "params",
             "flops_per_token", "prune_s", "peak_mem_mb")
     print(json.dumps({"out": args.out, "method": m["method"], "mode": m["mode"],

@@ -12,10 +12,31 @@ from torch import nn
 
 from ..models.families import Conv1D, base_model, ffn_sites, ffn_widths, get_module, in_features, out_features
 from ..models.loading import Loaded
+from ..models.quantize import is_quantized_linear
+
+
+def _dims(mod: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a Linear, a Conv1D or a dynamically quantized Linear; None for other modules."""
+    if isinstance(mod, nn.Linear) or (Conv1D and isinstance(mod, Conv1D)):
+        return in_features(mod), out_features(mod)
+    if is_quantized_linear(mod):
+        return int(mod.in_features), int(mod.out_features)
+    return None
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, the int8 weights of quantized Linear layers included (they are packed, not parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    for mod in model.modules():
+        if is_quantized_linear(mod):
+            w, b = mod.weight(), mod.bias()
+            total += w.numel() + (b.numel() if b is not None else 0)
+    return total
+
+
+def _ffn_widths(model: nn.Module) -> list[int]:
+    base = base_model(model)
+    return [_dims(get_module(base, s.up[0]))[1] for s in ffn_sites(model)]
 
 
 def flops_per_token(model: nn.Module, seq_len: int = 128) -> int:
@@ -24,10 +45,11 @@ def flops_per_token(model: nn.Module, seq_len: int = 128) -> int:
     Embedding lookups are free; a decoder's LM head counts (it is a Linear)."""
     total = 0
     for mod in model.modules():
-        if isinstance(mod, nn.Linear) or (Conv1D and isinstance(mod, Conv1D)):
-            total += 2 * in_features(mod) * out_features(mod)
+        dims = _dims(mod)
+        if dims:
+            total += 2 * dims[0] * dims[1]
     cfg = base_model(model).config
-    total += 4 * seq_len * cfg.hidden_size * len(ffn_widths(model))
+    total += 4 * seq_len * cfg.hidden_size * len(ffn_sites(model))
     return int(total)
 
 
@@ -37,13 +59,13 @@ def ffn_flops_per_token(model: nn.Module) -> int:
     total = 0
     for site in ffn_sites(model):
         for path in site.up + (site.down,):
-            mod = get_module(base, path)
-            total += 2 * in_features(mod) * out_features(mod)
+            i, o = _dims(get_module(base, path))
+            total += 2 * i * o
     return int(total)
 
 
 def size_report(loaded: Loaded, seq_len: int = 128) -> dict:
-    widths = ffn_widths(loaded.model)
+    widths = _ffn_widths(loaded.model)
     return {"params": count_params(loaded.model), "ffn_widths": widths, "ffn_neurons": sum(widths),
             "flops_per_token": flops_per_token(loaded.model, seq_len),
             "ffn_flops_per_token": ffn_flops_per_token(loaded.model), "flops_seq_len": seq_len}

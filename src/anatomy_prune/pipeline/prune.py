@@ -34,7 +34,7 @@ def prune(model: str, out: str | Path, method: str | None = None, sparsity: floa
           compensate: bool = False, calib_size: int = CALIB_SIZE, calib_max_length: int = CALIB_MAX_LENGTH,
           calib_data: str | None = None, data: str = "imdb", eval_size: int = 1000, split: str = "test", batch_size: int = 32,
           max_length: int | None = None, seed: int = 0, device: str | None = None, progress: bool = True,
-          force: bool = False, dtype: str | None = None) -> dict:
+          force: bool = False, dtype: str | None = None, quantize: str | None = None) -> dict:
     """Prune `model` with a registered `method` (or apply the plan in `plan_file`) and write `out`.
 
     Returns the metrics written to `out/metrics.json`. Every check that needs no model runs first, and the
@@ -47,7 +47,7 @@ def prune(model: str, out: str | Path, method: str | None = None, sparsity: floa
     settings = dict(model=model, method=method, sparsity=sparsity, params=params, mode=mode,
                     plan=given.to_dict() if given else None, compensate=compensate, calib_size=calib_size,
                     calib_max_length=calib_max_length, calib_data=calib_data, data=data, eval_size=eval_size, split=split,
-                    batch_size=batch_size, max_length=max_length, seed=seed)
+                    batch_size=batch_size, max_length=max_length, seed=seed, quantize=quantize)
     with RunFolder(out, "prune", settings, force=force) as rf:
         loaded = load_model(model, device=device, dtype=dtype)
         eval_data = evaluation_set(loaded, data, eval_size, split)
@@ -55,7 +55,7 @@ def prune(model: str, out: str | Path, method: str | None = None, sparsity: floa
         calib = make_calibration(loaded, calib_size, calib_max_length, seed, calib_data, exclude=eval_data.texts) \
             if needs_data else Calibration(loaded, [], seed=seed, max_length=calib_max_length)
         res = prune_step(loaded, calib, method, sparsity=sparsity, params=params, plan=given, compensate=compensate,
-                         mode=mode, inplace=True)
+                         mode=mode, inplace=True, quantize=quantize, keep_float=True)
         plan = res.plan
         log.info("evaluating on %d texts", len(eval_data))
         result = evaluate(res.loaded, eval_data, batch_size, max_length, progress)
@@ -65,11 +65,11 @@ def prune(model: str, out: str | Path, method: str | None = None, sparsity: floa
                    **size_report(res.loaded), "sparsity": plan.sparsity, "target_sparsity": sparsity,
                    "method": plan.method, "plan_params": plan.params, "mode": mode,
                    "compensated": res.compensation is not None, "compensation": res.compensation,
-                   "prune_s": res.prune_s, "calib_size": len(calib.texts), "calib_max_length": calib.max_length,
+                   "prune_s": res.prune_s, "quantize": res.quantize, "calib_size": len(calib.texts), "calib_max_length": calib.max_length,
                    "calib_data": calib_data if needs_data else None, "seed": seed, "model": model,
                    "base_model": loaded.base_spec, "data": data, "split": split, "created": now_iso()}
         plan.save(rf.stage("plan.json"))
-        save_model(res.loaded, rf.stage("model"), plan=plan.to_dict(),
+        save_model(res.float_loaded or res.loaded, rf.stage("model"), plan=plan.to_dict(), quantize=res.quantize,
                    pruned={"method": plan.method, "mode": mode, "sparsity": plan.sparsity,
                            "compensated": res.compensation is not None},
                    max_length=result.get("max_length"))

@@ -15,6 +15,7 @@ from ..apply.compensate import check_recipe, compensate as refit
 from ..apply.modes import apply_plan, check_mode
 from ..errors import UserError
 from ..models.loading import Loaded
+from ..models.quantize import check_quantize, quantize_int8
 from ..plan.allocate import plan_from_scores
 from ..plan.plan import PruningPlan, check_sparsity
 from ..scores.calibration import DEFAULT_RIDGE, Calibration, ffn_input_stats
@@ -30,6 +31,8 @@ class PruneResult:
     compensation: dict | None    # the compensation's summary (None: not compensated)
     prune_s: float               # scores + plan + compensation, charged as a standalone run would pay
     scores: Scores | None = None # what the method scored (None when a plan was given)
+    quantize: str | None = None  # "int8": the pruned model was then quantized (dynamic int8 Linear layers)
+    float_loaded: Loaded | None = None  # the pruned float model before quantization (keep_float=True)
 
 
 def compensation_recipe(plan: PruningPlan, requested: bool) -> dict | None:
@@ -68,12 +71,18 @@ def needs_calibration(method: str | None, plan: PruningPlan | None, compensate_r
 
 def prune_step(loaded: Loaded, calib: Calibration, method: str | None = None, *, sparsity: float | None = None,
                params: dict | None = None, plan: PruningPlan | None = None, allocation: dict | None = None,
-               compensate: bool = False, mode: str = "physical", inplace: bool = False) -> PruneResult:
+               compensate: bool = False, mode: str = "physical", inplace: bool = False,
+               quantize: str | None = None, keep_float: bool = False) -> PruneResult:
     """Prune `loaded` with a registered method (or apply a given plan); see the module doc.
 
     Statistics come from `calib` (a sample for `loaded`, the unpruned model); they are cached there, so a
-    sweep computes each once. `allocation` overrides the method's own (e.g. {"kind": "global"})."""
+    sweep computes each once. `allocation` overrides the method's own (e.g. {"kind": "global"}).
+    quantize="int8" stacks dynamic int8 quantization on the pruned model (CPU; models.quantize); keep_float
+    also returns the float pruned model (what a saved folder stores)."""
     check_mode(mode)
+    quantize = check_quantize(quantize, loaded.device)
+    if quantize and loaded.dtype != "float32":
+        raise UserError(f"--quantize {quantize} runs in float32 around its int8 matrix multiplies; leave --dtype out")
     check_request(method, sparsity, params, plan)
     if calib.loaded.model is not loaded.model:
         raise ValueError("the calibration sample belongs to another model")
@@ -94,4 +103,9 @@ def prune_step(loaded: Loaded, calib: Calibration, method: str | None = None, *,
     apply_plan(work.model, plan, mode)
     log.info("%s: removed %d of %d FFN neurons (%.1f%%) in %.1f s", plan.method or "plan", plan.neurons_removed,
              sum(plan.widths), 100 * plan.sparsity, cost["seconds"])
-    return PruneResult(work, plan, report, cost["seconds"], scores)
+    float_loaded = None
+    if quantize:
+        float_loaded = copy_loaded(work) if keep_float else None
+        work = Loaded(quantize_int8(work.model), work.tokenizer, work.kind, work.spec,
+                      {**work.info, "quantize": quantize}, dtype=work.dtype)
+    return PruneResult(work, plan, report, cost["seconds"], scores, quantize, float_loaded)

@@ -133,3 +133,43 @@ def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, 
     params["target_sparsity"] = sparsity
     return PruningPlan(keep=keep, widths=[int(s.numel()) for s in scores.values], base_model=base_model,
                        method=method, params=params, seed=scores.seed if seed is None else seed)
+
+
+def keep_under_budget(values: dict[str, Sequence[Tensor]], costs: dict[str, Sequence[float]], base: float,
+                      budget: float, floor: float = 0.0, what: str = "the target") -> dict[str, list[int]]:
+    """How many units of each kind (e.g. "neurons", "heads") each layer keeps so that
+    base + sum(cost x kept) <= budget: units are removed lowest score-per-cost first, greedily (the
+    constraint-driven search of Kwon et al. 2022, with their Fisher scores, which are in loss units for
+    neurons and heads alike, so they compare across kinds). Every layer keeps at least `floor` of each
+    kind's units. A budget below what the floors (and `base`) leave is a UserError that names the best
+    reachable cost."""
+    pool_r, pool_k, pool_l = [], [], []
+    kinds = list(values)
+    counts = {k: [int(v.numel()) for v in values[k]] for k in kinds}
+    floors = {k: [int(math.ceil(floor * n)) for n in counts[k]] for k in kinds}
+    total = base + sum(c * n for k in kinds for c, n in zip(costs[k], counts[k]))
+    lowest = base + sum(c * f for k in kinds for c, f in zip(costs[k], floors[k]))
+    if budget < lowest - 1e-9 * max(1.0, abs(lowest)):
+        raise UserError(f"{what} is out of reach: pruning can bring the cost from {total:.4g} down to {lowest:.4g} "
+                        f"at best (a speedup of at most {total / max(lowest, 1e-30):.2f}x); ask for less")
+    for ki, k in enumerate(kinds):
+        for layer, (v, c) in enumerate(zip(values[k], costs[k])):
+            if c <= 0:
+                continue
+            s = torch.sort(v.detach().double().cpu()).values  # ascending: the first to go
+            removable = s[: max(0, counts[k][layer] - floors[k][layer])]
+            pool_r.append(removable / c)
+            pool_k.append(torch.full((removable.numel(),), ki, dtype=torch.long))
+            pool_l.append(torch.full((removable.numel(),), layer, dtype=torch.long))
+    kept = {k: list(counts[k]) for k in kinds}
+    excess = total - budget
+    if excess > 0 and pool_r:
+        ratio, kind_of, layer_of = torch.cat(pool_r), torch.cat(pool_k), torch.cat(pool_l)
+        order = torch.argsort(ratio, stable=True)
+        for i in order.tolist():
+            if excess <= 0:
+                break
+            k, layer = kinds[int(kind_of[i])], int(layer_of[i])
+            kept[k][layer] -= 1
+            excess -= costs[k][layer]
+    return kept

@@ -1,0 +1,93 @@
+"""Constraints rather than sparsities: cost models (FLOPs exact, latency fitted from timings), the budget
+allocator, and int8 quantization stacked on pruning (saved and reloaded)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from anatomy_prune import UserError, load_model
+from anatomy_prune.cli import main
+from anatomy_prune.evaluate.cost import flops_cost, latency_cost
+from anatomy_prune.evaluate.counts import count_params, flops_per_token
+from anatomy_prune.models.quantize import is_quantized_linear, quantize_int8
+from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.step import prune_step
+from anatomy_prune.plan.allocate import keep_under_budget
+from anatomy_prune.scores.calibration import Calibration
+
+from conftest import TEXTS, make_classifier
+
+
+def test_flops_cost_model_is_exact_for_ffn_widths():
+    loaded = load_model("tiny-bert", device="cpu")
+    cm = flops_cost(loaded, seq_len=128)
+    assert cm.dense == pytest.approx(flops_per_token(loaded.model, 128))
+    calib = Calibration(loaded, [], seed=0)
+    pruned = prune_step(loaded, calib, "magnitude", sparsity=0.5).loaded
+    from anatomy_prune.models.families import ffn_widths
+    assert cm.predict(ffn_widths(pruned.model)) == pytest.approx(flops_per_token(pruned.model, 128))
+
+
+def test_budget_allocator_meets_the_budget_lowest_score_per_cost_first():
+    g = torch.Generator().manual_seed(0)
+    values = {"neurons": [torch.rand(20, generator=g), torch.rand(20, generator=g) + 1.0],
+              "heads": [torch.rand(4, generator=g) * 4, torch.rand(4, generator=g) * 4]}
+    costs = {"neurons": [1.0, 1.0], "heads": [6.0, 6.0]}
+    kept = keep_under_budget(values, costs, base=10.0, budget=50.0)
+    cost = 10 + sum(kept["neurons"]) * 1.0 + sum(kept["heads"]) * 6.0
+    assert cost <= 50.0 and cost > 50.0 - 6.0           # met, and not by much more than one unit
+    assert kept["neurons"][0] < kept["neurons"][1]      # layer 1's neurons score higher: it keeps more
+    with pytest.raises(UserError, match="at most"):
+        keep_under_budget(values, costs, base=10.0, budget=5.0)
+    floor = keep_under_budget(values, costs, base=10.0, budget=40.0, floor=0.25)  # floors cost 10 + 10 + 12
+    assert min(floor["neurons"]) >= 5 and min(floor["heads"]) >= 1
+
+
+def test_latency_cost_model_is_fitted_from_timings():
+    loaded = load_model("tiny-bert", device="cpu")
+    cm = latency_cost(loaded, batch_size=2, seq_len=16, repeats=2)
+    assert cm.kind == "latency" and cm.dense > 0 and cm.base >= 0
+    assert {"dense", "ffn0.5", "ffn0.25"} <= set(cm.info["timed"])
+    assert all(v["median_s"] > 0 for v in cm.info["timed"].values())
+
+
+def test_int8_stacked_on_pruning_saves_and_reloads(tmp_path):
+    clf = make_classifier("tiny-gpt2")  # Conv1D projections: turned into Linear, then quantized
+    calib = Calibration(clf, TEXTS * 2, [1, 0, 1, 0] * 2, max_length=32, batch_size=4)
+    res = prune_step(clf, calib, "calibrated", sparsity=0.5, quantize="int8", keep_float=True)
+    q = res.loaded.model
+    assert res.quantize == "int8" and sum(is_quantized_linear(m) for m in q.modules()) >= 6
+    enc = clf.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out_q = q(**enc)
+        out_f = res.float_loaded.model(**enc)
+    assert torch.allclose(out_q, out_f, atol=0.2) and not torch.equal(out_q, out_f)
+    assert count_params(q) == count_params(res.float_loaded.model)  # int8 weights are counted too
+    folder = save_model(res.float_loaded, tmp_path / "m", plan=res.plan.to_dict(), quantize="int8")
+    again = load_model(str(folder), device="cpu")
+    assert any(is_quantized_linear(m) for m in again.model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(**enc), out_q)
+
+
+def test_quantize_refuses_a_gpu_and_unknown_kinds(tmp_path):
+    from anatomy_prune.models.quantize import check_quantize
+    with pytest.raises(UserError, match="device cpu"):
+        check_quantize("int8", torch.device("cuda"))
+    with pytest.raises(UserError, match="unknown --quantize"):
+        check_quantize("int4", torch.device("cpu"))
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it: one line, exit status 2
+        main(["prune", "--model", "tiny-bert", "--method", "magnitude", "--sparsity", "0.5", "--quantize", "int4",
+              "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_quantized_linear_modules_replace_every_nonempty_linear():
+    clf = make_classifier("tiny-bert")
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in clf.model.modules())
+    q = quantize_int8(clf.model)
+    assert sum(is_quantized_linear(m) for m in q.modules()) == n_linear
+    assert json.dumps({"ok": True})
