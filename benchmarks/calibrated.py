@@ -5,7 +5,7 @@ least-squares compensation) against the other registered methods, without retrai
     .venv/bin/python benchmarks/calibrated.py --part encoder --sparsities 0.5 0.7 --methods calibrated,magnitude
     .venv/bin/python benchmarks/calibrated.py --part lm --lm-eval-texts 40
 
-Encoder: the fine-tuned minilm IMDB classifier (runs/demo/model), accuracy on the 1,000 test reviews at
+Encoder: the fine-tuned minilm IMDB classifier (runs/demo/finetune), accuracy on the 1,000 test reviews at
 sparsities 0.1..0.9 for every method (each point one pipeline.prune_step on the same Calibration: the
 `calibrated` plan compensated by its own recipe, `METHOD+comp` with --compensate; physically pruned), plus
 `magnitude+comp` (magnitude with the same compensation) to separate selection from compensation.
@@ -37,7 +37,7 @@ from anatomy_prune.errors import UserError  # noqa: E402
 from anatomy_prune.evaluate import evaluate_classifier, perplexity  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
 from anatomy_prune.pipeline.step import prune_step  # noqa: E402
-from anatomy_prune.runfolder import write_json  # noqa: E402
+from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores import SCORERS, ffn_input_stats, make_calibration  # noqa: E402
 
 log = logging.getLogger("benchmarks.calibrated")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--part", choices=("encoder", "lm", "all"), default="all")
-    p.add_argument("--model", default="runs/demo/model", help="encoder model spec (default: runs/demo/model)")
+    p.add_argument("--model", default="runs/demo/finetune", help="encoder model spec (default: runs/demo/finetune)")
     p.add_argument("--methods", default="calibrated,random,magnitude,strategy,activation,magnitude+comp",
                    help="comma-separated; NAME+comp compensates NAME's plan; unregistered ones are skipped")
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-texts", type=int, default=40, help="held-out IMDB test reviews (default: 40)")
     p.add_argument("--lm-max-length", type=int, default=128, help="(default: 128)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="write into an --out folder of another run")
     p.add_argument("--out", default="runs/calibrated", help="(default: runs/calibrated)")
     return p
 
@@ -124,7 +125,7 @@ def _run_points(loaded, calib, methods: list[str], sparsities, stats_s: float, m
 def encoder_part(args) -> dict:
     loaded = load_model(args.model, device="cpu")
     if loaded.kind != "classifier":
-        raise UserError(f"--model must be a fine-tuned classifier (runs/demo/model), not a {loaded.kind}")
+        raise UserError(f"--model must be a fine-tuned classifier (runs/demo/finetune), not a {loaded.kind}")
     rss_load = _rss_mb()
     test = eval_set("imdb", args.eval_size)
     calib = make_calibration(loaded, args.calib_size, args.calib_max_length, seed=0, exclude=test.texts,
@@ -217,20 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "calibrated", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "settings": vars(args), "threads": torch.get_num_threads(), "load_start": _loadavg(),
               "note": "timings on a shared 2-core CPU under load from other jobs; see load averages"}
-    out = Path(args.out)
     try:
-        if args.part in ("encoder", "all"):
-            result["encoder"] = encoder_part(args)
-            write_json(out / "calibrated.json", result)
-        if args.part in ("lm", "all"):
-            result["lm"] = lm_part(args)
+        with RunFolder(args.out, "calibrated-benchmark", {**vars(args), "out": None}, force=args.force) as rf:
+            if args.part in ("encoder", "all"):
+                result["encoder"] = encoder_part(args)
+                rf.write_resume(result)  # the encoder part survives a failure of the decoder part
+            if args.part in ("lm", "all"):
+                result["lm"] = lm_part(args)
+            result["load_end"] = _loadavg()
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            rf.write_json(f"calibrated_{stamp}.json", result)
+            rf.write_json("calibrated.json", result)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result["load_end"] = _loadavg()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    write_json(out / f"calibrated_{stamp}.json", result)
-    write_json(out / "calibrated.json", result)
     print(table(result))
     return 0
 

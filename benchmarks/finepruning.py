@@ -4,7 +4,7 @@ the task metric, the time each took and the redundancy each leaves behind, besid
     .venv/bin/python benchmarks/finepruning.py                     # the documented run (defaults below)
     .venv/bin/python benchmarks/finepruning.py --model smollm2 --task lm --batch-size 2 --max-length 64 ...
 
-Default: the fine-tuned minilm IMDB classifier (runs/demo/model) fine-pruned to 50% of its FFN neurons on
+Default: the fine-tuned minilm IMDB classifier (runs/demo/finetune) fine-pruned to 50% of its FFN neurons on
 IMDB classification, 30 steps of 8 reviews x 128 tokens, accuracy on 200 held-out test reviews. Chosen by
 measuring one training step first on the shared 2-core CPU: smollm2 LM fine-pruning took ~90 s per step of
 4 x 128 tokens (so 100+ steps x 4 methods would take hours), minilm ~10 s per step of 8 x 128 under load.
@@ -42,7 +42,7 @@ PAPER = ("paper (GPT-2 / GPT-Neo on Wikitext-103, WikiSQL, SAMSum; numbers not r
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", default="runs/demo/model", help="model spec (default: runs/demo/model)")
+    p.add_argument("--model", default="runs/demo/finetune", help="model spec (default: runs/demo/finetune)")
     p.add_argument("--task", choices=("lm", "imdb"), default="imdb", help="(default: imdb)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
     p.add_argument("--sparsity", type=float, default=0.5, help="(default: 0.5)")

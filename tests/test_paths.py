@@ -1,0 +1,110 @@
+"""Paths that had no test before the refactor: the smoke demo end to end, `figures` (anatomy figures
+redrawn from saved files, never written into the run), `sweep --restart`, `--truncation tail`, and every
+benchmark script at tiny sizes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from anatomy_prune import load_model
+from anatomy_prune.cli import main
+
+from conftest import make_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", "--smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_smoke_demo_writes_every_step(smoke_demo):
+    names = {p.name for p in smoke_demo.iterdir() if not p.name.startswith(".anatomy-prune")}
+    assert names == {"finetune", "anatomy", "sweep", "metrics.json", "summary.json", "report.md"}
+    summary = json.loads((smoke_demo / "summary.json").read_text())
+    assert summary["sweep_rows"] >= 4 and set(summary["timings"]) == {"finetune_s", "evaluate_s", "anatomy_s", "sweep_s"}
+    report = (smoke_demo / "report.md").read_text()
+    assert "Paired comparisons" in report and "anatomy/figures/layer_similarity.png" in report
+    assert load_model(str(smoke_demo / "finetune"), device="cpu").kind == "classifier"
+    # a second run with the same settings reuses the fine-tune and leaves it untouched
+    before = (smoke_demo / "finetune" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(["demo", "--smoke", "--out", str(smoke_demo)]) == 0
+    assert (smoke_demo / "finetune" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_figures_gathers_and_redraws_without_writing_into_the_run(smoke_demo, tmp_path):
+    run_files = {p: p.stat().st_mtime_ns for p in smoke_demo.rglob("*") if p.is_file()}
+    out = tmp_path / "figs"
+    assert main(["figures", "--run", str(smoke_demo), "--out", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "demo_anatomy_layer_similarity.png" in pngs and "demo_sweep_accuracy_vs_sparsity.png" in pngs
+    assert all((out / p).stat().st_size > 1000 for p in pngs)
+    assert {p: p.stat().st_mtime_ns for p in smoke_demo.rglob("*") if p.is_file()} == run_files
+
+
+def test_sweep_restart_ignores_a_stopped_sweep(tmp_path, monkeypatch, tiny_csv):
+    import anatomy_prune.pipeline.sweep as sweep
+    from anatomy_prune.models.saved import save_model
+
+    clf = save_model(make_classifier("tiny-bert"), tmp_path / "clf", max_length=32)
+    real, calls = sweep.evaluate, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    kw = dict(methods=["magnitude"], sparsities=[0.3, 0.6], out_dir=tmp_path / "sw", eval_size=24, data=str(tiny_csv),
+              figures=False, progress=False, calib_size=8)
+    monkeypatch.setattr(sweep, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(str(clf), **kw)
+    monkeypatch.setattr(sweep, "evaluate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls.clear()
+    sweep.run_sweep(str(clf), resume=False, **kw)   # --restart: every point again
+    assert len(calls) == 3
+
+
+def test_truncation_tail_keeps_the_end_of_a_long_review(tmp_path, tiny_csv):
+    assert main(["finetune", "--preset", "smoke", "--data", str(tiny_csv), "--train-size", "8", "--val-size", "2",
+                 "--test-size", "2", "--max-length", "16", "--truncation", "tail", "--out", str(tmp_path / "ft")]) == 0
+    loaded = load_model(str(tmp_path / "ft"), device="cpu")
+    text = " ".join(f"word{i}" for i in range(200)) + " the ending was superb"
+    full = loaded.tokenizer(text)["input_ids"]
+    cut = loaded.tokenizer(text, truncation=True, max_length=16)["input_ids"]
+    assert len(cut) == 16 and cut[-6:] == full[-6:] and cut[1:4] != full[1:4]
+
+
+def test_benchmark_scripts_run_at_tiny_sizes(tmp_path, tiny_csv):
+    from anatomy_prune.models.saved import save_model
+
+    clf = str(save_model(make_classifier("tiny-bert"), tmp_path / "clf", max_length=32))
+    assert bench("latency").main(["--quick", "--model", "tiny-bert", "--sparsities", "0.5", "--repeats", "1",
+                                  "--out", str(tmp_path / "lat"), "--no-progress", "--no-figure"]) == 0
+    assert json.loads((tmp_path / "lat" / "latency.json").read_text())["results"][0]["rows"]
+    assert bench("calibrated").main(["--part", "all", "--model", clf, "--methods", "calibrated,magnitude+comp",
+                                     "--sparsities", "0.5", "--calib-size", "8", "--eval-size", "16",
+                                     "--lm-model", "tiny-llama", "--lm-methods", "calibrated", "--lm-sparsities", "0.5",
+                                     "--lm-calib-size", "4", "--lm-eval-texts", "8", "--lm-max-length", "32",
+                                     "--out", str(tmp_path / "cal")]) == 0
+    assert bench("heldout").main(["--model", clf, "--methods", "magnitude", "--n", "16", "--calib-size", "8",
+                                  "--out", str(tmp_path / "held")]) == 0
+    assert (tmp_path / "held.md").read_text().count("magnitude") >= 2
+    assert bench("finepruning").main(["--model", "tiny-llama", "--task", "lm", "--methods", "random,gum",
+                                      "--steps", "10", "--batch-size", "2", "--max-length", "16", "--train-size", "40",
+                                      "--eval-size", "8", "--analysis-size", "2", "--out", str(tmp_path / "fp")]) == 0
+    assert json.loads((tmp_path / "fp" / "finepruning.json").read_text())["rows"][1]["method"] == "gum"
