@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
+from ..models.families import attention_sites, base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from ..plan.plan import PruningPlan
 from ..scores.calibration import DEFAULT_RIDGE, FFNStats
 
@@ -126,6 +126,69 @@ def layer_gram(stats: FFNStats, layer: int, readout_mix: float = 0.0) -> tuple[T
 
 
 @torch.no_grad()
+def refit_projection(proj: nn.Module, g: Tensor, keep: list[int], removed: list[int], *, ridge: float,
+                     intercept: bool | None, n_samples: float, layer: int) -> dict:
+    """Fold the least-squares reconstruction of a projection's removed inputs (from its kept inputs and a
+    constant, the Gram `g` of [x; 1] over the calibration tokens) into its kept input columns and its bias,
+    in place. The FFN's down projection (inputs = neurons) and the attention's output projection (inputs =
+    the heads' context features) are refitted alike. Returns the layer's diagnostics."""
+    w_view = weight_out_in(proj)                                          # [d_out, d_in] (a view)
+    bias = getattr(proj, "bias", None)
+    has_bias = bias is not None
+    use_c = has_bias if intercept is None else (intercept and has_bias)
+    d = g.shape[0] - 1
+    w = w_view.detach().double().cpu()
+    b = bias.detach().double().cpu() if has_bias else torch.zeros(w.shape[0], dtype=torch.float64)
+    wz = torch.cat([w, b[:, None]], dim=1)                                 # [d_out, d_in+1]
+    total = _quad(wz, g)
+    entry = {"layer": layer, "kept": len(keep), "removed": len(removed), "intercept": use_c}
+    if not removed:
+        entry.update(rel_err_removed=0.0, rel_err_compensated=0.0, ridge=0.0, ill_posed=False)
+        return entry
+    coef, info = fit_removed(g, keep, removed, intercept=use_c, ridge=ridge, layer=layer, n_samples=n_samples)
+    cols = list(keep) + ([d] if use_c else [])
+    kidx, ridx = torch.tensor(cols, dtype=torch.long), torch.tensor(removed, dtype=torch.long)
+    w_r = w[:, ridx]                                                      # [d_out, |R|]
+    g_rr, g_kr, g_kk = g[ridx][:, ridx], g[kidx][:, ridx], g[kidx][:, kidx]
+    before = _quad(w_r, g_rr)
+    delta = w_r @ coef.t()                                                # [d_out, |K| (+1)]
+    # sum over tokens of ||W_R x_R - delta z_K||^2, expanded in Gram blocks
+    after = before - 2 * float(((delta @ g_kr) * w_r).sum()) + _quad(delta, g_kk)
+    if keep:
+        new_w = w.clone()
+        new_w[:, keep] += delta[:, : len(keep)]
+        w_view[:, torch.tensor(keep, dtype=torch.long, device=w_view.device)] = new_w[:, keep].to(
+            w_view.dtype).to(w_view.device)
+    if use_c:
+        bias += delta[:, -1].to(bias.dtype).to(bias.device)
+    entry.update(rel_err_removed=before / max(total, 1e-30), rel_err_compensated=after / max(total, 1e-30), **info)
+    return entry
+
+
+@torch.no_grad()
+def compensate_heads(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: float = DEFAULT_RIDGE) -> dict:
+    """The same least-squares refit for attention heads: each layer's removed heads' context features are
+    rebuilt from the kept heads' (and a constant carried by the output projection's bias, where it has one)
+    and folded into the output projection, in place, on the UNPRUNED model (Kwon et al.'s layer-wise mask
+    tuning, as a closed-form refit). Returns per-layer diagnostics as `compensate` does."""
+    if plan.heads is None:
+        return {"layers": [], "mean_rel_err_removed": 0.0, "mean_rel_err_compensated": 0.0}
+    if stats.head_gram is None:
+        raise ValueError("compensating heads needs statistics collected with heads=True")
+    base = base_model(model)
+    layers = []
+    for site in attention_sites(model):
+        kept_units = list(plan.heads[site.layer])
+        gone = [u for u in range(site.n_units) if u not in set(kept_units)]
+        g = stats.head_gram[site.layer]
+        layers.append(refit_projection(get_module(base, site.o), g, site.q_features(kept_units), site.q_features(gone),
+                                       ridge=ridge, intercept=None, n_samples=float(g[-1, -1]), layer=site.layer))
+    mean = lambda k: sum(e[k] for e in layers) / max(1, len(layers))  # noqa: E731
+    return {"layers": layers, "mean_rel_err_removed": mean("rel_err_removed"),
+            "mean_rel_err_compensated": mean("rel_err_compensated")}
+
+
+@torch.no_grad()
 def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: float = DEFAULT_RIDGE,
                intercept: bool | None = None, readout_mix: float = 0.0) -> dict:
     """Fold a least-squares reconstruction of each layer's removed neurons into its kept down-projection
@@ -144,42 +207,10 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: floa
     base = base_model(model)
     layers = []
     for site in ffn_sites(model):
-        down = get_module(base, site.down)
-        keep, removed = list(plan.keep[site.layer]), plan.removed(site.layer)
-        w_view = weight_out_in(down)                                          # [d_model, d_ff] (a view)
-        bias = getattr(down, "bias", None)
-        has_bias = bias is not None
-        use_c = has_bias if intercept is None else (intercept and has_bias)
         g, n_samples = layer_gram(stats, site.layer, readout_mix)             # [d_ff+1, d_ff+1]
-        d = g.shape[0] - 1
-        w = w_view.detach().double().cpu()
-        b = bias.detach().double().cpu() if has_bias else torch.zeros(w.shape[0], dtype=torch.float64)
-        wz = torch.cat([w, b[:, None]], dim=1)                                 # [d_model, d_ff+1]
-        total = _quad(wz, g)
-        entry = {"layer": site.layer, "kept": len(keep), "removed": len(removed), "intercept": use_c}
-        if not removed:
-            entry.update(rel_err_removed=0.0, rel_err_compensated=0.0, ridge=0.0, ill_posed=False)
-            layers.append(entry)
-            continue
-        coef, info = fit_removed(g, keep, removed, intercept=use_c, ridge=ridge, layer=site.layer,
-                                 n_samples=n_samples)
-        cols = list(keep) + ([d] if use_c else [])
-        kidx, ridx = torch.tensor(cols, dtype=torch.long), torch.tensor(removed, dtype=torch.long)
-        w_r = w[:, ridx]                                                      # [d_model, |R|]
-        g_rr, g_kr, g_kk = g[ridx][:, ridx], g[kidx][:, ridx], g[kidx][:, kidx]
-        before = _quad(w_r, g_rr)
-        delta = w_r @ coef.t()                                                # [d_model, |K| (+1)]
-        # sum over tokens of ||W_R h_R - delta z_K||^2, expanded in Gram blocks
-        after = before - 2 * float(((delta @ g_kr) * w_r).sum()) + _quad(delta, g_kk)
-        new_w = w.clone()
-        new_w[:, keep] += delta[:, : len(keep)]
-        w_view[:, torch.tensor(keep, dtype=torch.long, device=w_view.device)] = new_w[:, keep].to(
-            w_view.dtype).to(w_view.device)
-        if use_c:
-            bias += delta[:, -1].to(bias.dtype).to(bias.device)
-        entry.update(rel_err_removed=before / max(total, 1e-30), rel_err_compensated=after / max(total, 1e-30),
-                     **info)
-        layers.append(entry)
+        layers.append(refit_projection(get_module(base, site.down), g, list(plan.keep[site.layer]),
+                                       plan.removed(site.layer), ridge=ridge, intercept=intercept,
+                                       n_samples=n_samples, layer=site.layer))
     mean = lambda k: sum(e[k] for e in layers) / max(1, len(layers))  # noqa: E731
     report = {"layers": layers, "ridge": ridge, "readout_mix": readout_mix, "n_tokens": stats.n_tokens,
               "mean_rel_err_removed": mean("rel_err_removed"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models.families import Conv1D, base_model, ffn_sites, ffn_widths, get_module, in_features, out_features
+from ..models.families import Conv1D, attention_sites, base_model, ffn_sites, ffn_widths, get_module, in_features, out_features
 from ..models.loading import Loaded
 from ..models.quantize import is_quantized_linear
 
@@ -41,15 +41,15 @@ def _ffn_widths(model: nn.Module) -> list[int]:
 
 def flops_per_token(model: nn.Module, seq_len: int = 128) -> int:
     """Forward FLOPs per token of the transformer blocks and heads: 2 * in * out for every Linear / Conv1D
-    applied to each token, plus attention's scores and weighted sum (4 * seq_len * d_model per layer).
-    Embedding lookups are free; a decoder's LM head counts (it is a Linear)."""
+    applied to each token, plus attention's scores and weighted sum (4 * seq_len * head_dim per query head
+    kept, per layer; 4 * seq_len * d_model for an unpruned layer). Embedding lookups are free; a decoder's
+    LM head counts (it is a Linear)."""
     total = 0
     for mod in model.modules():
         dims = _dims(mod)
         if dims:
             total += 2 * dims[0] * dims[1]
-    cfg = base_model(model).config
-    total += 4 * seq_len * cfg.hidden_size * len(ffn_sites(model))
+    total += sum(4 * seq_len * s.n_heads * s.head_dim for s in attention_sites(model))
     return int(total)
 
 

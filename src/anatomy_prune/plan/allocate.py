@@ -131,8 +131,36 @@ def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, 
     if scores.compensation is not None:
         params.update(compensate=True, **scores.compensation)
     params["target_sparsity"] = sparsity
+    heads = head_widths = None
+    if scores.head_values is not None and scores.head_sparsity is not None:
+        hs = check_sparsity(scores.head_sparsity, "head_sparsity")
+        head_counts = keep_counts(scores.head_values, hs, {"kind": "global", "floor": a["floor"], "normalize": "none"})
+        heads = select(scores.head_values, head_counts)
+        head_widths = [int(v.numel()) for v in scores.head_values]
+        params["head_sparsity"] = hs
     return PruningPlan(keep=keep, widths=[int(s.numel()) for s in scores.values], base_model=base_model,
-                       method=method, params=params, seed=scores.seed if seed is None else seed)
+                       method=method, params=params, seed=scores.seed if seed is None else seed,
+                       heads=heads, head_widths=head_widths)
+
+
+def plan_under_budget(scores: Scores, costs: dict, base: float, budget: float, *, floor: float = 0.0,
+                      base_model: str = "", method: str = "", seed: int | None = None, what: str = "the target",
+                      params: dict | None = None) -> PruningPlan:
+    """A plan whose cost (base + per-unit costs of what it keeps) is within `budget`: FFN neurons and, where
+    the scores have them, head units compete in one ranking by score per cost (keep_under_budget).
+    costs: {"neurons": [per layer], "heads": [per layer]}."""
+    values = {"neurons": scores.values}
+    if scores.head_values is not None:
+        values["heads"] = scores.head_values
+    kept = keep_under_budget(values, {k: costs[k] for k in values}, base, budget, floor=floor, what=what)
+    keep = select(scores.values, kept["neurons"])
+    heads = select(scores.head_values, kept["heads"]) if "heads" in kept else None
+    p = {**scores.params, **(params or {}), "allocation": "budget", "floor": floor, "budget": budget, "base_cost": base}
+    if scores.compensation is not None:
+        p.update(compensate=True, **scores.compensation)
+    return PruningPlan(keep=keep, widths=[int(v.numel()) for v in scores.values], base_model=base_model, method=method,
+                       params=p, seed=scores.seed if seed is None else seed, heads=heads,
+                       head_widths=[int(v.numel()) for v in scores.head_values] if heads is not None else None)
 
 
 def keep_under_budget(values: dict[str, Sequence[Tensor]], costs: dict[str, Sequence[float]], base: float,

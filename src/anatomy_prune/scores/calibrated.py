@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..models.families import base_model, ffn_sites, get_module, weight_out_in
+from ..models.families import attention_sites, base_model, ffn_sites, get_module, weight_out_in
 from .calibration import DEFAULT_RIDGE, Calibration, FFNStats, ffn_input_stats
 from .registry import Scores, register
 
@@ -111,28 +111,81 @@ def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0
     return scores
 
 
+def head_removal_error(model, stats: FFNStats) -> list[Tensor]:
+    """Per head unit, the mean squared error its removal leaves in the attention output per token, before
+    any refit: trace(W_u C_u W_u^T), W_u the output projection's columns of the unit's heads and C_u the
+    (centred, where the projection has a bias to carry the mean) second moment of their context: [units]."""
+    base = base_model(model)
+    errs = []
+    for site, g in zip(attention_sites(model), stats.head_gram):
+        o = get_module(base, site.o)
+        w = weight_out_in(o).detach().double().cpu()                          # [d_model, heads*head_dim]
+        n = float(g[-1, -1].clamp(min=1.0))
+        m2 = g[:-1, :-1] / n
+        if getattr(o, "bias", None) is not None:
+            mu = g[:-1, -1] / n
+            m2 = m2 - torch.outer(mu, mu)
+        out = []
+        for u in range(site.n_units):
+            cols = torch.tensor(site.q_features([u]), dtype=torch.long)
+            wu = w[:, cols]
+            out.append(float(((wu @ m2[cols][:, cols]) * wu).sum()))
+        errs.append(torch.tensor(out, dtype=torch.float32).clamp(min=0.0))
+    return errs
+
+
+def joint_scores(stats: FFNStats, model, score: str = "fisher", beta: float = DEFAULT_BETA, rebuilt: bool = True,
+                 ridge: float = DEFAULT_RIDGE) -> tuple[list[Tensor], list[Tensor]]:
+    """Scores of FFN neurons and attention head units on one scale, so one ranking (or one budget) covers
+    both: Fisher information of each unit's mask (loss units for both kinds) divided by its mean over all
+    units, plus beta x the error its removal leaves divided by that error's mean over all units."""
+    if stats.head_fisher is None:
+        raise ValueError("joint scores need statistics collected with heads=True")
+    f_n = [(t.abs() if score == "taylor" else f).float() for f, t in zip(stats.fisher, stats.taylor)]
+    f_h = [(t.abs() if score == "taylor" else f).float() for f, t in zip(stats.head_fisher, stats.head_taylor)]
+    f_mean = torch.cat(f_n + f_h).mean().clamp(min=1e-30)
+    neurons, heads = [f / f_mean for f in f_n], [f / f_mean for f in f_h]
+    if beta > 0:
+        e_n = removal_error(model, stats, rebuilt, ridge)
+        e_h = head_removal_error(model, stats)
+        e_mean = torch.cat(e_n + e_h).mean().clamp(min=1e-30)
+        neurons = [s + beta * e / e_mean for s, e in zip(neurons, e_n)]
+        heads = [s + beta * e / e_mean for s, e in zip(heads, e_h)]
+    return neurons, heads
+
+
 @register("calibrated", "Fisher sensitivity of each neuron on the calibration set plus the error its removal "
           "leaves after compensation, per-layer budgets from one global ranking with a floor per layer, and "
           "least-squares compensation folded into the down projection (prune applies it)",
           floor=None, score="fisher", beta=DEFAULT_BETA, rebuilt=True, normalize="none", ridge=DEFAULT_RIDGE,
-          readout_mix=DEFAULT_READOUT_MIX)
+          readout_mix=DEFAULT_READOUT_MIX, heads=False, head_sparsity=None)
 def calibrated_scores(calib: Calibration, sparsity: float, floor: float | None = None, score: str = "fisher",
                       beta: float = DEFAULT_BETA, rebuilt: bool = True, normalize: str = "none",
-                      ridge: float = DEFAULT_RIDGE, readout_mix: float = DEFAULT_READOUT_MIX) -> Scores:
+                      ridge: float = DEFAULT_RIDGE, readout_mix: float = DEFAULT_READOUT_MIX, heads: bool = False,
+                      head_sparsity: float | None = None) -> Scores:
     """Scores, a global allocation with a floor, and the compensation recipe (ridge, readout_mix).
 
-    floor=None: auto_floor(sparsity); a given floor that the sparsity cannot respect is a UserError."""
+    floor=None: auto_floor(sparsity); a given floor that the sparsity cannot respect is a UserError.
+    heads=True (or a head_sparsity) also scores the attention head units on the same scale as the neurons
+    (joint_scores), for a target that prunes both (pipeline.step with a FLOP or latency target) or for
+    head_sparsity, the fraction of head units removed (one ranking over all layers, the same floor)."""
     beta, ridge, readout_mix = (_number(beta, "beta", 0.0), _number(ridge, "ridge", 0.0),
                                 _number(readout_mix, "readout_mix", 0.0, 1.0))
-    stats = ffn_input_stats(calib.loaded, calib, grads=True)
+    heads = bool(heads) or head_sparsity is not None
+    stats = ffn_input_stats(calib.loaded, calib, grads=True, heads=heads)
     if stats.readout_gram is None:
         readout_mix = 0.0   # only classifiers read one token out
-    floor_used = auto_floor(sparsity) if floor is None else float(floor)
-    values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge)
+    floor_used = auto_floor(sparsity if sparsity is not None else 0.0) if floor is None else float(floor)
+    head_values = None
+    if heads:
+        values, head_values = joint_scores(stats, calib.loaded.model, score, beta, rebuilt, ridge)
+    else:
+        values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge)
     params = dict(score=score, beta=beta, rebuilt=rebuilt, floor_auto=floor is None, calib_inputs=stats.n_examples,
                   calib_tokens=stats.n_tokens, calib_max_length=stats.info.get("max_length"))
     return Scores(values, {"kind": "global", "floor": floor_used, "normalize": normalize}, params,
-                  compensation={"ridge": ridge, "readout_mix": readout_mix}, seed=calib.seed)
+                  compensation={"ridge": ridge, "readout_mix": readout_mix}, seed=calib.seed, head_values=head_values,
+                  head_sparsity=head_sparsity)
 
 
 def _number(x, what: str, lo: float, hi: float = math.inf) -> float:

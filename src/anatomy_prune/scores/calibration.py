@@ -8,6 +8,7 @@ the Fisher / Taylor sums of a per-neuron mask under the task or LM loss (Kwon et
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from ..data.batches import batches, to_device
 from ..data.splits import CALIB_SIZE, calibration_set
 from ..errors import UserError
 from ..hooks import capture_ffn_hidden, layer_of, run_with_hooks
-from ..models.families import ffn_sites, ffn_widths, readout_index
+from ..models.families import attention_sites, ffn_sites, ffn_widths, readout_index
 from ..models.loading import Loaded
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,12 @@ class FFNStats:
     loss: float | None = None           # mean calibration loss (task or LM) when gradients were taken
     readout_gram: list[Tensor] | None = None  # classifiers: the same Gram over readout tokens only
     info: dict = field(default_factory=dict)
+    # attention heads (with heads=True): per layer, the Fisher / Taylor sums of a per-unit mask (a head, or a
+    # key/value group under grouped-query attention) and the Gram of [c; 1], c = what the attention's output
+    # projection receives (the heads' concatenated context), for least-squares compensation of heads
+    head_fisher: list[Tensor] | None = None   # per layer [units]
+    head_taylor: list[Tensor] | None = None   # per layer [units]
+    head_gram: list[Tensor] | None = None     # per layer [heads*head_dim+1, heads*head_dim+1] float64
 
     @property
     def widths(self) -> list[int]:
@@ -186,6 +193,25 @@ class FFNStats:
         return [int(round(g[-1, -1].item())) for g in self.gram]
 
 # --- one pass over the calibration set ------------------------------------------------------------
+
+@contextmanager
+def head_masks(model: nn.Module) -> Iterator[list[list[Tensor]]]:
+    """Multiply each attention's per-head context by a per-example mask of ones per head unit (a head, or a
+    key/value group with all its query heads) that requires grad; yields per layer the masks
+    ([batch, units] each), whose .grad after a backward is dL/dm for each example and unit."""
+    sites = attention_sites(model)
+    store: list[list[Tensor]] = [[] for _ in sites]
+
+    def apply_mask(x: Tensor, point: str) -> Tensor:                   # x: [batch, pos, heads*head_dim]
+        site = sites[layer_of(point)]
+        u = site.n_units
+        m = torch.ones(x.shape[0], u, device=x.device, dtype=x.dtype, requires_grad=True)
+        store[site.layer].append(m)
+        return (x.view(*x.shape[:2], u, -1) * m[:, None, :, None]).view_as(x)
+
+    with run_with_hooks(model, {"attn.*.heads": apply_mask}):
+        yield store
+
 
 @contextmanager
 def neuron_masks(model: nn.Module) -> Iterator[list[list[Tensor]]]:
@@ -226,7 +252,7 @@ def _loss(loaded: Loaded, batch: dict) -> Tensor:
 
 
 def ffn_input_stats(loaded: Loaded, calib, *, grads: bool | None = None, progress: bool = True,
-                    cache: bool = True) -> FFNStats:
+                    cache: bool = True, heads: bool = False) -> FFNStats:
     """One pass over `calib` (a methods.Calibration): per layer the Gram matrix of [h; 1] over non-padding
     tokens (h: what the down projection receives), and, with `grads`, the Fisher / Taylor sums of a
     per-neuron mask under the task loss (classifier, labels from calib.labels) or the LM loss.
@@ -234,6 +260,7 @@ def ffn_input_stats(loaded: Loaded, calib, *, grads: bool | None = None, progres
     grads=None takes gradients when the model has a loss (classifier with labels, causal LM). The result is
     kept on the Calibration (`calib.cached`, statistics of the unpruned model), so the prune pipeline's call
     after the `calibrated` method, or a sweep's next sparsity, reuses it; `cache=False` always recomputes.
+    heads=True also collects the attention heads' statistics (FFNStats.head_*), with gradients.
     """
     can_grad = loaded.kind == "causal-lm" or (loaded.kind == "classifier" and calib.labels is not None)
     if grads is None:
@@ -242,16 +269,20 @@ def ffn_input_stats(loaded: Loaded, calib, *, grads: bool | None = None, progres
         _loss(loaded, {})  # raises the UserError that says why
     if not calib.texts:
         raise UserError("the calibration set is empty; give at least one text")
+    if heads and not grads:
+        raise ValueError("head statistics are collected with gradients")
     shared = cache and hasattr(calib, "cached") and calib.loaded.model is loaded.model
     if not shared:
-        return _collect(loaded, calib, grads, progress)
-    if not grads and "ffn_stats+grads" in calib.cache:  # statistics with gradients serve without too
+        return _collect(loaded, calib, grads, progress, heads)
+    if "ffn_stats+grads+heads" in calib.cache:  # the fullest statistics serve every request
+        return calib.cached("ffn_stats+grads+heads", lambda: None)
+    if not heads and not grads and "ffn_stats+grads" in calib.cache:  # with gradients serve without too
         return calib.cached("ffn_stats+grads", lambda: None)
-    key = "ffn_stats+grads" if grads else "ffn_stats"
-    return calib.cached(key, lambda: _collect(loaded, calib, grads, progress))
+    key = "ffn_stats+grads+heads" if heads else ("ffn_stats+grads" if grads else "ffn_stats")
+    return calib.cached(key, lambda: _collect(loaded, calib, grads, progress, heads))
 
 
-def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
+def _collect(loaded: Loaded, calib, grads: bool, progress: bool, heads: bool = False) -> FFNStats:
     model = loaded.model
     widths = ffn_widths(model)
     dev = loaded.device
@@ -260,6 +291,11 @@ def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
     acc_ro = [torch.zeros(w + 1, w + 1, dtype=torch.float64, device=dev) for w in widths] if readout else None
     fisher = [torch.zeros(w, dtype=torch.float64, device=dev) for w in widths] if grads else None
     taylor = [torch.zeros(w, dtype=torch.float64, device=dev) for w in widths] if grads else None
+    sites = attention_sites(model) if heads else []
+    h_acc = [torch.zeros(s.n_heads * s.head_dim + 1, s.n_heads * s.head_dim + 1, dtype=torch.float64, device=dev)
+             for s in sites]
+    h_fisher = [torch.zeros(s.n_units, dtype=torch.float64, device=dev) for s in sites]
+    h_taylor = [torch.zeros(s.n_units, dtype=torch.float64, device=dev) for s in sites]
     state: dict = {}
 
     def gram(h: Tensor) -> Tensor:  # h: [tokens, d_ff] -> [d_ff+1, d_ff+1], float32 (one batch's sum)
@@ -270,6 +306,9 @@ def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
         ro = gram(x[torch.arange(x.shape[0], device=x.device), state["readout"]]) if readout else None
         return gram(x[state["mask"]]), ro
 
+    def head_gram(x: Tensor, point: str) -> None:  # x: [batch, pos, heads*head_dim], accumulated in float64
+        h_acc[layer_of(point)] += gram(x.detach()[state["mask"]])
+
     requires = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.eval()
@@ -279,14 +318,16 @@ def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
     try:
         for p in model.parameters():
             p.requires_grad_(False)  # only activation gradients are needed: no weight-gradient matmuls
-        with capture_ffn_hidden(model, gram_of_tokens) as store:
+        with capture_ffn_hidden(model, gram_of_tokens) as store, \
+                run_with_hooks(model, {"attn.*.heads": head_gram} if heads else {}):
             n_batches = math.ceil(len(calib.texts) / calib.batch_size)
             for batch in tqdm(calib.batches(with_labels=grads and loaded.kind == "classifier"),
                               total=n_batches, desc="calibration", disable=not progress, leave=False):
                 state["mask"] = batch["attention_mask"].bool()                     # [batch, pos]
                 state["readout"] = readout_index(loaded.family, batch["attention_mask"])  # [batch]
                 if grads:
-                    with torch.enable_grad(), neuron_masks(model) as masks:
+                    with torch.enable_grad(), neuron_masks(model) as masks, \
+                            (head_masks(model) if heads else contextlib.nullcontext([])) as hmasks:
                         with loaded.autocast():
                             loss = _loss(loaded, batch)
                         loss.backward()
@@ -295,6 +336,10 @@ def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
                         g = torch.cat([m.grad[:, 0].float() for m in ms]).double()  # [batch, d_ff]
                         fisher[layer] += (g * g).sum(0)
                         taylor[layer] += g.sum(0)
+                    for layer, ms in enumerate(hmasks):
+                        g = torch.cat([m.grad.float() for m in ms]).double()        # [batch, units]
+                        h_fisher[layer] += (g * g).sum(0)
+                        h_taylor[layer] += g.sum(0)
                 else:
                     with torch.no_grad(), loaded.autocast():
                         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -315,6 +360,9 @@ def _collect(loaded: Loaded, calib, grads: bool, progress: bool) -> FFNStats:
                      taylor=[t.cpu() for t in taylor] if grads else None,
                      loss=loss_sum / max(1, n_examples) if grads else None,
                      readout_gram=[g.cpu() for g in acc_ro] if readout else None,
+                     head_fisher=[f.cpu() for f in h_fisher] if heads else None,
+                     head_taylor=[t.cpu() for t in h_taylor] if heads else None,
+                     head_gram=[g.cpu() for g in h_acc] if heads else None,
                      info={"max_length": calib.max_length, "batch_size": calib.batch_size,
                            "n_texts": len(calib.texts), "seconds": round(time.perf_counter() - start, 2)})
     log.info("calibration statistics: %d examples, %d tokens, %d layers in %.1f s%s", n_examples, n_tokens,

@@ -29,6 +29,8 @@ class Scores:
     must_keep: list[list[int]] | None = None    # per layer, ids kept whatever their score (protected neurons)
     compensation: dict | None = None            # recipe for least-squares compensation ({"ridge", "readout_mix"})
     seed: int | None = None
+    head_values: list[Tensor] | None = None     # per layer [head units], on the same scale as `values`
+    head_sparsity: float | None = None          # the fraction of head units to remove (None: heads are kept)
 
 
 ScoreFn = Callable[..., Scores]  # (calib: Calibration, sparsity: float | None, **params) -> Scores
