@@ -91,3 +91,80 @@ def test_quantized_linear_modules_replace_every_nonempty_linear():
     q = quantize_int8(clf.model)
     assert sum(is_quantized_linear(m) for m in q.modules()) == n_linear
     assert json.dumps({"ok": True})
+
+
+def test_prune_to_a_flops_target_removes_heads_and_neurons(tmp_path, tiny_csv):
+    from anatomy_prune.models.saved import save_model
+    clf = save_model(make_classifier("tiny-bert"), tmp_path / "clf", max_length=32)
+    out = tmp_path / "t"
+    assert main(["prune", "--model", str(clf), "--target-flops", "0.6", "--out", str(out), "--data", str(tiny_csv),
+                 "--calib-size", "16", "--eval-size", "24", "--batch-size", "8", "--target-batch", "4",
+                 "--target-length", "32"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mode"] == "physical" and m["heads_removed"] > 0
+    assert m["flops_ratio"] <= 0.6 + 1e-9 and m["measured_speedup"] > 0
+    cm = json.loads((out / "cost_model.json").read_text())
+    assert cm["kind"] == "flops" and cm["predicted"] <= cm["budget"]
+    again = load_model(str(out), device="cpu")                      # per-layer heads and widths reload
+    from anatomy_prune.models.families import head_counts
+    assert head_counts(again.model) == [len(h) for h in json.loads((out / "plan.json").read_text())["heads"]]
+
+
+def test_an_unreachable_target_names_the_best_reachable(tmp_path, tiny_csv, capsys):
+    from anatomy_prune.models.saved import save_model
+    clf = save_model(make_classifier("tiny-bert"), tmp_path / "clf", max_length=32)
+    args = ["prune", "--model", str(clf), "--out", str(tmp_path / "t"), "--data", str(tiny_csv),
+            "--calib-size", "16", "--eval-size", "24", "--floor", "0.5"]
+    assert main([*args, "--target-flops", "0.05"]) == 2
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("anatomy-prune")]
+    assert len(err) == 1 and "at most" in err[0] and "ask for less" in err[0]
+    assert not (tmp_path / "t").exists()
+    assert main([*args, "--target-flops", "0.5", "--sparsity", "0.5"]) == 2
+    assert main([*args, "--target-speedup", "0.8"]) == 2
+    assert not (tmp_path / "t").exists()
+
+
+def test_sweep_targets_and_int8(tmp_path, tiny_csv):
+    from anatomy_prune.pipeline.sweep import run_sweep
+    from anatomy_prune.models.saved import save_model
+    clf = save_model(make_classifier("tiny-gpt2"), tmp_path / "clf", max_length=32)
+    rows = run_sweep(str(clf), methods=["magnitude"], sparsities=[0.5], mode="physical", out_dir=tmp_path / "sw",
+                     eval_size=24, data=str(tiny_csv), calib_size=8, targets=[{"flops": 0.7}], quantize="int8",
+                     figures=False, progress=False)
+    t = [r for r in rows if r.get("target")]
+    assert len(t) == 1 and t[0]["heads_removed"] > 0 and t[0]["quantize"] == "int8"
+    assert t[0]["predicted_cost_ratio"] <= 0.7 + 1e-9
+
+
+def test_head_compensation_rebuilds_duplicated_heads_exactly():
+    """Head 1 made a copy of head 0 (same q, k, v rows): removing head 1, the refit moves its output onto
+    head 0's columns of the output projection, so the output is unchanged; a no-op refit would not be."""
+    from anatomy_prune.models.families import attention_sites, base_model, get_module, weight_out_in
+    from anatomy_prune.plan.plan import PruningPlan
+    from anatomy_prune.models.families import ffn_widths, head_counts
+
+    clf = make_classifier("tiny-bert")
+    base = base_model(clf.model)
+    with torch.no_grad():
+        for site in attention_sites(clf.model):
+            hd = site.head_dim
+            for path in (site.q, site.k, site.v):
+                mod = get_module(base, path)
+                weight_out_in(mod)[hd:2 * hd] = weight_out_in(mod)[:hd]
+                mod.bias[hd:2 * hd] = mod.bias[:hd]
+    widths, heads = ffn_widths(clf.model), head_counts(clf.model)
+    plan = PruningPlan(keep=[list(range(w)) for w in widths], widths=widths,
+                       heads=[[h for h in range(n) if h != 1] for n in heads], head_widths=heads,
+                       params={"ridge": 1e-7})
+    calib = Calibration(clf, TEXTS * 3, [1, 0, 1, 0] * 3, max_length=24, batch_size=4)
+    enc = clf.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        dense = clf.model(**enc)
+    plain = prune_step(clf, calib, plan=plan)
+    comp = prune_step(clf, calib, plan=plan, compensate=True)
+    assert comp.compensation["heads_rel_err_removed"] > 0.05
+    assert comp.compensation["heads_rel_err_compensated"] < 1e-3 * comp.compensation["heads_rel_err_removed"]
+    with torch.no_grad():
+        e_plain = (plain.loaded.model(**enc) - dense).abs().max()
+        e_comp = (comp.loaded.model(**enc) - dense).abs().max()
+    assert e_comp < 1e-2 * e_plain

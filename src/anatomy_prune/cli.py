@@ -145,30 +145,82 @@ def _add_prune(sub) -> None:
     p.add_argument("--method", default=None, help=f"one of: {_method_names()}")
     p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of all FFN neurons to remove, in [0, 1)")
-    p.add_argument("--mode", default="mask", help="mask (zero, the paper's way) or physical (remove) (default: mask)")
+    p.add_argument("--mode", default=None, help="mask (zero, the paper's way) or physical (remove) (default: mask; "
+                   "physical with a target or --quantize)")
     p.add_argument("--quantize", default=None, choices=("int8",),
                    help="then quantize the pruned model: int8 = torch's dynamic int8 Linear layers (CPU)")
+    g = p.add_argument_group("a target instead of a sparsity (FFN neurons and attention heads pruned together)")
+    g.add_argument("--target-flops", type=float, default=None,
+                   help="keep at most this fraction of the dense FLOPs per token, e.g. 0.5")
+    g.add_argument("--target-speedup", type=float, default=None,
+                   help="measured speedup to reach, e.g. 2.0: a latency cost model is fitted by timing the model's "
+                   "own shapes on this device at --target-batch x --target-length and written to the run folder")
+    g.add_argument("--target-batch", type=int, default=32, help="batch size the target is for (default: 32)")
+    g.add_argument("--target-length", type=int, default=128, help="tokens per input the target is for (default: 128)")
     p.add_argument("--out", required=True, help="output folder")
     _force_arg(p)
     _method_param_args(p)
     _calib_args(p)
     _eval_args(p)
     _device_arg(p)
+    _big_model_args(p)
+
+
+def _big_model_args(p) -> None:
+    g = p.add_argument_group("big models (docs: DEVELOPING.md, pipeline/layerwise.py)")
+    g.add_argument("--layerwise", nargs="?", const="sequential", default=None, choices=("sequential", "dense"),
+                   help="prune one block at a time with the calibrated recipe's error term (no Fisher), local "
+                   "allocation, least-squares compensation and physical removal (--method calibrated --mode "
+                   "physical); sequential (default): each block sees the pruned blocks' outputs; dense: the dense "
+                   "model's (equal to the all-at-once path)")
+    g.add_argument("--device-map", default=None,
+                   help="place the model with accelerate: auto, balanced, sequential or a device (cpu, cuda:0)")
+    g.add_argument("--max-memory", default=None,
+                   help="memory per device for --device-map, e.g. 0:14GiB,cpu:30GiB (checked against one block)")
+    g.add_argument("--offload-folder", default=None, help="folder for weights --device-map puts on disk")
+    g.add_argument("--weights-dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
+                   help="dtype the weights are loaded in; auto: as the checkpoint stores them (default: float32)")
+    g.add_argument("--max-shard-size", default=None,
+                   help="save the pruned weights in shards of at most this size, e.g. 2GB (default: transformers')")
 
 
 def _run_prune(args) -> int:
     from .pipeline.prune import prune
 
-    m = prune(args.model, args.out, method=args.method, sparsity=args.sparsity, params=_method_params(args),
+    params, target = _method_params(args), None
+    if args.target_flops is not None or args.target_speedup is not None:
+        target = {"batch_size": args.target_batch, "seq_len": args.target_length, "floor": params.pop("floor", 0.0)}
+        target.update({"flops": args.target_flops} if args.target_flops is not None else {})
+        target.update({"speedup": args.target_speedup} if args.target_speedup is not None else {})
+        args.method = args.method or ("calibrated" if args.plan is None else None)
+    if args.mode is None:
+        args.mode = "physical" if (target or args.quantize) else "mask"
+    m = prune(args.model, args.out, method=args.method, sparsity=args.sparsity, params=params, target=target,
               mode=args.mode, plan_file=args.plan, compensate=args.compensate, calib_size=args.calib_size,
               calib_max_length=args.calib_max_length, calib_data=args.calib_data, data=args.data,
               eval_size=args.eval_size, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
-              seed=args.seed, device=args.device, force=args.force, dtype=args.dtype, quantize=args.quantize)
-    keys = ("accuracy", "perplexity", "latency_s", "n_eval", "sparsity", "neurons_removed", "params",
-            "flops_per_token", "prune_s", "peak_mem_mb")
+              seed=args.seed, device=args.device, force=args.force, dtype=args.dtype, quantize=args.quantize,
+              layerwise=args.layerwise, device_map=args.device_map, max_memory=args.max_memory,
+              offload_folder=args.offload_folder, weights_dtype=args.weights_dtype, max_shard_size=args.max_shard_size)
+    keys = ("accuracy", "accuracy_interval", "perplexity", "latency_s", "n_eval", "sparsity", "neurons_removed",
+            "heads_removed", "params", "flops_per_token", "flops_ratio", "measured_speedup", "prune_s", "peak_mem_mb")
     print(json.dumps({"out": args.out, "method": m["method"], "mode": m["mode"],
                       **{k: m[k] for k in keys if k in m}}, indent=1))
     return 0
+
+
+def _targets(text: str | None) -> list[dict]:
+    """'flops:0.5,speedup:2' -> [{"flops": 0.5}, {"speedup": 2.0}]; a one-line UserError otherwise."""
+    out = []
+    for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
+        kind, _, value = item.partition(":")
+        try:
+            if kind not in ("flops", "speedup"):
+                raise ValueError
+            out.append({kind: float(value)})
+        except ValueError:
+            raise UserError(f"--targets: '{item}' is not flops:F or speedup:S") from None
+    return out
 
 
 def _add_sweep(sub) -> None:
@@ -188,11 +240,25 @@ def _add_sweep(sub) -> None:
     _force_arg(p)
     p.add_argument("--config", default=None, help="TOML grid of method parameters (configs/paper_figure5a.toml)")
     p.add_argument("--report", default=None, help="also write a markdown report to this file")
+    p.add_argument("--targets", default=None,
+                   help="points pruned to a constraint instead of a sparsity, comma-separated: flops:0.5 (keep half the "
+                   "FLOPs), speedup:2 (measured latency, batch 32 x 128); calibrated, heads and neurons together")
+    p.add_argument("--quantize", default=None, choices=("int8",), help="stack int8 (dynamic, CPU) on every point")
     p.add_argument("--seeds", type=int, default=5,
                    help="seeds of a method whose scores are random draws (random): each point runs this many "
                    "times; results give the mean, the standard deviation and each seed (default: 5)")
     p.add_argument("--restart", action="store_true",
                    help="start from scratch (default: a stopped sweep with the same settings resumes)")
+    p.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="where the points run: local (in this process, in order) or ray (one Ray task per point; "
+                   'needs pip install "anatomy-prune[cluster]") (default: local)')
+    p.add_argument("--address", default=None,
+                   help="with --executor ray: join this Ray cluster (HEAD:6379, from `ray start --head --port 6379`) "
+                   "instead of starting a local Ray instance")
+    p.add_argument("--num-cpus-per-task", type=float, default=1,
+                   help="with --executor ray: CPUs per point (also its torch threads) (default: 1)")
+    p.add_argument("--num-gpus-per-task", type=float, default=0,
+                   help="with --executor ray: GPUs per point, e.g. 1 or 0.5 (default: 0)")
     _method_param_args(p)
     _calib_args(p)
     _eval_args(p)
@@ -226,11 +292,14 @@ def _run_sweep(args) -> int:
                      compensate=args.compensate, calib_size=args.calib_size, calib_max_length=args.calib_max_length,
                      calib_data=args.calib_data, batch_size=args.batch_size, max_length=args.max_length,
                      seed=args.seed, device=args.device, resume=not args.restart, force=args.force,
-                     dtype=args.dtype, seeds=args.seeds)
+                     dtype=args.dtype, seeds=args.seeds, executor=args.executor, address=args.address,
+                     num_cpus_per_task=args.num_cpus_per_task, num_gpus_per_task=args.num_gpus_per_task,
+                     targets=_targets(args.targets), quantize=args.quantize)
     if args.report:
         write_report(args.out, args.report)
     metric = "accuracy" if "accuracy" in rows[0] else "perplexity"
     print(json.dumps({"out": args.out, "rows": [
+        {"method": r["method"], "sparsity": r["sparsity"], "error": r["error"]} if "error" in r else
         {"method": r["method"], "sparsity": round(r["sparsity"], 4), metric: r[metric],
          "latency_s": round(r["latency_s"], 3)} for r in rows]}, indent=1))
     return 0
@@ -402,5 +471,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"anatomy-prune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"anatomy-prune {args.command}: interrupted; no output was committed (run the same command again: "
+              "a stopped sweep resumes where it stopped)", file=sys.stderr)
         return 130

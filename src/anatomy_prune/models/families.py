@@ -1,8 +1,15 @@
-"""Per-family adapters: where each block's FFN is, which token is read out, how many positions are usable.
+"""Per-family adapters: where each block's FFN and attention are, which token is read out, how many positions
+are usable.
 
 This is the one place that knows the module layout of each supported architecture. Everything else asks
-for `ffn_sites(model)` and works on Linear / Conv1D modules through the helpers below; `surgery.py` slices
-those modules.
+for `ffn_sites(model)` / `attention_sites(model)` and works on Linear / Conv1D modules through the helpers
+below; `surgery.py` slices those modules.
+
+Prunable units: an FFN neuron (a row of the up projection(s) and a column of the down projection), and an
+attention *head unit*: for multi-head attention one head (its q / k / v rows and o columns); for
+grouped-query attention (Llama-like) one key/value group (its k and v rows, and the rows of all the query
+heads that share it, with their o columns), since a key/value head can only go with every query head that
+reads it. A model without GQA in the Llama family has groups of one query head.
 """
 from __future__ import annotations
 
@@ -121,6 +128,127 @@ def family_of(model: nn.Module) -> Family:
     return family_for(base_model(model).config.model_type)
 
 
+# --- attention: per-family layout, one site per block ------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where a block's self-attention is, by path under the block."""
+
+    attn: str                 # the module computing q, k, v and the per-head context (replaced when headless)
+    q: str
+    k: str
+    v: str
+    o: str                    # the output projection: its input is the concatenated per-head context
+    fused: bool = False       # q | k | v in one projection (GPT-2's c_attn, out = 3 * heads * head_dim)
+    fields: tuple[str, ...] = ()  # attributes of the `attn` module that hold its head count or width
+    o_dropout: str = ""       # a dropout the `attn` module applies to o's output (GPT-2's resid_dropout)
+    returns: int = 2          # how many values the `attn` module returns (MPNet's: 1 unless asked for probs)
+
+
+ATTENTION: dict[str, AttentionLayout] = {   # by family name, or by model type where a type differs
+    "bert": AttentionLayout("attention.self", "attention.self.query", "attention.self.key",
+                            "attention.self.value", "attention.output.dense",
+                            fields=("num_attention_heads", "all_head_size")),
+    "mpnet": AttentionLayout("attention.attn", "attention.attn.q", "attention.attn.k", "attention.attn.v",
+                             "attention.attn.o", fields=("num_attention_heads", "all_head_size"), returns=1),
+    "distilbert": AttentionLayout("attention", "attention.q_lin", "attention.k_lin", "attention.v_lin",
+                                  "attention.out_lin", fields=("n_heads",)),
+    "gpt2": AttentionLayout("attn", "attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj", fused=True,
+                            fields=("num_heads", "split_size"), o_dropout="resid_dropout"),
+    # Llama-like attention reads only head_dim and num_key_value_groups (query heads per key/value head),
+    # which whole-group pruning leaves as they are; it keeps no head count of its own
+    "llama": AttentionLayout("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                             "self_attn.o_proj"),
+}
+
+
+def attention_layout(model_type: str) -> AttentionLayout:
+    return ATTENTION.get(model_type) or ATTENTION[family_for(model_type).name]
+
+
+def config_heads(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim) of every layer of an unpruned model with this config.
+    The config is never changed by pruning heads: per-layer counts are read from the weights."""
+    n = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0) or 0)
+    if n <= 0:
+        raise ValueError(f"config of type {getattr(config, 'model_type', '?')} has no attention head count")
+    kv = n
+    if family_for(config.model_type).name == "llama":
+        kv = int(getattr(config, "num_key_value_heads", None) or n)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n)
+    else:
+        head_dim = int(config.hidden_size) // n
+    return n, kv, head_dim
+
+
+def config_head_units(config) -> int:
+    """Head units per layer of an unpruned model: heads, or key/value groups under GQA (the Llama family)."""
+    return config_heads(config)[1]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One block's self-attention, by module path under the base model, with its current head counts.
+
+    The prunable unit is a key/value head with its `group` query heads (group = 1 without GQA): unit u owns
+    query heads u*group .. u*group+group-1, i.e. the features [u*group*head_dim, (u+1)*group*head_dim) of
+    q's output and of o's input, and the features [u*head_dim, (u+1)*head_dim) of k's and v's outputs.
+    A layer whose every head was removed (n_heads == 0) has no q / k / v modules; `o` remains (bias only)."""
+
+    layer: int
+    attn: str                 # full path of the module that computes the heads' context
+    q: str                    # full paths; for a fused layout q, k and v are the same module
+    k: str
+    v: str
+    o: str
+    fused: bool
+    n_heads: int              # query heads now
+    n_kv_heads: int           # key/value heads now (= head units)
+    head_dim: int
+    group: int                # query heads per key/value head (fixed by the config)
+
+    @property
+    def n_units(self) -> int:
+        return self.n_kv_heads
+
+    def q_features(self, units) -> list[int]:
+        """Indices into q's outputs (and o's inputs) of the given units' query heads."""
+        w = self.group * self.head_dim
+        return [u * w + j for u in units for j in range(w)]
+
+    def kv_features(self, units) -> list[int]:
+        """Indices into k's and v's outputs of the given units' key/value heads."""
+        return [u * self.head_dim + j for u in units for j in range(self.head_dim)]
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """Every block's self-attention, in layer order, with paths relative to `base_model(model)` and head
+    counts read from the output projection's width (a per-layer count is never read from the config)."""
+    base = base_model(model)
+    fam = family_of(model)
+    lay = attention_layout(base.config.model_type)
+    n_cfg, kv_cfg, head_dim = config_heads(base.config)
+    group = n_cfg // kv_cfg
+    blocks = get_module(base, fam.layers)
+    sites = []
+    for i in range(len(blocks)):
+        p = f"{fam.layers}.{i}."
+        n = in_features(get_module(base, p + lay.o)) // head_dim
+        sites.append(AttentionSite(i, p + lay.attn, p + lay.q, p + lay.k, p + lay.v, p + lay.o, lay.fused,
+                                   n, n // group, head_dim, group))
+    return sites
+
+
+def head_counts(model: nn.Module) -> list[int]:
+    """Head units (heads; key/value groups under GQA) in each layer, as the model is now."""
+    return [s.n_units for s in attention_sites(model)]
+
+
+def query_head_counts(model: nn.Module) -> list[int]:
+    """Query heads in each layer, as the model is now."""
+    return [s.n_heads for s in attention_sites(model)]
+
+
 def ffn_sites(model: nn.Module) -> list[FFNSite]:
     """Every block's FFN, in layer order, with paths relative to `base_model(model)`."""
     fam = family_of(model)
@@ -146,6 +274,8 @@ def weight_out_in(mod: nn.Module) -> Tensor:
         return mod.weight
     if Conv1D and isinstance(mod, Conv1D):
         return mod.weight.t()
+    if type(mod).__module__.startswith("torch.ao.nn.quantized") and hasattr(mod, "weight"):
+        return mod.weight().dequantize()  # an int8 Linear (models.quantize): a float copy, for reading shapes
     raise TypeError(f"unsupported projection module {type(mod).__name__}")
 
 

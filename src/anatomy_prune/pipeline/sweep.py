@@ -15,18 +15,65 @@ per-review correctness, for paired comparisons between methods (pipeline.report.
 DIR/sweep.json records the settings, DIR/plans/ every plan, DIR/figures/ the figures (PNG + PDF).
 A config file (TOML, e.g. the packaged paper_figure5a.toml) adds rows with explicit method parameters.
 Finished points are kept in the run folder's resume file, so a stopped sweep with the same settings
-starts again after its last finished point.
+(under either executor) computes only the points that are missing.
+
+Design: settings -> a list of points (method, sparsity, seed or a config row) -> an executor
+(pipeline.executors) runs `run_point(context_spec, point) -> row` for each -> the driver collects the rows as
+they finish, writes each to the resume file at once (atomically, from the driver only), and writes the
+outputs at the end. `context_spec` is plain data (model, data, calibration and evaluation settings);
+`context_for(spec)` builds the context (model, evaluation texts, calibration sample) once per process and
+keeps it, so a process that runs several points loads the model and computes each calibration statistic once.
+
+Executors (`--executor`, default local):
+- local: the points in order in this process, with the driver's model and statistics (as before).
+- ray: one Ray task per point with its own request (`--num-cpus-per-task`, default 1, which also sets the
+  task's torch threads; `--num-gpus-per-task`, default 0). Each Ray worker loads the model and computes the
+  statistics it needs once, for all the points it runs. prune_s keeps the standalone rule of
+  `Calibration.charged()` (a statistic computed by an earlier point is charged at its own cost), so rows are
+  comparable across executors; its seconds are the worker's (its threads, its device). The dense baseline is
+  evaluated by the driver. Results (metrics, plans) are the same as local.
+A point that raises is reported (a one-line warning naming its parameters; an error entry in run_sweep's
+returned rows; sweep.json "failed") and the other points go on. The sweep succeeds (exit 0) when at least
+one point succeeded; results.json then holds the points that succeeded. When every point fails it is a
+one-line error (exit 2) and nothing is written. Points that failed are computed again by a rerun.
+
+Running on a Ray cluster (`pip install "anatomy-prune[cluster]"` on every machine, the same Python and
+package versions everywhere):
+
+    # on the head machine
+    ray start --head --port 6379
+    # on every other machine
+    ray start --address HEAD:6379
+    # then, on the head (or any machine that reaches HEAD:6379), the sweep as usual
+    anatomy-prune sweep --executor ray --address HEAD:6379 --model runs/demo/finetune/model \
+        --methods random,magnitude,strategy --sparsities 0.1,0.3,0.5,0.7,0.9 --num-cpus-per-task 4 --out runs/sweep
+    # one GPU per point on GPU machines: --num-gpus-per-task 1 (or 0.5 for two points per GPU)
+
+Without --address the sweep starts a local Ray instance (all CPUs and GPUs of this machine) and stops it at
+the end; --executor ray --num-cpus-per-task 1 on a 16-core machine runs 16 points at a time. Every machine
+must see the model folder and data files at the same absolute path (a shared filesystem) or use an alias /
+hub id; relative paths are made absolute on the driver. The driver loads the model too (the dense baseline,
+config rows). An unreachable --address is a one-line error within seconds, before anything is written.
+Token authentication: recent Ray turns it on by default (Ray 2.60's `ray start --head` did); then every
+machine and the driver need RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file that
+`ray get-auth-token` reads), e.g. `RAY_AUTH_MODE=token anatomy-prune sweep --executor ray --address ...`;
+without it joining fails after Ray's retries (about 20 s) with a one-line error. See Ray's "token
+authentication" guide. Stop the cluster with `ray stop` on each machine.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tomllib
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
 from ..apply.modes import check_mode
+from ..data.reviews import TextSet
 from ..data.splits import CALIB_SIZE
 from ..errors import UserError
 from ..evaluate.counts import count_params, ffn_flops_per_token, flops_per_token
@@ -34,14 +81,15 @@ from ..evaluate.metrics import evaluate, evaluation_set, metric_name
 from ..evaluate.stats import mcnemar, seed_summary
 from ..evaluate.timing import peak_mem_mb
 from ..models.families import ffn_sites
-from ..models.loading import Loaded, load_model
+from ..models.loading import ALIASES, Loaded, load_model
 from ..plan.plan import PruningPlan, check_sparsity
 from ..resources import config_path
-from ..runfolder import RunFolder, now_iso
-from ..scores.calibration import CALIB_MAX_LENGTH, make_calibration
+from ..runfolder import RunFolder, now_iso, settings_digest
+from ..scores.calibration import CALIB_MAX_LENGTH, Calibration, make_calibration
 from ..scores.registry import check_params, get_scorer
 from ..scores.strategy import map_focus
-from .step import prune_step
+from .executors import make_executor
+from .step import check_target, prune_step
 
 log = logging.getLogger(__name__)
 
@@ -170,23 +218,111 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
     return out
 
 
-def _resumable(done: dict | None, points: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Rows and plans of a stopped sweep that match the points about to run (checked, never trusted)."""
+def _resumable(done: dict | None, points: list[dict]) -> tuple[dict | None, dict[int, tuple[dict, dict]]]:
+    """The dense row and the finished points {index: (row, plan)} of a stopped sweep that match the points
+    about to run (checked, never trusted). `points` lists each row's point index (a Ray sweep finishes
+    points out of order); without it (older files) the rows are the first points in order."""
     if not done or not isinstance(done.get("rows"), list) or not isinstance(done.get("plans"), list):
-        return [], []
+        return None, {}
     rows, plans = done["rows"], done["plans"]
-    if not rows or len(rows) - 1 != len(plans) or len(plans) > len(points):
-        return [], []
+    index = done.get("points", list(range(len(plans))))
+    if not rows or not isinstance(index, list) or not len(rows) - 1 == len(plans) == len(index):
+        return None, {}
     if not all(isinstance(r, dict) for r in rows) or rows[0].get("method") != "dense":
-        return [], []
+        return None, {}
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(points) for i in index) \
+            or len(set(index)) != len(index):
+        return None, {}
     try:
         checked = [PruningPlan.from_dict(p).to_dict() for p in plans]
     except UserError:
-        return [], []
-    if any((r.get("method"), r.get("target_sparsity"), r.get("seed")) != (pt["method"], pt["sparsity"], pt.get("seed"))
-           for r, pt in zip(rows[1:], points)):
-        return [], []
-    return rows, checked
+        return None, {}
+    if any((r.get("method"), r.get("target_sparsity"), r.get("seed"), r.get("label"))
+           != (points[i]["method"], points[i]["sparsity"], points[i].get("seed"), points[i]["label"])
+           for r, i in zip(rows[1:], index)):
+        return None, {}
+    return rows[0], {i: (r, p) for i, r, p in zip(index, rows[1:], checked)}
+
+
+# --- one point (in this process or a Ray worker) ------------------------------------------------------
+
+@dataclass
+class SweepContext:
+    """What every point of a sweep shares: the dense model, the evaluation texts, the calibration sample
+    (its statistics cached on it) and the metric."""
+
+    loaded: Loaded
+    eval_data: TextSet
+    calib: Calibration
+    metric: str
+
+
+_CONTEXTS: dict[str, SweepContext] = {}  # this process's context, by the digest of its spec (one at a time)
+
+
+def context_spec(model_spec: str, *, device, dtype, data, eval_size, split, calib_size, calib_max_length,
+                 calib_data, seed, batch_size, max_length, mode, compensate) -> dict:
+    """Plain data that rebuilds a sweep's context anywhere (paths made absolute: a Ray worker may start
+    elsewhere; on a cluster they must name the same files on every node). `stamps` (size and modification
+    time of the files named) changes the spec's digest when a file changes, so no worker reuses a stale model."""
+    stamps = {}
+
+    def where(text, keywords=()):
+        path = Path(str(text)).expanduser()
+        if text in keywords or not path.exists():
+            return text
+        files = sorted(p for p in path.rglob("*") if p.is_file())[:1000] if path.is_dir() else [path]
+        stamps[str(path.resolve())] = [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
+                                       for f in files]
+        return str(path.resolve())
+    return {"model": where(model_spec, ALIASES), "device": device, "dtype": dtype, "data": where(data, ("imdb", "hf")),
+            "eval_size": eval_size, "split": split, "calib_size": calib_size, "calib_max_length": calib_max_length,
+            "calib_data": where(calib_data, ("imdb", "hf")), "seed": seed, "batch_size": batch_size,
+            "max_length": max_length, "mode": mode, "compensate": compensate, "stamps": stamps}
+
+
+def context_for(spec: dict) -> SweepContext:
+    """The context for `spec`, built once per process: the model loaded and the calibration statistics
+    computed on first use, then shared by every point this process runs (a Ray worker keeps one)."""
+    key = settings_digest(spec)
+    if key not in _CONTEXTS:
+        _CONTEXTS.clear()
+        loaded = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
+        eval_data = evaluation_set(loaded, spec["data"], spec["eval_size"], spec["split"])
+        calib = make_calibration(loaded, spec["calib_size"], spec["calib_max_length"], spec["seed"],
+                                 spec["calib_data"], exclude=eval_data.texts)
+        _CONTEXTS[key] = SweepContext(loaded, eval_data, calib, metric_name(loaded.kind))
+    return _CONTEXTS[key]
+
+
+def run_point(spec: dict, point: dict) -> dict:
+    """One point: prune_step on a copy of the dense model, then evaluate. Returns {row, plan, calib_stats_s}.
+    prune_s follows calib.charged(): what a standalone `prune` would pay, statistics computed by an earlier
+    point of this process charged at their own cost, so local and Ray rows are comparable."""
+    ctx = context_for(spec)
+    target = point.get("target")
+    res = prune_step(ctx.loaded, ctx.calib, point["method"], sparsity=point["sparsity"], params=point["params"],
+                     compensate=spec["compensate"], mode="physical" if target else spec["mode"], target=target,
+                     quantize=spec.get("quantize"))
+    plan = res.plan
+    result = evaluate(res.loaded, ctx.eval_data, spec["batch_size"], spec["max_length"], progress=False)
+    row = _row(res.loaded, result, ctx.metric, method=point["method"],
+               sparsity=plan.sparsity if point["sparsity"] is None else point["sparsity"],
+               target_sparsity=point["sparsity"], achieved_sparsity=plan.sparsity, mode=spec["mode"],
+               neurons_removed=plan.neurons_removed, neurons_removed_per_layer=plan.removed_per_layer,
+               prune_s=res.prune_s, plan_params=_brief(plan.params), label=point["label"], seed=point.get("seed"),
+               plan=f"plans/{point['index']:02d}-{point['method']}.json", compensated=res.compensation is not None,
+               heads_removed=res.plan.heads_removed if res.plan.heads is not None else 0, quantize=res.quantize)
+    if res.cost_model:
+        row.update(target=target, predicted_cost_ratio=res.cost_model["predicted"] / res.cost_model["dense"])
+    if res.compensation:
+        row["compensation"] = res.compensation
+    return {"row": row, "plan": plan.to_dict(), "calib_stats_s": dict(ctx.calib.timings)}
+
+
+def _failed(pt: dict, error: str) -> dict:
+    return {"point": pt["index"], "method": pt["method"], "sparsity": pt["sparsity"], "target_sparsity": pt["sparsity"],
+            "seed": pt.get("seed"), "label": pt["label"], "params": pt["params"], "error": error}
 
 
 # --- the sweep --------------------------------------------------------------------------------------
@@ -198,14 +334,23 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
               calib_max_length: int = CALIB_MAX_LENGTH, calib_data: str | None = None, batch_size: int = 32,
               max_length: int | None = None, seed: int = 0, device: str | None = None,
               reference: dict | None = None, figures: bool = True, resume: bool = True,
-              progress: bool = True, force: bool = False, dtype: str | None = None, seeds: int = 5) -> list[dict]:
+              progress: bool = True, force: bool = False, dtype: str | None = None, seeds: int = 5,
+              executor: str = "local", address: str | None = None, num_cpus_per_task: float = 1,
+              num_gpus_per_task: float = 0, ray_init: dict | None = None, targets: Sequence[dict] = (),
+              quantize: str | None = None) -> list[dict]:
     """Evaluate every (method, sparsity) and the config's rows on the same texts; write `out_dir`.
 
     params: extra parameters per method name (e.g. {"strategy": {"beta": 0.0}}). A sparsity of 0 is the
     dense baseline, evaluated once. reference: the paper's points to draw (default: PAPER_BERT_IMDB for
-    classifiers). seeds: how many seeds a stochastic method (random) runs at each point. Returns the rows
-    written to results.json.
+    classifiers). seeds: how many seeds a stochastic method (random) runs at each point. executor, address,
+    num_cpus_per_task, num_gpus_per_task, ray_init (extra ray.init arguments): where the points run (see the
+    module doc); they do not change the results, so a sweep stopped under one executor resumes under another.
+    targets: points pruned to a constraint rather than a sparsity ({"flops": f} or {"speedup": s}, see
+    pipeline.step.check_target), by `calibrated` with heads and neurons together. quantize="int8" stacks
+    int8 on every point. Returns the rows written to results.json, with an error entry ({point, method,
+    sparsity, seed, label, params, error}) in the place of each point that failed.
     """
+    targets = [check_target(t) for t in targets]
     if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100:
         raise UserError(f"--seeds must be a whole number in [1, 100], got {seeds}")
     check_mode(mode)
@@ -218,75 +363,106 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
     for name, p in params.items():
         check_params(name, p)
     cfg = load_config(config) if config else None
-    if not cfg and not (methods and any(s > 0 for s in sparsities)):
+    if not cfg and not targets and not (methods and any(s > 0 for s in sparsities)):
         raise UserError("nothing to sweep: give --methods and non-zero --sparsities, or --config")
     settings = {"model": model_spec, "methods": methods, "sparsities": sparsities, "mode": mode,
                 "config": cfg, "params": params, "compensate": compensate, "eval_size": eval_size, "data": data, "split": split,
                 "calib_size": calib_size, "calib_max_length": calib_max_length, "calib_data": calib_data,
-                "batch_size": batch_size, "max_length": max_length, "seed": seed, "seeds": seeds}
-    with RunFolder(out_dir, "sweep", settings, force=force) as rf:
-        loaded = load_model(model_spec, device=device, dtype=dtype)
-        eval_data = evaluation_set(loaded, data, eval_size, split)
-        calib = make_calibration(loaded, calib_size, calib_max_length, seed, calib_data, exclude=eval_data.texts)
-        metric = metric_name(loaded.kind)
-        points = [{"method": m, "sparsity": s, "params": {**params.get(m, {}), **({"seed": k} if k is not None else {})},
-                   "label": None, "seed": k}
-                  for m in methods for s in sparsities if s > 0
-                  for k in (range(seeds) if get_scorer(m).stochastic and "seed" not in params.get(m, {}) else [None])]
-        if cfg:
-            points += config_points(cfg, loaded)
-        rows, plans = _resumable(rf.read_resume() if resume else None, points)
-        resumed_after = max(0, len(rows) - 1)
-        if rows:
-            log.info("resuming the stopped sweep in %s after %d of %d points", rf.path, resumed_after, len(points))
-        else:
-            dense = evaluate(loaded, eval_data, batch_size, max_length, progress=False)
-            rows = [_row(loaded, dense, metric, method="dense", sparsity=0.0, target_sparsity=0.0,
-                         achieved_sparsity=0.0, mode=mode, neurons_removed=0,
-                         neurons_removed_per_layer=[0] * len(ffn_sites(loaded.model)), prune_s=0.0,
-                         plan_params={}, label=None, compensated=False, seed=None)]
-            log.info("dense: %s %.4f, %.1f s", metric, rows[0][metric], rows[0]["latency_s"])
-        for i, pt in enumerate(tqdm(points[len(plans):], desc="sweep", disable=not progress), start=len(plans)):
-            res = prune_step(loaded, calib, pt["method"], sparsity=pt["sparsity"], params=pt["params"],
-                             compensate=compensate, mode=mode)
-            plan = res.plan
-            result = evaluate(res.loaded, eval_data, batch_size, max_length, progress=False)
-            row = _row(res.loaded, result, metric, method=pt["method"],
-                       sparsity=plan.sparsity if pt["sparsity"] is None else pt["sparsity"],
-                       target_sparsity=pt["sparsity"], achieved_sparsity=plan.sparsity, mode=mode,
-                       neurons_removed=plan.neurons_removed, neurons_removed_per_layer=plan.removed_per_layer,
-                       prune_s=res.prune_s, plan_params=_brief(plan.params), label=pt["label"], seed=pt.get("seed"),
-                       plan=f"plans/{i:02d}-{pt['method']}.json", compensated=res.compensation is not None)
-            if "correct" in row and "correct" in rows[0]:
-                row["vs_dense"] = mcnemar(row["correct"], rows[0]["correct"])
-            if res.compensation:
-                row["compensation"] = res.compensation
-            rows.append(row)
-            plans.append(plan.to_dict())
-            del res
-            rf.write_resume({"rows": rows, "plans": plans})
+                "batch_size": batch_size, "max_length": max_length, "seed": seed, "seeds": seeds,
+                **({"targets": targets} if targets else {}), **({"quantize": quantize} if quantize else {})}
+    runner = make_executor(executor, address, num_cpus_per_task, num_gpus_per_task, device, ray_init)  # probes
+    spec = context_spec(model_spec, device=device, dtype=dtype, data=data, eval_size=eval_size, split=split,
+                        calib_size=calib_size, calib_max_length=calib_max_length, calib_data=calib_data, seed=seed,
+                        batch_size=batch_size, max_length=max_length, mode=mode, compensate=compensate)
+    spec["quantize"], spec["targets"] = quantize, targets
+    try:
+        with RunFolder(out_dir, "sweep", settings, force=force) as rf, runner:
+            return _sweep(rf, runner, spec, settings, methods, sparsities, params, cfg, seeds, reference, figures,
+                          resume, progress)
+    finally:
+        _CONTEXTS.clear()  # the driver's model and statistics go with the sweep
+
+
+def _sweep(rf: RunFolder, runner, spec: dict, settings: dict, methods: list, sparsities: list, params: dict,
+           cfg: dict | None, seeds: int, reference: dict | None, figures: bool, resume: bool,
+           progress: bool) -> list[dict]:
+    ctx = context_for(spec)
+    loaded, eval_data, calib, metric = ctx.loaded, ctx.eval_data, ctx.calib, ctx.metric
+    points = [{"method": m, "sparsity": s, "params": {**params.get(m, {}), **({"seed": k} if k is not None else {})},
+               "label": None, "seed": k}
+              for m in methods for s in sparsities if s > 0
+              for k in (range(seeds) if get_scorer(m).stochastic and "seed" not in params.get(m, {}) else [None])]
+    if cfg:
+        points += config_points(cfg, loaded)
+    points += [{"method": "calibrated", "sparsity": None, "params": {}, "target": t, "seed": None,
+                "label": f"target {'flops' if 'flops' in t else 'speedup'} {t.get('flops', t.get('speedup'))}"}
+               for t in spec.get("targets") or []]
+    points = [{**pt, "index": i} for i, pt in enumerate(points)]
+    dense, done = _resumable(rf.read_resume() if resume else None, points)
+    resumed = len(done)
+    if dense is not None:
+        log.info("resuming the stopped sweep in %s: %d of %d points done", rf.path, resumed, len(points))
+    else:
+        done = {}
+        result = evaluate(loaded, eval_data, spec["batch_size"], spec["max_length"], progress=False)
+        dense = _row(loaded, result, metric, method="dense", sparsity=0.0, target_sparsity=0.0,
+                     achieved_sparsity=0.0, mode=spec["mode"], neurons_removed=0,
+                     neurons_removed_per_layer=[0] * len(ffn_sites(loaded.model)), prune_s=0.0,
+                     plan_params={}, label=None, compensated=False, seed=None)
+        log.info("dense: %s %.4f, %.1f s", metric, dense[metric], dense["latency_s"])
+    failed: dict[int, dict] = {}
+    stats_s: dict = {}
+    todo = [(i, pt) for i, pt in enumerate(points) if i not in done]
+    bar = tqdm(total=len(todo), desc="sweep", disable=not progress)
+    with bar, closing(runner.run(run_point, spec, todo)) as outcomes:
+        for out in outcomes:
+            bar.update(1)
+            pt = points[out.index]
+            if out.error is not None:
+                failed[out.index] = _failed(pt, out.error)
+                log.warning("sweep point %d failed (method %s, sparsity %s, params %s%s): %s", out.index,
+                            pt["method"], pt["sparsity"], json.dumps(pt["params"]),
+                            f", label {pt['label']}" if pt["label"] else "", out.error)
+                log.debug("%s", out.detail)
+                continue
+            row, plan = out.value["row"], out.value["plan"]
+            stats_s.update({k: v for k, v in out.value["calib_stats_s"].items() if k not in stats_s})
+            if "correct" in row and "correct" in dense:
+                row["vs_dense"] = mcnemar(row["correct"], dense["correct"])
+            done[out.index] = (row, plan)
+            order = sorted(done)
+            rf.write_resume({"rows": [dense] + [done[i][0] for i in order], "plans": [done[i][1] for i in order],
+                             "points": order})
             log.info("%s at %.2f: %s %.4f, %.1f s (prune %.2f s)", pt["method"], row["sparsity"], metric,
                      row[metric], row["latency_s"], row["prune_s"])
-
-        if reference is None and loaded.kind == "classifier":
-            reference = PAPER_BERT_IMDB
-        summary = {**settings, "base_model": loaded.base_spec, "kind": loaded.kind, "metric": metric,
-                   "eval_size": len(eval_data), "calib_size": len(calib.texts), "calib_max_length": calib.max_length,
-                   "calib_stats_s": dict(calib.timings), "peak_mem_mb": peak_mem_mb(),
-                   "runtime": {k: rows[0].get(k) for k in ("device", "device_name", "threads", "torch")},
-                   "reference": reference, "resumed_after": resumed_after, "created": now_iso()}
-        rf.write_json("results.json", [{k: v for k, v in r.items() if k != "correct"} for r in rows])
-        rf.write_json("predictions.json", {"note": "per row of results.json (same order): 1 where the review was "
-                                           "classified correctly", "rows": [r.get("correct") for r in rows]})
-        rf.write_json("aggregate.json", aggregate(rows, metric))
-        rf.write_json("sweep.json", summary)
-        plan_dir = rf.stage_dir("plans")
-        for i, (pt, plan) in enumerate(zip(points, plans)):
-            PruningPlan.from_dict(plan).save(plan_dir / f"{i:02d}-{pt['method']}.json")
-        if figures:
-            draw_sweep_figures([{k: v for k, v in r.items() if k != "correct"} for r in rows], rf.stage_dir("figures"),
-                               reference=reference)
-    return rows
+    if not done:
+        first = failed[min(failed)]
+        raise UserError(f"every point of the sweep failed, nothing written (point {first['point']}, "
+                        f"{first['method']}: {first['error']})")
+    if failed:
+        log.warning("%d of %d points failed; the others are in results.json, the failed ones under 'failed' in "
+                    "sweep.json", len(failed), len(points))
+    rows = [dense] + [done[i][0] for i in sorted(done)]
+    if reference is None and loaded.kind == "classifier":
+        reference = PAPER_BERT_IMDB
+    summary = {**settings, "base_model": loaded.base_spec, "kind": loaded.kind, "metric": metric,
+               "eval_size": len(eval_data), "calib_size": len(calib.texts), "calib_max_length": calib.max_length,
+               "calib_stats_s": {**stats_s, **calib.timings}, "peak_mem_mb": peak_mem_mb(),
+               "runtime": {k: dense.get(k) for k in ("device", "device_name", "threads", "torch")},
+               "reference": reference, "resumed_after": resumed, "computed": len(todo) - len(failed),
+               "executor": runner.info(), "failed": [failed[i] for i in sorted(failed)], "created": now_iso()}
+    rf.write_json("results.json", [{k: v for k, v in r.items() if k != "correct"} for r in rows])
+    rf.write_json("predictions.json", {"note": "per row of results.json (same order): 1 where the review was "
+                                       "classified correctly", "rows": [r.get("correct") for r in rows]})
+    rf.write_json("aggregate.json", aggregate(rows, metric))
+    rf.write_json("sweep.json", summary)
+    plan_dir = rf.stage_dir("plans")
+    for i in sorted(done):
+        PruningPlan.from_dict(done[i][1]).save(plan_dir / f"{i:02d}-{points[i]['method']}.json")
+    if figures:
+        draw_sweep_figures([{k: v for k, v in r.items() if k != "correct"} for r in rows], rf.stage_dir("figures"),
+                           reference=reference)
+    return [dense] + [done[i][0] if i in done else failed[i] for i in range(len(points)) if i in done or i in failed]
 
 
 def draw_sweep_figures(rows: list[dict], folder: str | Path, reference: dict | None = None) -> list[Path]:
