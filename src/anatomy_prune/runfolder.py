@@ -133,6 +133,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise UserError(f"{what} '{path}' is not UTF-8 text; give the JSON file anatomy-prune wrote") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{what} '{path}' is nested too deeply; give the JSON file anatomy-prune wrote") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} '{path}' ({exc.strerror})") from None
 
@@ -169,6 +171,8 @@ def check_out_path(out: str | Path, what: str = "--out") -> Path:
     if not text.strip():
         raise UserError(f"{what} is empty; give a new folder, e.g. runs/my-run")
     p = Path(text).expanduser()
+    if p.resolve() == Path(p.resolve().anchor):  # before the name check: '/' has no name either
+        raise UserError(f"{what} '{text}' is the filesystem root; give a new folder, e.g. runs/my-run")
     if p.name in ("", ".", "..") or text.rstrip("/").endswith(("/.", "/..")) or text.strip() in (".", ".."):
         raise UserError(f"{what} '{text}' names the current or a parent folder; give a new folder, e.g. runs/my-run")
     if p.is_symlink():
@@ -252,7 +256,7 @@ class RunFolder:
             return None
         try:
             data = json.loads(m.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise UserError(f"'{m}' is damaged; choose another {self.what} (or remove that folder yourself)") from None
         if not isinstance(data, dict) or not isinstance(data.get("outputs", []), list):
             raise UserError(f"'{m}' is damaged; choose another {self.what} (or remove that folder yourself)")
@@ -378,7 +382,7 @@ class RunFolder:
             return None
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return None
         if not isinstance(data, dict) or data.get("kind") != self.kind or data.get("digest") != self.digest:
             return None
@@ -392,11 +396,15 @@ class RunFolder:
 
     # --- exit: commit or clean up ---------------------------------------------------------------
     def __exit__(self, exc_type, exc, tb) -> bool:
+        failed = exc_type is not None
         try:
-            if exc_type is None:
+            if not failed:
                 self._commit()
+        except BaseException:
+            failed = True  # a refused commit is a failed run: clean up as for any other failure
+            raise
         finally:
-            self._cleanup(failed=exc_type is not None)
+            self._cleanup(failed=failed)
         return False
 
     def _outputs_now(self) -> list[str]:
@@ -407,6 +415,11 @@ class RunFolder:
         if not self._staged and self.same_as_before:
             return  # nothing new (a reused run): leave the folder exactly as it was
         outs = set(self._outputs_now())
+        for name in self._staged:  # every clash first: a refused commit moves nothing
+            dst = self.path / name
+            if (dst.exists() or dst.is_symlink()) and name not in outs:
+                raise UserError(f"'{dst}' exists and was not written by anatomy-prune; move it away or "
+                                f"choose another {self.what}")
         trash = self.staging / ".replaced"
         for name in self._staged:
             src = self.staging / name

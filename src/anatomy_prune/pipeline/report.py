@@ -141,7 +141,10 @@ def collect_figures(runs: Sequence[str | Path], out: str | Path, force: bool = F
 
     runs = [Path(r) for r in runs]
     for run in runs:
-        if not run.is_dir() or run.is_symlink():
+        if run.is_symlink():
+            raise UserError(f"run folder '{run}' is a symbolic link, which anatomy-prune does not follow; give the "
+                            "folder it points to")
+        if not run.is_dir():
             raise UserError(f"run folder '{run}' not found; run `make demo` (or the command that writes it) first")
     written: list[Path] = []
     with RunFolder(out, "figures", {"runs": [str(r) for r in runs]}, force=force) as rf:

@@ -17,7 +17,7 @@ from ..apply.modes import apply_plan, check_mode
 from ..errors import UserError
 from ..models.loading import Loaded
 from ..models.quantize import check_quantize, quantize_int8
-from ..plan.allocate import plan_from_scores, plan_under_budget
+from ..plan.allocate import check_allocation, plan_from_scores, plan_under_budget
 from ..plan.plan import PruningPlan, check_sparsity
 from ..scores.calibration import DEFAULT_RIDGE, Calibration, ffn_input_stats
 from ..scores.registry import Scores, check_params, get_scorer, score
@@ -76,6 +76,13 @@ def check_target(target: dict | None) -> dict | None:
     return t
 
 
+def check_sizes(**sizes) -> None:
+    """Whole numbers that must be positive (None: not given): --calib-size, --batch-size, --max-length, ..."""
+    for name, v in sizes.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive whole number, got {v}")
+
+
 def check_request(method: str | None, sparsity: float | None, params: dict | None, plan: PruningPlan | None,
                   target: dict | None = None) -> None:
     """Every check of a pruning request that needs no model, so bad input fails before anything is loaded."""
@@ -90,7 +97,10 @@ def check_request(method: str | None, sparsity: float | None, params: dict | Non
     if target and method not in TARGET_METHODS:
         raise UserError(f"a target needs a method that scores neurons and heads on one scale: {', '.join(TARGET_METHODS)}")
     if method is not None:
-        check_params(method, dict(params or {}))
+        full = check_params(method, dict(params or {}))
+        given = {k: full[k] for k in ("allocation", "floor", "multiple_of") if k in (params or {})}
+        if given:  # allocation options fail here, before anything is loaded
+            check_allocation({**({"kind": given.pop("allocation")} if "allocation" in given else {}), **given})
         if sparsity is None and not target and get_scorer(method).needs_sparsity:
             raise UserError(f"method '{method}' needs --sparsity (the fraction of FFN neurons to remove, in [0, 1))")
 

@@ -89,7 +89,7 @@ from ..scores.calibration import CALIB_MAX_LENGTH, Calibration, make_calibration
 from ..scores.registry import check_params, get_scorer
 from ..scores.strategy import map_focus
 from .executors import make_executor
-from .step import check_target, prune_step
+from .step import check_sizes, check_target, prune_step
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,24 @@ def _resumable(done: dict | None, points: list[dict]) -> tuple[dict | None, dict
            != (points[i]["method"], points[i]["sparsity"], points[i].get("seed"), points[i]["label"])
            for r, i in zip(rows[1:], index)):
         return None, {}
+    if not all(_row_is_sound(r) for r in rows):
+        return None, {}
     return rows[0], {i: (r, p) for i, r, p in zip(index, rows[1:], checked)}
+
+
+def _row_is_sound(row: dict) -> bool:
+    """A resumed row's numbers are numbers (a resume file is data, never trusted): the metric, the latency,
+    the counts, and per-review correctness as 0/1 when present."""
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    metric = "accuracy" if "accuracy" in row else "perplexity"
+    if not num(row.get(metric)) or not num(row.get("latency_s")) or not num(row.get("sparsity", 0.0)):
+        return False
+    for k in ("params", "flops_per_token", "neurons_removed", "n_eval"):
+        if k in row and not num(row[k]):
+            return False
+    correct = row.get("correct")
+    return correct is None or (isinstance(correct, list) and all(c in (0, 1) for c in correct))
 
 
 # --- one point (in this process or a Ray worker) ------------------------------------------------------
@@ -353,6 +370,8 @@ def run_sweep(model_spec: str, methods: Sequence[str] = DEFAULT_METHODS,
     targets = [check_target(t) for t in targets]
     if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100:
         raise UserError(f"--seeds must be a whole number in [1, 100], got {seeds}")
+    check_sizes(calib_size=calib_size, calib_max_length=calib_max_length, batch_size=batch_size,
+                max_length=max_length, eval_size=eval_size)
     check_mode(mode)
     calib_data = calib_data or (data if data in ("imdb", "hf") else "imdb")
     methods = list(methods)
