@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-model", default="smollm2")
     p.add_argument("--lm-methods", default="calibrated,magnitude,random,magnitude+comp")
     p.add_argument("--lm-sparsities", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--lm-flops", type=float, nargs="*", default=[],
+                   help="FLOP targets for the decoder (fractions of the dense FLOPs kept, e.g. 0.667 0.5): "
+                   "calibrated with attention heads and FFN neurons together")
     p.add_argument("--lm-calib-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--lm-eval-texts", type=int, default=40, help="held-out IMDB test reviews (default: 40)")
     p.add_argument("--lm-max-length", type=int, default=128, help="(default: 128)")
@@ -170,6 +173,13 @@ def lm_part(args) -> dict:
         return f"perplexity {row['perplexity']:.2f}"
 
     rows += _run_points(loaded, calib, _methods(args.lm_methods), args.lm_sparsities, stats_s, measure)
+    for f in args.lm_flops:
+        res = prune_step(loaded, calib, "calibrated", target={"flops": f, "seq_len": args.lm_max_length})
+        row = {"method": "calibrated (heads + FFN)", "target_flops": f, "prune_s": round(res.prune_s, 2),
+               "kept_per_layer": res.plan.kept_widths, "heads_per_layer": res.plan.kept_heads,
+               "flops_kept": round(res.cost_model["predicted"] / res.cost_model["dense"], 4)}
+        print(f"{row['method']:16s} flops {f} {measure(res.loaded, row)}", flush=True)
+        rows.append(row)
     return {"model": args.lm_model, "eval_texts": len(texts), "eval_tokens": dense["n_tokens"],
             "max_length": args.lm_max_length, "calib_size": len(calib.texts), "stats_s": round(stats_s, 2),
             "peak_mem_mb": _rss_mb(), "dense_perplexity": dense["perplexity"], "rows": rows}

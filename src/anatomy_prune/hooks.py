@@ -3,6 +3,8 @@ named places of a model for the duration of a `with` block and always removes th
 
 Hook points (i = block index, counted from 0):
   ffn.{i}.hidden     what block i's down projection receives: the FFN's hidden activation  # [batch, pos, d_ff]
+  attn.{i}.heads     what block i's attention output projection receives: the per-head context, heads
+                     concatenated (head h is [..., h*head_dim:(h+1)*head_dim])   # [batch, pos, heads*head_dim]
   final_norm.input   what a decoder's final norm (ln_f / norm) receives                    # [batch, pos, d_model]
   model.input        the keyword arguments of the base model's forward (input_ids, attention_mask, ...)
 
@@ -17,7 +19,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from .models.families import base_model, ffn_sites, get_module
+from .models.families import attention_sites, base_model, ffn_sites, get_module
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 FINAL_NORMS = ("ln_f", "norm", "final_layer_norm")  # decoders' norm after the last block, by attribute name
@@ -25,6 +27,10 @@ FINAL_NORMS = ("ln_f", "norm", "final_layer_norm")  # decoders' norm after the l
 
 def ffn_hidden(layer: int) -> str:
     return f"ffn.{layer}.hidden"
+
+
+def attn_heads(layer: int) -> str:
+    return f"attn.{layer}.heads"
 
 
 def final_norm_name(model: nn.Module) -> str | None:
@@ -40,6 +46,7 @@ def hook_points(model: nn.Module) -> dict[str, nn.Module]:
     """Every hook point of `model` and the module whose input it is."""
     base = base_model(model)
     points = {ffn_hidden(s.layer): get_module(base, s.down) for s in ffn_sites(model)}
+    points.update({attn_heads(s.layer): get_module(base, s.o) for s in attention_sites(model)})
     norm = final_norm_name(model)
     if norm:
         points["final_norm.input"] = getattr(base, norm)
@@ -50,13 +57,16 @@ def hook_points(model: nn.Module) -> dict[str, nn.Module]:
 @contextmanager
 def run_with_hooks(model: nn.Module, hooks: Mapping[str, HookFn | Sequence[HookFn]]) -> Iterator[None]:
     """Install `hooks` (point name -> function, or a list of them) while inside; always removed after.
-    `ffn.*.hidden` installs the function on every block's FFN."""
+    `ffn.*.hidden` installs the function on every block's FFN, `attn.*.heads` on every block's attention."""
     points = hook_points(model)
     expanded: list[tuple[str, HookFn]] = []
     for name, fns in hooks.items():
         fns = [fns] if callable(fns) else list(fns)
-        names = [p for p in points if p.startswith("ffn.") and p.endswith(".hidden")] if name == "ffn.*.hidden" \
-            else [name]
+        if name in ("ffn.*.hidden", "attn.*.heads"):
+            head, _, tail = name.partition(".*")
+            names = [p for p in points if p.startswith(head + ".") and p.endswith(tail)]
+        else:
+            names = [name]
         for n in names:
             if n not in points:
                 raise KeyError(f"no hook point '{n}' in this model; it has {sorted(points)[:4]}...")
@@ -81,7 +91,7 @@ def run_with_hooks(model: nn.Module, hooks: Mapping[str, HookFn | Sequence[HookF
 
 
 def layer_of(point: str) -> int:
-    """The block index of an `ffn.{i}.hidden` point."""
+    """The block index of an `ffn.{i}.hidden` or `attn.{i}.heads` point."""
     return int(point.split(".")[1])
 
 

@@ -74,6 +74,9 @@ class Loaded:
 
     @property
     def device(self) -> torch.device:
+        if getattr(self.model, "hf_device_map", None):  # placed by a device map: where inputs go (models.offload)
+            from .offload import execution_device
+            return execution_device(self.model)
         return next(self.model.parameters()).device
 
     @property

@@ -25,7 +25,8 @@ from ..errors import UserError
 from ..resources import gpt2_tokenizer_dir, minilm_dir, smollm2_gguf
 from .families import base_model_kwargs, family_for, family_of
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer, resolve_dtype  # noqa: F401  (re-exported)
-from .saved import load_saved
+from .offload import Placement, execution_device
+from .saved import custom_code_error, load_saved, needs_custom_code, refuse_oversized_config, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ DEFAULT_ENCODER = "minilm"
 
 # --- hub ids and plain folders ------------------------------------------------------------------
 
-def _from_pretrained(where: str, is_local: bool) -> tuple[nn.Module, object, str]:
+def _from_pretrained(where: str, is_local: bool, placement: Placement | None = None) -> tuple[nn.Module, object, str]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if is_local:
@@ -196,6 +197,8 @@ def _from_pretrained(where: str, is_local: bool) -> tuple[nn.Module, object, str
     try:
         cfg = AutoConfig.from_pretrained(where, **SAFE)
     except Exception as exc:  # offline, typo, private repo, custom code...
+        if is_local and needs_custom_code(Path(where)):
+            raise custom_code_error(Path(where)) from None
         if is_local:
             raise UserError(f"'{where}' has no readable config.json ({type(exc).__name__}); "
                             "give a folder written by save_pretrained or anatomy-prune") from None
@@ -206,7 +209,18 @@ def _from_pretrained(where: str, is_local: bool) -> tuple[nn.Module, object, str
             + f"; use an alias ({', '.join(ALIASES)}), a local folder, or go online (unset HF_HUB_OFFLINE)"
         ) from None
     fam = family_for(getattr(cfg, "model_type", "?"))
+    if is_local and not getattr(cfg, "quantization_config", None):  # damaged weights, or a config far larger
+        # than them (packed quantized weights hold fewer elements): one line, before anything is allocated
+        headers = {}
+        for f in sorted(Path(where).glob("*.safetensors")):
+            headers.update(safetensors_header(f))
+        builder = AutoModelForCausalLM if fam.decoder else AutoModel
+        kw0 = {} if fam.decoder else base_model_kwargs(cfg.model_type)
+        refuse_oversized_config(Path(where), headers, lambda: builder.from_config(cfg, **kw0, **SAFE))
     kw = dict(use_safetensors=True, dtype=torch.float32, **SAFE)  # weights in float32; --dtype sets compute
+    if placement is not None:  # a device map, a memory budget checked from the config, another weights dtype
+        placement.check_config(cfg, "causal-lm" if fam.decoder else "backbone", where)
+        kw.update(placement.pretrained_kwargs(cfg))
     try:
         if fam.decoder:
             model, kind = AutoModelForCausalLM.from_pretrained(where, **kw), "causal-lm"
@@ -228,12 +242,24 @@ def resolve_saved(path: Path) -> Path | None:
     return None
 
 
-def load_model(spec: str, device: str | torch.device | None = None, dtype: str | None = None) -> Loaded:
+def load_model(spec: str, device: str | torch.device | None = None, dtype: str | None = None, *,
+               device_map: str | dict | None = None, max_memory: str | dict | None = None,
+               offload_folder: str | None = None, weights_dtype: str | None = None,
+               layerwise: bool = False) -> Loaded:
     """Load a model spec (alias, folder or hub id) onto `device` (default: CUDA when present, else CPU).
-    dtype: compute precision (auto, float32, float16, bfloat16; see loaded.resolve_dtype)."""
+    dtype: compute precision (auto, float32, float16, bfloat16; see loaded.resolve_dtype).
+
+    Big models (models.offload.Placement): `device_map` ("auto", ...) spreads the blocks over GPUs, CPU memory
+    and disk (`offload_folder`) within `max_memory` ("0:14GiB,cpu:30GiB" or accelerate's dict; a budget that
+    cannot hold one block, plus an FFN's Gram matrix when `layerwise`, is a UserError computed from the config
+    before loading); `weights_dtype` keeps weights in bfloat16 / float16 / the checkpoint's dtype ("auto")
+    instead of float32."""
     if not spec or not str(spec).strip():
         raise UserError("empty model spec; give an alias (" + ", ".join(ALIASES) + "), a folder or a hub id")
     spec = str(spec)
+    placement = Placement.make(device_map, max_memory, offload_folder, weights_dtype, layerwise)
+    if placement is not None and placement.device_map is not None and device is not None:
+        raise UserError("give either --device or --device-map, not both")
     dev = pick_device(str(device) if device is not None else None)
     path = Path(spec).expanduser()
     if spec in ALIASES:
@@ -245,19 +271,31 @@ def load_model(spec: str, device: str | torch.device | None = None, dtype: str |
         saved = resolve_saved(path)
         if saved is not None:
             loaded = load_saved(saved, spec)
-            loaded.model.to(dev).eval()
+            if placement is not None:  # a saved (pruned) model is read whole, then placed
+                loaded.model = placement.place(loaded.model.eval(), loaded.kind, spec)
+            if placement is None or placement.device_map is None:
+                loaded.model.to(dev).eval()
+            else:
+                dev = execution_device(loaded.model)
             loaded.dtype = resolve_dtype(dtype, dev)
             return loaded
-        model, tok, kind = _from_pretrained(str(path), is_local=True)
+        model, tok, kind = _from_pretrained(str(path), is_local=True, placement=placement)
         info = {"base_model": str(path.resolve())}
     elif spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
         raise UserError(f"model folder '{spec}' does not exist; give an existing folder, "
                         f"an alias ({', '.join(ALIASES)}) or a hub id")
     else:
-        model, tok, kind = _from_pretrained(spec, is_local=False)
+        model, tok, kind = _from_pretrained(spec, is_local=False, placement=placement)
         info = {"base_model": spec}
     finish_tokenizer(tok, model)
-    model.to(dev).eval()
+    if placement is not None and not hasattr(model, "hf_device_map"):
+        model = placement.place(model, kind, spec)   # an alias: built in memory, then placed
+    if placement is not None and placement.device_map is not None:
+        dev = execution_device(model)
+        log.info("device map of %s: %s", spec, sorted(set(map(str, model.hf_device_map.values()))))
+    else:
+        model.to(dev)
+    model.eval()
     log.info("loaded %s (%s, %s) on %s", spec, kind, family_of(model).name, dev)
     return Loaded(model=model, tokenizer=tok, kind=kind, spec=spec, info=info, dtype=resolve_dtype(dtype, dev))
 

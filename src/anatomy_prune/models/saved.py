@@ -23,21 +23,25 @@ import torch
 
 from ..errors import UserError
 from ..runfolder import now_iso, read_json, write_json
-from .families import base_model, base_model_kwargs, ffn_sites, ffn_widths, supported_model_types
+from .families import (base_model, base_model_kwargs, config_head_units, ffn_sites, ffn_widths, head_counts,
+                       supported_model_types)
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer
-from .surgery import resize_ffn, set_config_widths
+from .surgery import check_head_indices, resize_ffn, resize_heads, set_config_widths
 
 log = logging.getLogger(__name__)
 META_FORMAT = 1
 MAX_HEADER = 64 * 1024 * 1024        # a safetensors JSON header larger than this is refused
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
 
 
-def save_model(loaded: Loaded, folder: str | Path, plan: Mapping | None = None, **info) -> Path:
+def save_model(loaded: Loaded, folder: str | Path, plan: Mapping | None = None, *,
+               max_shard_size: int | str | None = None, **info) -> Path:
     """Save a (possibly pruned) model into `folder` (a fresh staged folder: see runfolder.RunFolder).
 
-    plan: the plan as plain data (PruningPlan.to_dict()), recorded in the metadata."""
+    plan: the plan as plain data (PruningPlan.to_dict()), recorded in the metadata. max_shard_size (e.g.
+    "2GB"): weights in shards model-0000i-of-0000n.safetensors of at most that size (transformers' default
+    otherwise); a model placed by a device map is written shard by shard, offloaded weights read back as needed."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -45,17 +49,22 @@ def save_model(loaded: Loaded, folder: str | Path, plan: Mapping | None = None, 
     model = loaded.model
     widths = ffn_widths(model)
     set_config_widths(model, widths)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     if loaded.kind == "classifier":
-        model.backbone.save_pretrained(folder, safe_serialization=True)
+        model.backbone.save_pretrained(folder, safe_serialization=True, **shards)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.dense.state_dict().items()},
                   folder / "head.safetensors")
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, **shards)
     loaded.tokenizer.save_pretrained(folder)
     meta = dict(loaded.info)
     meta.update(info)
     meta.update(format=META_FORMAT, kind=loaded.kind, family=loaded.family.name, ffn_widths=widths,
                 base_model=loaded.base_spec, saved=now_iso())
+    meta.pop("attn_heads", None)
+    heads = head_counts(model)  # head units per layer; transformers' configs cannot say per-layer heads
+    if heads != [config_head_units(base_model(model).config)] * len(heads):
+        meta["attn_heads"] = heads
     if plan is not None:
         meta["plan"] = dict(plan)
     if loaded.kind == "classifier":
@@ -86,6 +95,10 @@ def validate_meta(meta: Any, folder: Path) -> dict:
     if widths is not None:
         if not isinstance(widths, list) or not all(_is_int(w) and w >= 0 for w in widths):
             raise _bad(folder, f"{SAVED_META} 'ffn_widths' must be a list of non-negative whole numbers")
+    heads = meta.get("attn_heads")
+    if heads is not None:
+        if not isinstance(heads, list) or not all(_is_int(h) and h >= 0 for h in heads):
+            raise _bad(folder, f"{SAVED_META} 'attn_heads' must be a list of non-negative whole numbers")
     if "dropout" in meta:
         d = meta["dropout"]
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not (0.0 <= float(d) < 1.0):
@@ -115,7 +128,7 @@ def safetensors_header(path: Path) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UserError(f"{where} has a header that is not JSON (not a safetensors file); save the model again") from None
     if not isinstance(header, dict):
         raise UserError(f"{where} has a malformed header; save the model again")
@@ -128,7 +141,8 @@ def safetensors_header(path: Path) -> dict:
             dtype, shape, (a, b) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise UserError(f"{where}: tensor {name!r} has a malformed entry; save the model again") from None
-        if dtype not in _DTYPE_BYTES or not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES or not isinstance(shape, list) or \
+                not all(_is_int(s) and s >= 0 for s in shape):
             raise UserError(f"{where}: tensor {name!r} has an unknown dtype or a bad shape; save the model again")
         if not (_is_int(a) and _is_int(b) and 0 <= a <= b <= data_len):
             raise UserError(f"{where}: tensor {name!r} lies outside the file (truncated?); save the model again")
@@ -154,7 +168,50 @@ def _check_shapes(folder: Path, headers: Mapping[str, tuple], expected: Mapping[
         raise _bad(folder, detail + " (widths in anatomy_prune.json disagree with the weights?)")
 
 
+def refuse_oversized_config(folder: Path, headers: Mapping[str, tuple], build) -> None:
+    """A config.json that describes a model far larger than the weights beside it (damaged, or hostile: an
+    FFN 10^8 wide is 77 GB) is refused before anything is allocated: `build()` runs on the meta device, where
+    parameters take no memory, and its parameters are counted against the tensors the files hold."""
+    try:
+        with torch.device("meta"):
+            need = sum(p.numel() for p in build().parameters())
+    except Exception:  # noqa: BLE001 - the real build reports what is wrong with the config
+        return
+    have = sum(math.prod(shape) for _dtype, shape in headers.values())
+    if need > 2 * have + (1 << 20):
+        raise UserError(f"'{folder / 'config.json'}' describes a model of {need:,} parameters but its weights hold "
+                        f"{have:,}; the config does not belong to these weights (save the model again)")
+
+
+def needs_custom_code(folder: Path) -> bool:
+    """Whether a folder's config.json asks for code shipped with the model (auto_map), which is never run."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(cfg, dict) and "auto_map" in cfg
+
+
+def custom_code_error(folder: Path) -> UserError:
+    return UserError(f"'{folder}' needs custom code (config.json auto_map) that anatomy-prune never runs; give a "
+                     "model of a supported type (see README) or its converted folder")
+
+
 # --- loading -----------------------------------------------------------------------------------------
+
+def _shaped(net, kind: str, widths, heads):
+    """The size check's model (see refuse_oversized_config): what load_saved builds, FFNs and heads resized."""
+    if kind in ("classifier", "backbone"):
+        net = base_model(net)
+    if widths is not None and widths != ffn_widths(net) and max(widths, default=0) <= max(ffn_widths(net)):
+        resize_ffn(net, widths)
+    if heads is not None:
+        try:
+            resize_heads(net, heads)
+        except ValueError:
+            pass  # load_saved refuses these heads itself
+    return net
+
 
 def load_saved(folder: Path, spec: str) -> Loaded:
     """Rebuild a model saved by save_model: from its config, FFNs resized to the saved widths, then the
@@ -171,6 +228,8 @@ def load_saved(folder: Path, spec: str) -> Loaded:
     try:
         cfg = AutoConfig.from_pretrained(folder, **SAFE)
     except Exception as exc:  # malformed JSON, unknown model type, ...
+        if needs_custom_code(folder):
+            raise custom_code_error(folder) from None
         raise _bad(folder, f"config.json cannot be read ({type(exc).__name__})") from None
     if getattr(cfg, "model_type", None) not in supported_model_types():
         raise _bad(folder, f"model type {getattr(cfg, 'model_type', None)!r} is not supported")
@@ -193,7 +252,17 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         bound = max(int(full or 0), max(cfg_widths or [0]))
         if bound and max(widths, default=0) > bound:
             raise _bad(folder, f"{SAVED_META} FFN widths exceed the config's {bound}")
+    heads = meta.get("attn_heads")
+    if heads is not None:
+        try:
+            units = config_head_units(cfg)
+        except (ValueError, TypeError, AttributeError):
+            raise _bad(folder, "config.json has no usable attention head count") from None
+        if len(heads) != n_layers or max(heads, default=0) > units:
+            raise _bad(folder, f"{SAVED_META} 'attn_heads' must give {n_layers} head counts of at most {units}")
     kw = {} if kind == "causal-lm" else base_model_kwargs(cfg.model_type)
+    refuse_oversized_config(folder, headers,
+                            lambda: _shaped(builder.from_config(cfg, **kw, **SAFE), kind, widths, heads))
     try:
         with torch.random.fork_rng(devices=[]):
             net = builder.from_config(cfg, **kw, **SAFE)
@@ -205,6 +274,11 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         if max(widths) > max(ffn_widths(net)):  # the config says uniform full width: widths must fit under it
             raise _bad(folder, f"{SAVED_META} FFN widths exceed the config's")
         resize_ffn(net, widths)
+    if heads is not None:
+        try:
+            resize_heads(net, heads)
+        except ValueError:
+            raise _bad(folder, f"{SAVED_META} 'attn_heads' do not fit the model its config builds") from None
     _check_shapes(folder, headers, {k: v.shape for k, v in net.state_dict().items()})
     state = {}
     try:
@@ -219,6 +293,11 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         raise _bad(folder, f"weights do not match its config (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
     if any(k.endswith("lm_head.weight") for k in missing):
         net.tie_weights()
+    if heads is not None:
+        try:
+            check_head_indices(net)
+        except ValueError as exc:
+            raise _bad(folder, str(exc)) from None
     if kind == "classifier":
         model = BinaryClassifier(net, dropout=float(meta.get("dropout", 0.1)))
         head = folder / "head.safetensors"

@@ -1,6 +1,10 @@
-"""PruningPlan: which FFN neurons each layer keeps. Plain, immutable data, JSON in and out, independent of
-how it is applied (masked, or physically removed) and of how the neurons were scored. No step changes a
-plan: applying, compensating or saving it leaves it as it was made.
+"""PruningPlan: which FFN neurons, and optionally which attention heads, each layer keeps. Plain, immutable
+data, JSON in and out, independent of how it is applied (masked, or physically removed) and of how the units
+were scored. No step changes a plan: applying, compensating or saving it leaves it as it was made.
+
+Heads are counted in *head units* (models.families.AttentionSite): one head, or under grouped-query
+attention (the Llama family) one key/value group with all its query heads. A plan without `heads` leaves
+attention alone; a plan that keeps every FFN neuron and some heads prunes heads only.
 
 A plan read from a file is untrusted: every field is checked (types, ranges, sizes) before anything is
 built from it, and any fault is a one-line UserError naming the file and the field.
@@ -18,12 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..models.families import ffn_widths
+from ..models.families import attention_sites, ffn_widths
 from ..runfolder import read_json, write_json
 
 PLAN_FORMAT = 1
 MAX_LAYERS = 4096          # bounds for a plan read from a file, checked before anything is allocated
 MAX_WIDTH = 1 << 20
+MAX_HEADS = 1 << 16
 MAX_PLAN_BYTES = 256 << 20
 
 
@@ -33,7 +38,8 @@ def _is_int(x: Any) -> bool:
 
 @dataclass(frozen=True)
 class PruningPlan:
-    """Per layer, the sorted ids of the FFN neurons kept, out of `widths[layer]`."""
+    """Per layer, the sorted ids of the FFN neurons kept, out of `widths[layer]`; optionally the sorted ids
+    of the head units kept, out of `head_widths[layer]` (None: attention is not pruned)."""
 
     keep: tuple[tuple[int, ...], ...]      # per layer, sorted (given as lists or tuples; stored as tuples)
     widths: tuple[int, ...]                # d_ff of each layer in the model the plan was made for
@@ -42,6 +48,8 @@ class PruningPlan:
     params: dict = field(default_factory=dict)
     seed: int | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    heads: tuple[tuple[int, ...], ...] | None = None  # per layer, sorted ids of the head units kept
+    head_widths: tuple[int, ...] | None = None        # head units of each layer in the model the plan was made for
 
     def __post_init__(self) -> None:
         where = "plan"
@@ -71,6 +79,33 @@ class PruningPlan:
         object.__setattr__(self, "keep", tuple(tuple(k) for k in clean))  # immutable all the way down
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "params", copy.deepcopy(self.params))
+        self._check_heads(where)
+
+    def _check_heads(self, where: str) -> None:
+        if self.heads is None and self.head_widths is None:
+            return
+        if self.heads is None or self.head_widths is None:
+            raise UserError(f"{where}: 'heads' and 'head_widths' go together (give both or neither)")
+        hw = self.head_widths
+        if not isinstance(hw, (list, tuple)) or not all(_is_int(w) and 0 < w <= MAX_HEADS for w in hw):
+            raise UserError(f"{where}: 'head_widths' must be a list of positive whole numbers (at most {MAX_HEADS})")
+        if len(hw) != len(self.widths):
+            raise UserError(f"{where} has {len(hw)} head widths for {len(self.widths)} layers")
+        if not isinstance(self.heads, (list, tuple)) or len(self.heads) != len(hw):
+            raise UserError(f"{where} has {len(self.heads) if isinstance(self.heads, (list, tuple)) else 'no'} "
+                            f"layers of kept heads for {len(hw)} layers")
+        clean = []
+        for layer, (ids, width) in enumerate(zip(self.heads, hw)):
+            if not isinstance(ids, (list, tuple, range)) or not all(_is_int(i) for i in ids):
+                raise UserError(f"{where} layer {layer}: kept head ids must be whole numbers")
+            ids = sorted(int(i) for i in ids)
+            if len(set(ids)) != len(ids) or (ids and (ids[0] < 0 or ids[-1] >= width)):
+                raise UserError(f"{where} layer {layer}: kept head ids must be distinct and in [0, {width})")
+            clean.append(ids)
+        if hw and not any(clean):
+            raise UserError(f"{where} keeps no attention head in any layer; a model needs some (lower the sparsity)")
+        object.__setattr__(self, "heads", tuple(tuple(k) for k in clean))
+        object.__setattr__(self, "head_widths", tuple(int(w) for w in hw))
 
     # --- counts -------------------------------------------------------------------------------
     @property
@@ -98,6 +133,40 @@ class PruningPlan:
         kept = set(self.keep[layer])
         return [j for j in range(self.widths[layer]) if j not in kept]
 
+    @property
+    def kept_heads(self) -> list[int] | None:
+        """Head units kept per layer (None: attention is not pruned)."""
+        return None if self.heads is None else [len(k) for k in self.heads]
+
+    @property
+    def heads_removed_per_layer(self) -> list[int]:
+        if self.heads is None:
+            return [0] * self.n_layers
+        return [w - len(k) for w, k in zip(self.head_widths, self.heads)]
+
+    @property
+    def heads_removed(self) -> int:
+        return sum(self.heads_removed_per_layer)
+
+    @property
+    def head_sparsity(self) -> float:
+        """Fraction of all head units removed (0.0 when attention is not pruned)."""
+        return self.heads_removed / max(1, sum(self.head_widths or ()))
+
+    def removed_heads(self, layer: int) -> list[int]:
+        if self.heads is None:
+            return []
+        kept = set(self.heads[layer])
+        return [u for u in range(self.head_widths[layer]) if u not in kept]
+
+    def head_keep_mask(self, layer: int, device: torch.device | str = "cpu") -> Tensor:
+        """1.0 for kept head units, 0.0 for removed ones: [head units] (all ones without heads)."""
+        if self.heads is None:
+            raise ValueError("this plan does not prune attention heads")
+        mask = torch.zeros(self.head_widths[layer], device=device)
+        mask[list(self.heads[layer])] = 1.0
+        return mask
+
     def keep_mask(self, layer: int, device: torch.device | str = "cpu") -> Tensor:
         """1.0 for kept neurons, 0.0 for removed ones: [d_ff]."""
         mask = torch.zeros(self.widths[layer], device=device)
@@ -105,17 +174,29 @@ class PruningPlan:
         return mask
 
     def check_fits(self, model: nn.Module) -> None:
-        """Raise a UserError unless the plan's layers and widths are the model's."""
+        """Raise a UserError unless the plan's layers and widths (and head units) are the model's."""
         widths = ffn_widths(model)
         if widths != list(self.widths):
             raise UserError(
                 f"plan does not fit the model: plan widths {_short(self.widths)} vs model FFN widths "
                 f"{_short(widths)}; make the plan for this model (or its unpruned base)"
             )
+        if self.heads is None:
+            return
+        sites = attention_sites(model)
+        units = [s.n_units for s in sites]
+        if units != list(self.head_widths):
+            group = max(s.group for s in sites)
+            what = f"key/value groups of {group} query heads" if group > 1 else "heads"
+            raise UserError(
+                f"plan does not fit the model: plan head widths {_short(self.head_widths)} vs the model's "
+                f"{_short(units)} head units per layer ({what}); make the plan for this model (or its unpruned base)"
+            )
 
     def with_info(self, **changes) -> "PruningPlan":
         """A copy with other provenance (base_model, method, seed, params); the kept neurons are the same."""
-        d = {k: getattr(self, k) for k in ("keep", "widths", "base_model", "method", "params", "seed", "created")}
+        d = {k: getattr(self, k) for k in ("keep", "widths", "base_model", "method", "params", "seed", "created",
+                                           "heads", "head_widths")}
         d.update(changes)
         return PruningPlan(**d)
 
@@ -127,6 +208,11 @@ class PruningPlan:
         d["format"] = PLAN_FORMAT
         d["summary"] = {"sparsity": round(self.sparsity, 6), "neurons_removed": self.neurons_removed,
                         "removed_per_layer": self.removed_per_layer}
+        if self.heads is not None:  # (a plan without heads is written as before)
+            d["heads"] = [list(k) for k in self.heads]
+            d["head_widths"] = list(self.head_widths)
+            d["summary"].update(head_sparsity=round(self.head_sparsity, 6), heads_removed=self.heads_removed,
+                                heads_removed_per_layer=self.heads_removed_per_layer)
         return d
 
     @classmethod
@@ -136,7 +222,7 @@ class PruningPlan:
         try:
             return cls(keep=d["keep"], widths=d["widths"], base_model=d.get("base_model", "") or "",
                        method=d.get("method", "") or "", params=d.get("params", {}) or {}, seed=d.get("seed"),
-                       created=str(d.get("created", "")))
+                       created=str(d.get("created", "")), heads=d.get("heads"), head_widths=d.get("head_widths"))
         except UserError as exc:
             raise UserError(f"{where}: {str(exc).removeprefix('plan: ').removeprefix('plan ')}") from None
 

@@ -1,0 +1,338 @@
+"""Attention heads as prunable units (issue 16), for every supported model type: a plan that removes
+different numbers of heads per layer (one layer loses all, one keeps all) plus some FFN neurons gives the
+same outputs masked (hooks), masked in place and physically removed; the parameter count drops by exactly
+the removed rows and columns; the model saves and reloads in a fresh process with the same outputs and head
+counts. Under grouped-query attention (the Llama family) the unit is a key/value group with its query heads.
+Plans with heads round-trip through JSON and bad ones are one-line UserErrors."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from anatomy_prune.apply.modes import mask, masked, physical
+from anatomy_prune.errors import UserError
+from anatomy_prune.hooks import run_with_hooks
+from anatomy_prune.models.families import (attention_sites, base_model, ffn_sites, ffn_widths, get_module, head_counts,
+                                           in_features, query_head_counts, weight_out_in)
+from anatomy_prune.models.loading import TINY, TINY_TYPES, Loaded, load_model
+from anatomy_prune.models.saved import save_model
+from anatomy_prune.models.surgery import HeadlessAttention, keep_heads
+from anatomy_prune.plan.plan import PruningPlan
+
+TEXTS = ["The acting was superb and the plot gripping.", "Dull, predictable and far too long.",
+         "An absolute masterpiece.", "I want those two hours back, truly awful from start to end."]
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo")  # the tiny ones: 4 query heads, 2 key/value heads
+
+
+def encode(loaded: Loaded, texts=TEXTS) -> dict:
+    enc = loaded.tokenizer(list(texts), padding=True, truncation=True, max_length=24, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def outputs(loaded: Loaded) -> torch.Tensor:
+    with torch.no_grad():
+        out = loaded.model(**encode(loaded))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def heads_plan(loaded: Loaded, seed: int = 0) -> PruningPlan:
+    """Layer 0 loses every head, layer 1 keeps the odd units (1, 3: not a prefix), the last keeps all; every
+    layer loses some FFN neurons."""
+    widths, units = ffn_widths(loaded.model), head_counts(loaded.model)
+    g = torch.Generator().manual_seed(seed)
+    keep = [sorted(torch.randperm(w, generator=g)[:w // 2 + i].tolist()) for i, w in enumerate(widths)]
+    heads = [[] if i == 0 else list(range(u)) if i == len(units) - 1 else list(range(1, u, 2))
+             for i, u in enumerate(units)]
+    return PruningPlan(keep=keep, widths=widths, heads=heads, head_widths=units, method="heads-test")
+
+
+def expected_drop(loaded: Loaded, plan: PruningPlan) -> int:
+    """Parameters the plan removes, counted from the unpruned model's shapes: FFN rows and columns, and per
+    removed unit its q / k / v rows (biases included) and its query heads' o columns; a layer left without
+    heads keeps only o's bias."""
+    base = base_model(loaded.model)
+    drop = 0
+    for site in ffn_sites(loaded.model):
+        gone = plan.removed_per_layer[site.layer]
+        for path in site.up:
+            m = get_module(base, path)
+            drop += gone * (in_features(m) + (m.bias is not None))
+        drop += gone * weight_out_in(get_module(base, site.down)).shape[0]
+    for site in attention_sites(loaded.model):
+        gone = len(plan.removed_heads(site.layer))
+        q_rows, kv_rows = gone * site.group * site.head_dim, gone * site.head_dim
+        for path, rows in ((site.q, q_rows), (site.k, kv_rows), (site.v, kv_rows)):  # fused: c_attn's 3 parts
+            m = get_module(base, path)
+            drop += rows * (in_features(m) + (m.bias is not None))
+        drop += q_rows * weight_out_in(get_module(base, site.o)).shape[0]
+        if gone == site.n_units:  # a headless layer also loses its per-head norms (Qwen3's q_norm / k_norm)
+            own = {id(p) for path in (site.q, site.k, site.v, site.o) for p in get_module(base, path).parameters()}
+            drop += sum(p.numel() for p in get_module(base, site.attn).parameters() if id(p) not in own)
+    return drop
+
+
+def n_params(loaded: Loaded) -> int:
+    return sum(p.numel() for p in loaded.model.parameters())
+
+
+# --- every type: masked == in-place mask == physical; parameters; save -> reload in a fresh process ------
+
+RELOAD = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from anatomy_prune import load_model
+    from anatomy_prune.models.families import ffn_widths, head_counts, query_head_counts
+    out = {}
+    for folder in json.loads(sys.argv[1]):
+        loaded = load_model(folder, device="cpu")
+        enc = loaded.tokenizer(json.loads(sys.argv[2]), padding=True, truncation=True, max_length=24,
+                               return_tensors="pt")
+        with torch.no_grad():
+            o = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        o = o.logits if hasattr(o, "logits") else o.last_hidden_state
+        out[folder] = {"heads": head_counts(loaded.model), "query_heads": query_head_counts(loaded.model),
+                       "widths": ffn_widths(loaded.model), "sum": float(o.double().sum()),
+                       "first": o.flatten()[:8].tolist()}
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """Every type pruned by heads_plan three ways, saved, and reloaded in one fresh process."""
+    root = tmp_path_factory.mktemp("heads")
+    res, folders = {}, {}
+    for t, alias in TINY_TYPES.items():
+        loaded = load_model(alias, device="cpu")
+        plan = heads_plan(loaded)
+        r = {"plan": plan, "dense": outputs(loaded), "params": n_params(loaded), "drop": expected_drop(loaded, plan)}
+        with masked(loaded.model, plan):
+            r["masked"] = outputs(loaded)
+        twin = Loaded(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.kind, alias)
+        mask(twin.model, plan)
+        r["mask"], r["mask_params"] = outputs(twin), n_params(twin)
+        physical(loaded.model, plan)
+        r["physical"], r["pruned_params"] = outputs(loaded), n_params(loaded)
+        r["heads"], r["query_heads"] = head_counts(loaded.model), query_head_counts(loaded.model)
+        r["widths"] = ffn_widths(loaded.model)
+        r["loaded"] = loaded
+        folders[t] = str(save_model(loaded, root / t, plan=plan.to_dict()))
+        res[t] = r
+    proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(list(folders.values())), json.dumps(TEXTS)],
+                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin",
+                                                                            "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for t in TINY_TYPES:
+        res[t]["reloaded"], res[t]["folder"] = got[folders[t]], Path(folders[t])
+    return res
+
+
+TYPES = sorted(TINY_TYPES)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_masked_equals_physical(pruned, model_type):
+    r = pruned[model_type]
+    assert not torch.allclose(r["masked"], r["dense"])  # the plan changes the model
+    torch.testing.assert_close(r["physical"], r["masked"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["mask"], r["masked"], rtol=1e-5, atol=1e-5)
+    assert r["mask_params"] == r["params"]  # masking in place keeps every shape
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_head_counts_and_parameters_drop_by_the_removed_rows(pruned, model_type):
+    r = pruned[model_type]
+    plan, heads = r["plan"], TINY["heads"]
+    units = 2 if model_type in GQA else heads  # tiny GQA models: 2 key/value groups of 2 query heads
+    group = heads // units
+    assert plan.head_widths == (units,) * TINY["layers"]
+    assert r["heads"] == plan.kept_heads == [0, units // 2, units]
+    assert r["query_heads"] == [k * group for k in plan.kept_heads]
+    assert r["widths"] == plan.kept_widths
+    assert r["drop"] > 0 and r["params"] - r["pruned_params"] == r["drop"]
+    layer0 = get_module(base_model(r["loaded"].model), attention_sites(r["loaded"].model)[0].attn)
+    assert isinstance(layer0, HeadlessAttention)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_heads_save_and_reload_in_a_fresh_process(pruned, model_type):
+    r = pruned[model_type]
+    got = r["reloaded"]
+    meta = json.loads((r["folder"] / "anatomy_prune.json").read_text())
+    assert meta["attn_heads"] == r["heads"] and meta["plan"]["heads"] == [list(h) for h in r["plan"].heads]
+    assert got["heads"] == r["heads"] and got["query_heads"] == r["query_heads"] and got["widths"] == r["widths"]
+    o = r["physical"]
+    assert got["sum"] == pytest.approx(float(o.double().sum()), rel=1e-5, abs=1e-4)
+    torch.testing.assert_close(torch.tensor(got["first"]), o.flatten()[:8], rtol=1e-5, atol=1e-5)
+
+
+# --- grouped-query attention: the unit is a key/value group --------------------------------------------
+
+def test_gqa_removing_one_group_removes_its_query_heads():
+    loaded = load_model("tiny-llama", device="cpu")
+    base = base_model(loaded.model)
+    site = attention_sites(loaded.model)[1]
+    assert (site.n_heads, site.n_kv_heads, site.group, site.head_dim) == (4, 2, 2, 8)
+    q, k, v, o = (weight_out_in(get_module(base, p)).detach().clone() for p in (site.q, site.k, site.v, site.o))
+    before = sum(p.numel() for p in loaded.model.parameters())
+    keep_heads(loaded.model, [[0, 1], [1], [0, 1]])  # layer 1 loses group 0: query heads 0, 1 and k/v head 0
+    # q: 2 heads x 8 rows of 32, k and v: 8 rows of 32 each, o: 16 columns of 32 (no biases in Llama)
+    assert before - sum(p.numel() for p in loaded.model.parameters()) == 16 * 32 + 8 * 32 + 8 * 32 + 32 * 16
+    assert head_counts(loaded.model) == [2, 1, 2] and query_head_counts(loaded.model) == [4, 2, 4]
+    attn = get_module(base, site.attn)
+    assert attn.num_key_value_groups == 2  # what the attention reads: unchanged, as the groups are whole
+    torch.testing.assert_close(attn.q_proj.weight, q[16:32])
+    torch.testing.assert_close(attn.k_proj.weight, k[8:16])
+    torch.testing.assert_close(attn.v_proj.weight, v[8:16])
+    torch.testing.assert_close(attn.o_proj.weight, o[:, 16:32])
+    with pytest.raises(ValueError, match="distinct and in"):
+        keep_heads(loaded.model, [[0, 1], [2], [0, 1]])  # ids are the units the model has now
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
+def test_cached_decoding_with_a_headless_layer(alias):
+    """A layer without heads still counts positions in the key/value cache, so decoding token by token
+    equals a full forward pass (layer 0 is the one transformers asks for the cache length)."""
+    loaded = load_model(alias, device="cpu")
+    units = head_counts(loaded.model)
+    keep_heads(loaded.model, [[], [1], list(range(units[2]))])
+    ids = encode(loaded, TEXTS[:1])["input_ids"]
+    with torch.no_grad():
+        full = loaded.model(input_ids=ids).logits[:, -1]
+        cache = loaded.model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        assert cache.get_seq_length() == ids.shape[1] - 1
+        step = loaded.model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+# --- hook point, partial plans -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alias", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+def test_attn_heads_hook_point_sees_the_concatenated_heads(alias):
+    loaded = load_model(alias, device="cpu")
+    enc = encode(loaded, TEXTS[:2])
+    seen = []
+    with torch.no_grad(), run_with_hooks(loaded.model, {"attn.*.heads": lambda x, p: seen.append((p, x.shape))}):
+        loaded.model(**enc)
+    assert [p for p, _ in seen] == ["attn.0.heads", "attn.1.heads", "attn.2.heads"]
+    assert all(s == (*enc["input_ids"].shape, TINY["hidden"]) for _, s in seen)  # 4 heads x head_dim 8
+    keep_heads(loaded.model, [[], [1], list(range(head_counts(loaded.model)[2]))])
+    seen.clear()
+    with torch.no_grad(), run_with_hooks(loaded.model, {"attn.*.heads": lambda x, p: seen.append(x.shape[-1])}):
+        loaded.model(**enc)
+    assert seen == [0, 8 * query_head_counts(loaded.model)[1], TINY["hidden"]]
+
+
+def test_heads_only_and_ffn_only_plans(tiny):
+    widths, units = ffn_widths(tiny.model), head_counts(tiny.model)
+    only_heads = PruningPlan(keep=[range(w) for w in widths], widths=widths, heads=[[0], [], range(units[2])],
+                             head_widths=units)
+    twin = copy.deepcopy(tiny.model)
+    physical(twin, only_heads)
+    assert ffn_widths(twin) == widths and head_counts(twin) == [1, 0, units[2]]
+    only_ffn = PruningPlan(keep=[range(w // 2) for w in widths], widths=widths)
+    attn_before = [get_module(base_model(tiny.model), s.attn) for s in attention_sites(tiny.model)]
+    physical(tiny.model, only_ffn)
+    assert [get_module(base_model(tiny.model), s.attn) for s in attention_sites(tiny.model)] == attn_before
+    assert head_counts(tiny.model) == units and only_ffn.kept_heads is None and only_ffn.heads_removed == 0
+
+
+# --- plans with heads: JSON, validation ----------------------------------------------------------------
+
+def test_plans_with_heads_round_trip_through_json(tmp_path):
+    plan = PruningPlan(keep=[[0, 2], [1]], widths=[3, 3], heads=[(2, 0), []], head_widths=[4, 2], method="m",
+                       params={"a": 1}, seed=3)
+    assert plan.heads == ((0, 2), ()) and plan.kept_heads == [2, 0] and plan.heads_removed == 4
+    assert plan.removed_heads(0) == [1, 3] and plan.head_sparsity == pytest.approx(4 / 6)
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert d["heads"] == [[0, 2], []] and d["head_widths"] == [4, 2] and d["summary"]["heads_removed"] == 4
+    assert PruningPlan.from_dict(d) == plan
+    plan.save(tmp_path / "plan.json")
+    assert PruningPlan.load(tmp_path / "plan.json") == plan
+    assert plan.with_info(method="other").heads == plan.heads
+    ffn_only = PruningPlan(keep=[[0]], widths=[2]).to_dict()
+    assert "heads" not in ffn_only and "head_widths" not in ffn_only and "heads_removed" not in ffn_only["summary"]
+
+
+BAD = {
+    "out of range": (dict(heads=[[0, 4], [0]], head_widths=[4, 4]), "kept head ids must be distinct and in [0, 4)"),
+    "duplicate": (dict(heads=[[1, 1], [0]], head_widths=[4, 4]), "distinct"),
+    "not whole numbers": (dict(heads=[[0.5], [0]], head_widths=[4, 4]), "whole numbers"),
+    "wrong layer count (widths)": (dict(heads=[[0], [0]], head_widths=[4, 4, 4]), "3 head widths for 2 layers"),
+    "wrong layer count (heads)": (dict(heads=[[0]], head_widths=[4, 4]), "1 layers of kept heads for 2"),
+    "heads without widths": (dict(heads=[[0], [0]]), "go together"),
+    "zero width": (dict(heads=[[], [0]], head_widths=[0, 4]), "positive whole numbers"),
+    "huge width": (dict(heads=[[], [0]], head_widths=[1 << 40, 4]), "at most"),
+    "every head removed": (dict(heads=[[], []], head_widths=[4, 4]), "keeps no attention head"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_invalid_head_plans_are_one_line_user_errors(case, tmp_path):
+    fields, message = BAD[case]
+    with pytest.raises(UserError, match=re.escape(message)) as exc:
+        PruningPlan(keep=[[0], [0]], widths=[2, 2], **fields)
+    assert "\n" not in str(exc.value)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"keep": [[0], [0]], "widths": [2, 2], **fields}))
+    with pytest.raises(UserError, match="plan file") as exc:
+        PruningPlan.load(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_gqa_plan_naming_query_heads_does_not_fit():
+    loaded = load_model("tiny-llama", device="cpu")
+    widths = ffn_widths(loaded.model)
+    plan = PruningPlan(keep=[range(w) for w in widths], widths=widths, heads=[[0, 1, 2], [3], [0]],
+                       head_widths=query_head_counts(loaded.model))  # [4, 4, 4]: query heads, not groups
+    for apply in (physical, mask):
+        want = r"head widths \[4, 4, 4\] vs the model's \[2, 2, 2\].*key/value groups"
+        with pytest.raises(UserError, match=want) as exc:
+            apply(loaded.model, plan)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(UserError, match="key/value groups"), masked(loaded.model, plan):
+        pass
+    assert head_counts(loaded.model) == [2, 2, 2]  # nothing was applied
+
+
+# --- saved metadata is checked before anything is built ------------------------------------------------
+
+@pytest.mark.parametrize("bad", [[0, 1], [0, 1, 5], [0, "1", 2], "0,1,2", [0, -1, 2], [0, True, 2]])
+def test_bad_attn_heads_metadata_is_a_one_line_user_error(pruned, bad, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(pruned["bert"]["folder"], folder)
+    meta = json.loads((folder / "anatomy_prune.json").read_text())
+    meta["attn_heads"] = bad
+    (folder / "anatomy_prune.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="attn_heads") as exc:
+        load_model(str(folder), device="cpu")
+    assert "\n" not in str(exc.value)
+
+
+def test_a_damaged_mpnet_head_index_is_a_user_error(pruned, tmp_path):
+    """MPNet's pruned layers keep the ids of their heads (the shared position bias is indexed by them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(pruned["mpnet"]["folder"], folder)
+    state = load_file(folder / "model.safetensors")
+    key = "encoder.layer.1.attention.attn.head_index"
+    assert state[key].tolist() == [1, 3]
+    state[key] = torch.tensor([1, 9])
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(UserError, match="head_index"):
+        load_model(str(folder), device="cpu")
