@@ -54,7 +54,7 @@ def wilson(successes: int, n: int, level: float = LEVEL) -> tuple[float, float]:
 def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     """Exact McNemar test: do classifiers A and B differ in accuracy on the same examples?
 
-    Returns the discordant counts (b: A right and B wrong, c: A wrong and B right), the difference in
+    Returns the discordant counts (a_only: A right and B wrong, b_only: A wrong and B right), the difference in
     accuracy (A - B) and the two-sided p-value of the binomial test of b against b + c with p = 1/2."""
     from scipy.stats import binomtest
 
