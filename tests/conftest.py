@@ -114,3 +114,11 @@ def hub_offline(emulated_hub, monkeypatch):
 
     activate(emulated_hub.env, monkeypatch)
     return emulated_hub
+
+
+@pytest.fixture(scope="session")
+def notebook_runs(tmp_path_factory):
+    """One runs folder per mode (False: offline, True: online) shared by the notebook runs, as beside a
+    checkout: the first notebook of a family fine-tunes, the others reuse its run folder (the documented
+    reuse, exercised here too)."""
+    return {False: tmp_path_factory.mktemp("runs-offline"), True: tmp_path_factory.mktemp("runs-online")}

@@ -32,7 +32,7 @@ def test_notebook_is_small_parameterised_and_installs_from_one_place(path):
     assert not errors, f"{path.name} was committed with an error output"
 
 
-def _run(path: Path, tmp_path: Path, monkeypatch, online: bool) -> None:
+def _run(path: Path, runs: Path, monkeypatch, online: bool) -> None:
     import nbformat
     from nbclient import NotebookClient
 
@@ -42,7 +42,7 @@ def _run(path: Path, tmp_path: Path, monkeypatch, online: bool) -> None:
             cell.outputs = []
     monkeypatch.setenv("ANATOMY_PRUNE_SMOKE", "1")
     monkeypatch.setenv("ANATOMY_PRUNE_ONLINE", "1" if online else "0")
-    monkeypatch.setenv("ANATOMY_PRUNE_RUNS", str(tmp_path))
+    monkeypatch.setenv("ANATOMY_PRUNE_RUNS", str(runs))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     client.execute()
@@ -53,13 +53,13 @@ def _run(path: Path, tmp_path: Path, monkeypatch, online: bool) -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_offline_in_smoke_mode(path, tmp_path, monkeypatch):
-    _run(path, tmp_path, monkeypatch, online=False)
+def test_notebook_runs_offline_in_smoke_mode(path, notebook_runs, monkeypatch):
+    _run(path, notebook_runs[False], monkeypatch, online=False)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_online_on_the_emulated_hub(path, tmp_path, monkeypatch, hub_offline):
+def test_notebook_runs_online_on_the_emulated_hub(path, notebook_runs, monkeypatch, hub_offline):
     if not hub_offline.env.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_DATASETS_CACHE") is None and \
             __import__("importlib").util.find_spec("datasets") is None:
         pytest.skip("the emulated hub has no IMDB (datasets is not installed)")
-    _run(path, tmp_path, monkeypatch, online=True)
+    _run(path, notebook_runs[True], monkeypatch, online=True)

@@ -37,6 +37,7 @@ class Setup:
     calib_size: int
     sparsities: list[float]
     data: str                   # imdb (offline) or hf (the hub's IMDB)
+    seeds: int = 5              # seeds of a random method at each point (2 in smoke mode)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -70,7 +71,7 @@ def setup(family: str, online: bool | None = None, smoke: bool | None = None, ru
     online = _flag(online, "ANATOMY_PRUNE_ONLINE", "google.colab" in sys.modules)
     smoke = _flag(smoke, "ANATOMY_PRUNE_SMOKE", False)
     runs = Path(runs or os.environ.get("ANATOMY_PRUNE_RUNS") or "../runs")
-    small = dict(train_size=32, val_size=8, test_size=16, max_length=64, batch_size=8)
+    small = dict(train_size=16, val_size=8, test_size=16, max_length=64, batch_size=8)
     notes = []
     if family == "bert":
         if online:
@@ -94,4 +95,5 @@ def setup(family: str, online: bool | None = None, smoke: bool | None = None, ru
     return Setup(family=family, online=online, smoke=smoke, runs=runs, finetune=ft, base=base,
                  eval_size=eval_size or (16 if smoke else (1000 if ft is not None else 64)),
                  calib_size=16 if smoke else 256,
-                 sparsities=sparsities or ([0.5] if smoke else [0.1, 0.3, 0.5, 0.7, 0.9]), data=data, notes=notes)
+                 sparsities=sparsities or ([0.5] if smoke else [0.1, 0.3, 0.5, 0.7, 0.9]), data=data,
+                 seeds=2 if smoke else 5, notes=notes)
