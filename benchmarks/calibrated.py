@@ -36,6 +36,7 @@ from anatomy_prune.data import eval_set, lm_texts  # noqa: E402
 from anatomy_prune.errors import UserError  # noqa: E402
 from anatomy_prune.evaluate import evaluate_classifier, perplexity  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
+from anatomy_prune.pipeline.layerwise import prune_layerwise  # noqa: E402
 from anatomy_prune.pipeline.step import prune_step  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores import SCORERS, ffn_input_stats, make_calibration  # noqa: E402
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-flops", type=float, nargs="*", default=[],
                    help="FLOP targets for the decoder (fractions of the dense FLOPs kept, e.g. 0.667 0.5): "
                    "calibrated with attention heads and FFN neurons together")
+    p.add_argument("--lm-layerwise", action=argparse.BooleanOptionalAction, default=True,
+                   help="also prune layer by layer, sequentially (pipeline.layerwise), at each --lm-sparsities")
     p.add_argument("--lm-calib-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--lm-eval-texts", type=int, default=40, help="held-out IMDB test reviews (default: 40)")
     p.add_argument("--lm-max-length", type=int, default=128, help="(default: 128)")
@@ -173,6 +176,12 @@ def lm_part(args) -> dict:
         return f"perplexity {row['perplexity']:.2f}"
 
     rows += _run_points(loaded, calib, _methods(args.lm_methods), args.lm_sparsities, stats_s, measure)
+    for s in args.lm_sparsities if args.lm_layerwise else []:
+        # the calibrated recipe one block at a time (no Fisher), each block fitted on the pruned blocks' outputs
+        res = prune_layerwise(loaded, calib, s, sequential=True, progress=False)
+        row = {"method": "calibrated (layer-wise, sequential)", "sparsity": s, "prune_s": round(res.prune_s, 2)}
+        print(f"{row['method']:16s} {s:.2f} {measure(res.loaded, row)}  prune {row['prune_s']:.0f} s", flush=True)
+        rows.append(row)
     for f in args.lm_flops:
         res = prune_step(loaded, calib, "calibrated", target={"flops": f, "seq_len": args.lm_max_length})
         row = {"method": "calibrated (heads + FFN)", "target_flops": f, "prune_s": round(res.prune_s, 2),

@@ -5,8 +5,8 @@ reviews and the same held-out reviews, in one process. For every point: accuracy
 McNemar against our point of the nearest measured speedup, parameters, pruning time and the measured speedup
 (dense and pruned timed interleaved at batch 32 x 128 tokens on this CPU).
 
-    # the peers are an optional extra (see benchmarks/peer_requirements.txt): their own venv, our package on the path
-    PYTHONPATH=src /work/peers-venv/bin/python benchmarks/peers.py --model runs/demo/finetune --out runs/peers
+    make peers      # builds .venv-peers (the peers, benchmarks/peer_requirements.txt), then runs:
+    PYTHONPATH=src .venv-peers/bin/python benchmarks/peers.py --model runs/demo/finetune --out runs/peers
 
 Writes --out/peers.json, --out/table.md and --out/figures/accuracy_vs_speedup.png.
 """

@@ -78,30 +78,14 @@ def dumps(obj: Any) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically: a uniquely named temporary file beside `path`, then a rename."""
-    path = Path(path)
-    if path.is_dir():
+    """Write JSON atomically (see write_text)."""
+    if Path(path).is_dir():
         raise UserError(f"'{path}' is a folder; give a file name for the JSON output")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write '{path}': its folder does not exist")
-    text = dumps(obj)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"cannot write '{path}' ({exc.strerror}); choose another path") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; an output is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, dumps(obj))
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (see write_json)."""
+    """Write a text file atomically: a uniquely named temporary file beside `path`, then a rename."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"'{path}' is a folder; give a file name")

@@ -64,27 +64,34 @@ def unexplained_share(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
     return (1.0 / (var * torch.diagonal(inv))).clamp(0.0, 1.0)
 
 
-def removal_error(model, stats: FFNStats, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
-    """Per neuron, the mean squared error its removal leaves in the layer output per token: [d_ff] per layer.
+def layer_removal_error(down, gram: Tensor, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE,
+                        share=None, rows: int = 1024) -> Tensor:
+    """Per neuron of one layer, the mean squared error its removal leaves in the layer output per token: [d_ff].
 
     ||w_j||^2 times the neuron's centred variance (its mean goes into the down bias) or, for a bias-free
     down projection, its second moment; with `rebuilt`, times the share that a least-squares fit on the
-    other neurons cannot rebuild (leave-one-out, so optimistic when many neurons go).
-    """
+    other neurons cannot rebuild (leave-one-out, so optimistic when many neurons go), computed by `share`
+    (default unexplained_share). The weight is squared `rows` output rows at a time (big layers)."""
+    g = gram.detach().double().cpu() if gram.device.type != "cpu" else gram.detach()
+    w = weight_out_in(down).detach()                                      # [d_model, d_ff]
+    w2 = torch.zeros(w.shape[1], dtype=torch.float64)
+    for r in range(0, w.shape[0], rows):
+        w2 += w[r:r + rows].double().cpu().pow(2).sum(0)
+    n = float(g[-1, -1].clamp(min=1.0))
+    moment = torch.diagonal(g)[:-1] / n                                   # [d_ff]
+    if getattr(down, "bias", None) is not None:
+        moment = moment - (g[:-1, -1] / n) ** 2
+    err = w2 * moment.clamp(min=0.0)
+    if rebuilt:
+        err = err * (share or unexplained_share)(g, ridge)
+    return err.float()
+
+
+def removal_error(model, stats: FFNStats, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
+    """layer_removal_error of every FFN layer of `model`, from its calibration statistics."""
     base = base_model(model)
-    errs = []
-    for site, g in zip(ffn_sites(model), stats.gram):
-        down = get_module(base, site.down)
-        w2 = weight_out_in(down).detach().double().cpu().pow(2).sum(0)      # [d_ff]
-        n = float(g[-1, -1].clamp(min=1.0))
-        moment = torch.diagonal(g)[:-1] / n                                  # [d_ff]
-        if getattr(down, "bias", None) is not None:
-            moment = moment - (g[:-1, -1] / n) ** 2
-        err = w2 * moment.clamp(min=0.0)
-        if rebuilt:
-            err = err * unexplained_share(g, ridge)
-        errs.append(err.float())
-    return errs
+    return [layer_removal_error(get_module(base, site.down), g, rebuilt, ridge)
+            for site, g in zip(ffn_sites(model), stats.gram)]
 
 
 def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0, model=None,

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..hooks import ffn_hidden, run_with_hooks
-from ..models.families import base_model, family_of, get_module, in_features, weight_out_in
+from ..models.families import base_model, family_of, get_module, in_features
+from .calibrated import layer_removal_error as calibrated_layer_error
 from .calibrated import unexplained_share
 from .calibration import DEFAULT_RIDGE, Calibration, FFNStats
 
@@ -181,22 +182,8 @@ def lean_unexplained_share(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor
 
 def layer_removal_error(down: nn.Module, gram: Tensor, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE,
                         rows: int = 1024) -> Tensor:
-    """`scores.calibrated.removal_error` for one layer: per neuron, ||w_j||^2 times its centred variance (its
-    second moment without a down bias), times the share a least-squares fit on the other neurons cannot
-    rebuild (`rebuilt`). [d_ff] float32. The weight is squared `rows` output rows at a time."""
-    g = gram.detach().double().cpu() if gram.device.type != "cpu" else gram.detach()
-    w = weight_out_in(down).detach()                                      # [d_model, d_ff]
-    w2 = torch.zeros(w.shape[1], dtype=torch.float64)
-    for r in range(0, w.shape[0], rows):
-        w2 += w[r:r + rows].double().cpu().pow(2).sum(0)
-    n = float(g[-1, -1].clamp(min=1.0))
-    moment = torch.diagonal(g)[:-1] / n                                   # [d_ff]
-    if getattr(down, "bias", None) is not None:
-        moment = moment - (g[:-1, -1] / n) ** 2
-    err = w2 * moment.clamp(min=0.0)
-    if rebuilt:
-        err = err * lean_unexplained_share(g, ridge)
-    return err.float()
+    """`scores.calibrated.layer_removal_error` with the lean (in-place) unexplained share. [d_ff] float32."""
+    return calibrated_layer_error(down, gram, rebuilt, ridge, share=lean_unexplained_share, rows=rows)
 
 
 def check_width(down: nn.Module, gram: Tensor, layer: int) -> None:
