@@ -55,7 +55,8 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     """Exact McNemar test: do classifiers A and B differ in accuracy on the same examples?
 
     Returns the discordant counts (a_only: A right and B wrong, b_only: A wrong and B right), the difference in
-    accuracy (A - B) and the two-sided p-value of the binomial test of b against b + c with p = 1/2."""
+    accuracy (A - B) and the two-sided p-value of the binomial test of a_only against a_only + b_only
+    with p = 1/2."""
     from scipy.stats import binomtest
 
     a, b_ = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)

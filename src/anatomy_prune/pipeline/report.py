@@ -60,15 +60,14 @@ def write_report(sweep_dir: str | Path, out_md: str | Path | None, title: str = 
     if metric == "accuracy" and (d / "predictions.json").is_file():
         lines += ["", compare_methods(d)["markdown"]]
     ref = settings.get("reference")
-    matched = [p for p in (ref or {}).get("points", []) if any(
-        r["method"] == p["method"] and not r.get("label") and abs(r["sparsity"] - p["sparsity"]) < 1e-6 for r in rows)]
-    if ref and dense and metric == "accuracy" and matched:
+    points = (ref or {}).get("points", [])
+    ours_at = [[r for r in rows if r["method"] == p["method"] and not r.get("label")
+                and abs(r["sparsity"] - p["sparsity"]) < 1e-6] for p in points]   # our rows at each paper point
+    if ref and dense and metric == "accuracy" and any(ours_at):
         lines += ["", f"The paper ({ref['label']}, dense {pct(ref['dense'])}%) beside ours "
                   f"(dense {pct(dense[metric])}%), points lost:", "",
                   "| method | sparsity | paper | ours |", "|---|---|---|---|"]
-        for p in ref["points"]:
-            ours = [r for r in rows if r["method"] == p["method"] and not r.get("label")
-                    and abs(r["sparsity"] - p["sparsity"]) < 1e-6]
+        for p, ours in zip(points, ours_at):
             mean = sum(r[metric] for r in ours) / len(ours) if ours else None
             mine = (f"{100 * (mean - dense[metric]):+.1f}" + (f" (mean of {len(ours)} seeds)" if len(ours) > 1 else "")
                     if ours else "not run")

@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..hooks import ffn_hidden, run_with_hooks
 from ..models.families import base_model, family_of, get_module, in_features
-from .calibrated import layer_removal_error as calibrated_layer_error
-from .calibrated import unexplained_share
+from .calibrated import layer_removal_error as calibrated_layer_error, unexplained_share
 from .calibration import DEFAULT_RIDGE, Calibration, FFNStats
 
 log = logging.getLogger(__name__)
