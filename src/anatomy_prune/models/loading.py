@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..resources import gpt2_tokenizer_dir, minilm_dir, smollm2_gguf
+from ..resources import gpt2_tokenizer_dir, minilm_dir, mpnet_dir, smollm2_gguf
 from .families import base_model_kwargs, family_for, family_of
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer, resolve_dtype  # noqa: F401  (re-exported)
 from .offload import Placement, execution_device
@@ -138,6 +138,14 @@ def _minilm() -> tuple[nn.Module, object, str]:
             AutoTokenizer.from_pretrained(path, **SAFE), "backbone")
 
 
+def _mpnet_base() -> tuple[nn.Module, object, str]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(mpnet_dir())
+    return (AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True, **SAFE),
+            AutoTokenizer.from_pretrained(path, **SAFE), "backbone")
+
+
 def _smollm2() -> tuple[nn.Module, object, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,6 +174,7 @@ def _drop_quantization_config(model: nn.Module) -> None:
 
 ALIASES: dict[str, Callable[[], tuple[nn.Module, object, str]]] = {
     "minilm": _minilm,
+    "mpnet-base": _mpnet_base,
     "smollm2": _smollm2,
     "tiny-bert": _tiny_bert,
     "tiny-gpt2": _tiny_gpt2,
