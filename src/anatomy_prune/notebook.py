@@ -6,6 +6,10 @@ Online (Colab, or ANATOMY_PRUNE_ONLINE=1): bert-base-uncased / gpt2 fine-tuned o
 paper's recipe (`train.finetune.PRESETS`: paper-bert, paper-gpt2). Offline: MiniLM fine-tuned as `make demo`
 does (reused from runs/demo when it is there), and SmolLM2-135M as a language model for the GPT notebooks.
 Smoke (ANATOMY_PRUNE_SMOKE=1): the same path at a few examples, so CI can run every notebook.
+
+`setup` also makes the outputs clean (`quiet`: no progress bars, log lines or warnings; a UserError shown
+as one line) and checks the parameters cell's values before any work (`check_*`: a one-line message that
+says what to set).
 """
 from __future__ import annotations
 
@@ -16,6 +20,79 @@ from pathlib import Path
 
 from .errors import UserError
 from .train.finetune import FinetuneConfig, preset
+
+QUIET_LOGGERS = ("transformers", "datasets", "huggingface_hub", "accelerate", "torch", "anatomy_prune", "matplotlib")
+
+
+def quiet() -> None:
+    """Clean notebook outputs: no progress bars (TQDM_DISABLE, the hub's and datasets' bars off), library
+    logging at ERROR, warnings ignored; in IPython a UserError prints as one line, not a traceback."""
+    import logging
+    import warnings
+
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    warnings.filterwarnings("ignore")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - transformers missing or older: nothing to silence
+        pass
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None:
+        def one_line(shell, etype, value, tb, tb_offset=None):
+            print(f"{etype.__name__}: {value}", file=sys.stderr)
+        shell.set_custom_exc((UserError,), one_line)
+
+
+def check_fractions(values, what: str) -> list[float]:
+    """Each value a fraction strictly between 0 and 1 (a share of neurons removed)."""
+    values = [values] if isinstance(values, (int, float)) else list(values)
+    if not values:
+        raise UserError(f"{what} is empty; set it to fractions such as [0.1, 0.3, 0.5]")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise UserError(f"{what} holds {v!r}; set fractions strictly between 0 and 1, such as 0.5 (= 50%)")
+    return [float(v) for v in values]
+
+
+def check_positive(value, what: str, example: int) -> int:
+    """A whole number >= 1 (a size, a count of steps or seeds)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{what} is {value!r}; set a whole number of at least 1, such as {example}")
+    return value
+
+
+def check_numbers(values, what: str, example: str) -> list[float]:
+    """Non-negative finite numbers (alpha, beta)."""
+    values = [values] if isinstance(values, (int, float)) else list(values)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise UserError(f"{what} holds {v!r}; set non-negative numbers such as {example}")
+    return [float(v) for v in values]
+
+
+def check_model(spec: str | None, online: bool) -> str | None:
+    """An embedded alias, a model folder, or (online) a hub id; None keeps the mode's default."""
+    if spec is None:
+        return None
+    from .models.loading import ALIASES
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"MODEL is {spec!r}; set None (the mode's default) or a model name such as 'minilm'")
+    if spec in ALIASES or Path(spec).is_dir() or online:  # online, a hub id is checked when it is loaded
+        return spec
+    raise UserError(f"MODEL '{spec}' is neither an embedded model ({', '.join(sorted(ALIASES)[:6])}, ...) nor a "
+                    "folder; set one of those, or ONLINE = True for a hub id")
 
 
 def _flag(value, env: str, default: bool) -> bool:
@@ -44,7 +121,7 @@ class Setup:
     def run_dir(self) -> Path:
         if self.finetune is None:
             return self.runs / "notebooks" / "no-finetune"
-        if not self.online and not self.smoke and self.family == "bert":
+        if not self.online and not self.smoke and self.family == "bert" and self.finetune == preset("demo"):
             return self.runs / "demo" / "finetune"   # the same fine-tune as `make demo`, reused
         mode = ("smoke-" if self.smoke else "") + ("online-" if self.online else "")
         return self.runs / f"finetune-{mode}{self.finetune.model.replace('/', '--')}"
@@ -63,11 +140,19 @@ class Setup:
 
 
 def setup(family: str, online: bool | None = None, smoke: bool | None = None, runs: str | Path | None = None,
-          sparsities: list[float] | None = None, eval_size: int | None = None) -> Setup:
+          sparsities: list[float] | None = None, eval_size: int | None = None, model: str | None = None,
+          calib_size: int | None = None, seeds: int | None = None) -> Setup:
     """Settings of a notebook. online / smoke / runs: None reads ANATOMY_PRUNE_ONLINE (default: online in
-    Colab), ANATOMY_PRUNE_SMOKE and ANATOMY_PRUNE_RUNS (default: ../runs, beside the notebooks)."""
+    Colab), ANATOMY_PRUNE_SMOKE and ANATOMY_PRUNE_RUNS (default: ../runs, beside the notebooks). model,
+    sparsities, eval_size, calib_size, seeds: None keeps the mode's default; the rest are checked here."""
+    quiet()
     if family not in ("bert", "gpt2"):
         raise UserError(f"family must be bert or gpt2, got {family!r}")
+    if sparsities is not None:
+        sparsities = check_fractions(sparsities, "SPARSITIES")
+    for value, what, example in ((eval_size, "EVAL_SIZE", 1000), (calib_size, "CALIB_SIZE", 256), (seeds, "SEEDS", 3)):
+        if value is not None:
+            check_positive(value, what, example)
     online = _flag(online, "ANATOMY_PRUNE_ONLINE", "google.colab" in sys.modules)
     smoke = _flag(smoke, "ANATOMY_PRUNE_SMOKE", False)
     runs = Path(runs or os.environ.get("ANATOMY_PRUNE_RUNS") or "../runs")
@@ -92,8 +177,12 @@ def setup(family: str, online: bool | None = None, smoke: bool | None = None, ru
             notes.append("offline on a CPU, SmolLM2-135M is studied as the language model it is (last-token "
                          "readout, perplexity as the metric); online, gpt2 is fine-tuned with a binary head "
                          "as in the paper")
+    model = check_model(model, online)
+    if model is not None:  # another model studied the same way: fine-tuned with the mode's recipe, or as it is
+        ft = replace(ft, model=model) if ft is not None else None
+        base = model
     return Setup(family=family, online=online, smoke=smoke, runs=runs, finetune=ft, base=base,
                  eval_size=eval_size or (16 if smoke else (1000 if ft is not None else 64)),
-                 calib_size=16 if smoke else 256,
+                 calib_size=calib_size or (16 if smoke else 256),
                  sparsities=sparsities or ([0.5] if smoke else [0.1, 0.3, 0.5, 0.7, 0.9]), data=data,
-                 seeds=2 if smoke else 5, notes=notes)
+                 seeds=seeds or (2 if smoke else 5), notes=notes)

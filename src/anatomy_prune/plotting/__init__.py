@@ -10,6 +10,21 @@ matplotlib.use("Agg")  # headless: figures are files
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+# Display names of the models the notebooks and the demo study (aliases and hub ids), for titles.
+MODEL_NAMES = {"minilm": "MiniLM-L6", "smollm2": "SmolLM2-135M", "bert-base-uncased": "BERT-base (uncased)",
+               "gpt2": "GPT-2", "mpnet-base": "MPNet-base"}
+
+
+def model_label(spec: str, base: str | None = None, kind: str | None = None) -> str:
+    """A model's name for a title: "MiniLM-L6, fine-tuned" for a fine-tuned folder, never its path."""
+    def name(s: str) -> str:
+        return MODEL_NAMES.get(s, s.rsplit("/", 1)[-1] if s.startswith(("/", ".", "runs")) else s)
+
+    if base and base != spec:
+        return name(base) + (", fine-tuned" if kind == "classifier" else "")
+    return name(spec)
+
+
 def save(fig, folder: str | Path, name: str, pdf: bool = True, dpi: int = 110) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,10 @@
-"""Figures of the latency benchmark (benchmarks/latency.py): measured speedup against the FLOP bound."""
+"""Figures of the latency benchmark (benchmarks/latency.py, pipeline.latency): measured speedup against the
+FLOP bound. `plot_speedups` returns the Figure; `plot_speedup` saves it (the benchmark's figure files).
+
+Variants, as the legend names them: mask = the neurons' weights zeroed, matrices kept their size (the
+paper's way); physical = the neurons removed, matrices sliced; physical-xK = physical with each layer's kept
+width rounded to a multiple of K (GEMM-friendly shapes); physical-strided = physical with its weights stored
+column-major (a control for memory layout)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +18,20 @@ _STYLE = {"physical": dict(color="C0", marker="o"), "mask": dict(color="C3", mar
 _EXTRA = ("C2", "C1", "C4", "C5", "C6", "C8", "C9")  # physical-xK variants
 
 
+def variant_label(v: str) -> str:
+    """The legend's words for a benchmark variant (every abbreviation spelt out)."""
+    if v.startswith("physical-x"):
+        return f"physical, widths rounded to multiples of {v[len('physical-x'):]}"
+    return {"mask": "masked (weights zeroed, the paper's way)", "physical": "physical (neurons removed)",
+            "physical-strided": "physical, column-major weights (control)"}.get(v, v)
+
+
 def plot_speedup(result: dict, folder: str | Path, device: str = "cpu", name: str | None = None) -> Path:
+    """plot_speedups, saved as `folder/name`.png and .pdf."""
+    return save(plot_speedups(result, device), folder, name or f"speedup_{device}")
+
+
+def plot_speedups(result: dict, device: str = "cpu", model: str = ""):
     """Speedup over the dense model vs FFN sparsity, one panel per (batch size, length): the FLOP bound
     (dashed), physically pruned and masked models measured (bars: quartiles of the round-by-round ratios).
 
@@ -41,7 +60,7 @@ def plot_speedup(result: dict, folder: str | Path, device: str = "cpu", name: st
             err = [[max(0.0, r["speedup"] - r["paired_q1"]) for r in pts],
                    [max(0.0, r["paired_q3"] - r["speedup"]) for r in pts]]
             style = _STYLE.get(v, dict(color=_EXTRA[k % len(_EXTRA)], marker="^"))
-            ax.errorbar(x, y, yerr=err, capsize=2, ms=4, lw=1.2, label=v, **style)
+            ax.errorbar(x, y, yerr=err, capsize=2, ms=4, lw=1.2, label=variant_label(v), **style)
             top = max(top, max(y))  # noisy quartiles may run off the top; the medians set the scale
         top = max(top, max((r["ideal_speedup"] for r in phys), default=1.0))
         ax.axhline(1.0, color="grey", lw=0.6)
@@ -54,8 +73,10 @@ def plot_speedup(result: dict, folder: str | Path, device: str = "cpu", name: st
         ax.set_ylabel("speedup over dense (x)")
     axes[0, 0].set_ylim(0.0, top * 1.2)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels))
-    model = result.get("settings", {}).get("model", "")
-    fig.suptitle(f"{model} on {device}: measured speedup vs the FLOP bound".strip(), fontsize=11)
+    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(labels), 2))
+    model = model or result.get("settings", {}).get("model", "")
+    fig.suptitle(f"{model} on {device}: speedup over dense, timed interleaved (bars: quartiles of the "
+                 "round-by-round ratios)".strip(), fontsize=10)
     fig.tight_layout()
-    return save(fig, folder, name or f"speedup_{device}")
+    return fig

@@ -1,8 +1,13 @@
-"""Pruning figures, drawn from a sweep's rows (results.json), never from a model.
+"""Pruning figures, drawn from a sweep's rows (results.json), never from a model. The `plot_*` functions
+return the matplotlib Figure (a notebook restyles or shows it); the older names save it into a folder (the
+sweep's figures/, the CLI).
 
-metric_vs_sparsity:  the paper's Figures 4 / 5 (accuracy, or perplexity for a causal LM, against sparsity)
-latency_vs_sparsity: Figures 4-1 / 5-1 (time for the evaluation texts against sparsity)
-neurons_per_layer:   Figure 4a (neurons pruned in each layer, per method and sparsity)
+plot_metric / metric_vs_sparsity:     the paper's Figures 4 / 5 (accuracy, or perplexity, against sparsity)
+plot_latency / latency_vs_sparsity:   Figures 4-1 / 5-1 (one reading of the evaluation time per point)
+plot_neurons / neurons_per_layer:     Figure 4a (neurons pruned in each layer, per method and sparsity)
+
+Config rows (a TOML grid: the paper's Figure 5a, the strategy ablation) form one series per label, each in
+its own colour, so the variants can be told apart.
 """
 from __future__ import annotations
 
@@ -15,6 +20,16 @@ from matplotlib.ticker import MaxNLocator
 from . import save
 
 MARKERS = {"random": "o", "magnitude": "s", "strategy": "^", "activation": "D", "calibrated": "*"}
+COLORS = {"random": "C0", "magnitude": "C1", "strategy": "C2", "activation": "C3", "calibrated": "C4"}
+EXTRA_COLORS = ("C5", "C6", "C8", "C9", "C7", "tab:olive", "tab:cyan", "navy", "maroon")  # config series
+
+
+def _style(label: str, k: int) -> dict:
+    """Marker and colour of a series: fixed per method; config series (`method: label`) by their order."""
+    method = label.split(":")[0].split()[0]
+    if ":" in label:
+        return dict(marker=MARKERS.get(method, "."), color=EXTRA_COLORS[k % len(EXTRA_COLORS)], label=label)
+    return dict(marker=MARKERS.get(method, "."), color=COLORS.get(method, "k"), label=label)
 
 
 def _metric(rows: Sequence[dict]) -> str:
@@ -22,14 +37,14 @@ def _metric(rows: Sequence[dict]) -> str:
 
 
 def _series(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    """Rows by method (config rows, which carry a label, as '<method> (config)'), sorted by sparsity, each
+    """Rows by method (config rows, which carry a label, as '<method>: <label>'), sorted by sparsity, each
     line starting from the dense baseline; the seeds of a point are averaged (their spread kept in `_seeds`)."""
     dense = [r for r in rows if r["method"] == "dense"]
     out: dict[str, dict] = {}
     for r in rows:
         if r["method"] == "dense":
             continue
-        name = r["method"] + (" (config)" if r.get("label") else "")
+        name = r["method"] + (f": {r['label']}" if r.get("label") else "")
         key = (r.get("target_sparsity"), r.get("label"), r["sparsity"] if r.get("target_sparsity") is None else None)
         out.setdefault(name, {}).setdefault(key, []).append(r)
     series = {}
@@ -67,26 +82,30 @@ def _yerr(rs: Sequence[dict], metric: str, scale: float, shift: float = 0.0):
     return [lo, hi]
 
 
-def metric_vs_sparsity(rows: Sequence[dict], folder: str | Path, reference: dict | None = None,
-                       name: str = "accuracy_vs_sparsity") -> Path:
-    """Accuracy (%) or perplexity against the fraction of FFN neurons removed, one line per method; for a
-    classifier a second panel shows points lost against the dense model, with the paper's points beside."""
+def plot_metric(rows: Sequence[dict], reference: dict | None = None, model: str = "",
+                dense_label: str = "dense") -> plt.Figure:
+    """Accuracy (%) or perplexity against the fraction of FFN neurons removed, one line per method (config
+    rows: one series per label); for a classifier a second panel shows points lost against the dense model,
+    with the paper's points beside (`reference`: {"label", "dense", "points": [{method, sparsity, accuracy}]})."""
     metric = _metric(rows)
     dense = next((r for r in rows if r["method"] == "dense"), None)
     series = _series(rows)
     two = metric == "accuracy" and dense is not None
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 4.2), squeeze=False)
     ax = axes[0][0]
     scale = 100 if metric == "accuracy" else 1
-    for label, rs in series.items():
-        style = dict(marker=MARKERS.get(label.split()[0], "."), label=label)
-        if label.endswith("(config)"):
+    for k, (label, rs) in enumerate(series.items()):
+        style = _style(label, k)
+        if ":" in label and len(rs) <= 2:  # one config point: no line from the dense model
             style.update(linestyle="none")
         xs = [100 * r["sparsity"] for r in rs]
         ax.errorbar(xs, [scale * r[metric] for r in rs], yerr=_yerr(rs, metric, scale), capsize=2, **style)
         if two:
             axes[0][1].errorbar(xs, [scale * (r[metric] - dense[metric]) for r in rs],
                                 yerr=_yerr(rs, metric, scale, dense[metric]), capsize=2, **style)
+    if dense is not None:
+        ax.axhline(scale * dense[metric], color="C7", linestyle="--", linewidth=0.8,
+                   label=f"{dense_label}: {scale * dense[metric]:.1f}" if metric == "accuracy" else dense_label)
     if reference and metric == "accuracy":
         for i, p in enumerate(reference["points"]):
             kw = dict(marker="x", color="black", s=60, zorder=5, label=reference["label"] if i == 0 else None)
@@ -95,36 +114,44 @@ def metric_vs_sparsity(rows: Sequence[dict], folder: str | Path, reference: dict
                 axes[0][1].scatter(100 * p["sparsity"], 100 * (p["accuracy"] - reference["dense"]), **kw)
             ax.annotate(p["method"], (100 * p["sparsity"], 100 * p["accuracy"]), textcoords="offset points",
                         xytext=(5, -10), fontsize=7)
-        ax.axhline(100 * reference["dense"], color="black", linestyle=":", linewidth=0.8)
+        ax.axhline(100 * reference["dense"], color="black", linestyle=":", linewidth=0.8,
+                   label=f"{reference['label']}: dense")
     if metric == "accuracy":
-        ax.axhline(50, color="grey", linestyle="--", linewidth=0.8)
+        ax.axhline(50, color="grey", linestyle="-.", linewidth=0.8, label="chance: 50")
         ax.set_ylabel("accuracy (%)")
     else:
         ax.set_yscale("log")
         ax.set_ylabel("perplexity (log scale)")
     ax.set_xlabel("FFN neurons removed (%)")
-    ax.set_title(f"{metric.capitalize()} after pruning ({rows[-1]['mode']} mode, n={rows[0]['n_eval']})\n"
-                 "bars: 95% interval of one evaluation, or min-max over seeds", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{model + ': ' if model else ''}{metric} after pruning ({rows[-1]['mode']}, "
+                 f"n={rows[0]['n_eval']})\nbars: 95% interval of one evaluation, or min-max over seeds", fontsize=9)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     if two:
         a2 = axes[0][1]
         a2.axhline(0, color="grey", linewidth=0.8)
         a2.set_xlabel("FFN neurons removed (%)")
         a2.set_ylabel("accuracy change vs dense (points)")
-        a2.set_title("Points lost, ours and the paper's")
+        a2.set_title("Points lost against each model's own dense accuracy", fontsize=9)
         a2.grid(alpha=0.3)
     fig.tight_layout()
-    return save(fig, folder, name)
+    return fig
 
 
-def latency_vs_sparsity(rows: Sequence[dict], folder: str | Path, name: str = "latency_vs_sparsity") -> Path:
-    """Wall-clock time for the evaluation texts against sparsity, one line per method, dense dashed."""
+def metric_vs_sparsity(rows: Sequence[dict], folder: str | Path, reference: dict | None = None,
+                       name: str = "accuracy_vs_sparsity", model: str = "") -> Path:
+    """plot_metric, saved as `folder/name`.png and .pdf."""
+    return save(plot_metric(rows, reference, model), folder, name)
+
+
+def plot_latency(rows: Sequence[dict], model: str = "") -> plt.Figure:
+    """Wall-clock time for the evaluation texts against sparsity, one line per method, dense dashed. One
+    reading per point, not interleaved: for speedups use the latency benchmark (plotting.latency)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    for label, rs in _series(rows).items():
-        style = dict(marker=MARKERS.get(label.split()[0], "."), label=label)
-        if label.endswith("(config)"):
+    for k, (label, rs) in enumerate(_series(rows).items()):
+        style = _style(label, k)
+        if ":" in label and len(rs) <= 2:
             style.update(linestyle="none")
         ax.plot([100 * r["sparsity"] for r in rs], [r["latency_s"] for r in rs], **style)
     if dense:
@@ -132,36 +159,61 @@ def latency_vs_sparsity(rows: Sequence[dict], folder: str | Path, name: str = "l
     ax.set_ylim(bottom=0)
     ax.set_xlabel("FFN neurons removed (%)")
     ax.set_ylabel(f"time for {rows[0]['n_eval']} texts (s)")
-    ax.set_title(f"Inference time ({rows[-1]['mode']} mode, {rows[0].get('device', '?')})")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{model + ': ' if model else ''}evaluation time ({rows[-1]['mode']}, {rows[0].get('device', '?')})"
+                 "\none reading per point (not interleaved with dense)", fontsize=9)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save(fig, folder, name)
+    return fig
 
 
-def neurons_per_layer(rows: Sequence[dict], folder: str | Path, name: str = "neurons_per_layer") -> Path:
-    """Neurons removed in each layer: one panel per method, one line per sparsity (the paper's Figure 4a)."""
-    series = {k: [r for r in v if r["method"] != "dense"] for k, v in _series(rows).items()}
-    series = {k: v for k, v in series.items() if v}
-    n = max(1, len(series))
+def latency_vs_sparsity(rows: Sequence[dict], folder: str | Path, name: str = "latency_vs_sparsity",
+                        model: str = "") -> Path:
+    """plot_latency, saved as `folder/name`.png and .pdf."""
+    return save(plot_latency(rows, model), folder, name)
+
+
+def plot_neurons(rows: Sequence[dict], model: str = "", widths: Sequence[int] | None = None) -> plt.Figure:
+    """Neurons removed in each layer: one panel per method (config rows together in one panel, one line per
+    label), one line per sparsity (the paper's Figure 4a). `widths`: each layer's d_ff, drawn as the ceiling."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for r in rows:
+        if r["method"] == "dense" or "neurons_removed_per_layer" not in r:
+            continue
+        panel = r["method"] + (" (config rows)" if r.get("label") else "")
+        tag = r.get("label") or f"{100 * r['sparsity']:.0f}%"
+        groups.setdefault(panel, [])
+        if tag not in [t for t, _ in groups[panel]]:  # one seed of a random point is enough to show its shape
+            groups[panel].append((tag, r))
+    n = max(1, len(groups))
     cols = min(n, 3)
     rws = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rws, cols, figsize=(4.2 * cols, 3.2 * rws), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rws, cols, figsize=(4.4 * cols, 3.4 * rws), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis")
-    for ax, (label, rs) in zip(axes.flat, series.items()):
-        for i, r in enumerate(rs):
+    for ax, (panel, lines) in zip(axes.flat, groups.items()):
+        config = panel.endswith("(config rows)")
+        for i, (tag, r) in enumerate(sorted(lines, key=lambda t: (t[1]["sparsity"], t[0]))):
             per = r["neurons_removed_per_layer"]
-            tag = r.get("label") or f"{100 * r['sparsity']:.0f}%"
-            ax.plot(range(len(per)), per, marker=".", color=cmap(i / max(1, len(rs) - 1)), label=tag)
-        ax.set_title(label)
+            color = EXTRA_COLORS[i % len(EXTRA_COLORS)] if config else cmap(i / max(1, len(lines) - 1))
+            ax.plot(range(len(per)), per, marker=".", color=color,
+                    label=f"{tag} ({100 * r['sparsity']:.0f}%)" if config else tag)
+        if widths:
+            ax.plot(range(len(widths)), widths, color="0.6", ls=":", lw=1, label="all neurons (d_ff)")
+        ax.set_title(panel, fontsize=9)
         ax.set_xlabel("layer (block)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2 if len(rs) > 5 else 1)
+        ax.legend(fontsize=6, ncol=2 if len(lines) > 5 and not config else 1)
     for ax in axes[:, 0]:
         ax.set_ylabel("neurons removed")
-    for ax in list(axes.flat)[len(series):]:
+    for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    fig.suptitle("FFN neurons removed per layer")
+    fig.suptitle(f"{model + ': ' if model else ''}FFN neurons removed per layer", fontsize=10)
     fig.tight_layout()
-    return save(fig, folder, name)
+    return fig
+
+
+def neurons_per_layer(rows: Sequence[dict], folder: str | Path, name: str = "neurons_per_layer",
+                      model: str = "") -> Path:
+    """plot_neurons, saved as `folder/name`.png and .pdf."""
+    return save(plot_neurons(rows, model), folder, name)
