@@ -72,6 +72,15 @@ def check_positive(value, what: str, example: int) -> int:
     return value
 
 
+def check_block(value, n_blocks: int, what: str) -> int | None:
+    """A block number of the model (0 .. n_blocks - 1), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_blocks:
+        raise UserError(f"{what} is {value!r}; set a block number from 0 to {n_blocks - 1}, or None")
+    return value
+
+
 def check_numbers(values, what: str, example: str) -> list[float]:
     """Non-negative finite numbers (alpha, beta)."""
     values = [values] if isinstance(values, (int, float)) else list(values)
@@ -128,6 +137,31 @@ class Setup:
 
     def out(self, name: str) -> Path:
         return self.runs / "notebooks" / (("smoke-" if self.smoke else "") + ("online-" if self.online else "") + name)
+
+    def describe(self) -> list[dict]:
+        """The settings as table rows (setting, value), for the notebook's first output."""
+        from .plotting import model_label
+
+        ft = self.finetune
+        how = ("used as it is (no fine-tune)" if ft is None else
+               f"{model_label(ft.model)} fine-tuned with a binary head on {ft.train_size:,} {'hub ' if ft.data == 'hf' else ''}"
+               f"IMDB reviews ({ft.epochs:g} epoch, {ft.max_length} tokens, lr {ft.lr:g})")
+        rows = [("mode", ("online" if self.online else "offline") + (", smoke sizes" if self.smoke else "")),
+                ("model studied", how if ft is not None else f"{model_label(self.base)}, {how}"),
+                ("evaluation texts", f"{self.eval_size:,} ({self.data} test split)"),
+                ("calibration texts", f"{self.calib_size:,}"),
+                ("sparsities", ", ".join(f"{100 * s:g}%" for s in self.sparsities)),
+                ("seeds of random methods", str(self.seeds))]
+        return [{"setting": k, "value": v} for k, v in rows] + [{"setting": "note", "value": n} for n in self.notes]
+
+    def classifier(self):
+        """The fine-tuned classifier's FinetuneResult (model_dir, metrics, reused): trained here, or reused
+        from a run folder with the same recipe (e.g. the one `make demo` wrote). Quiet (no progress bars)."""
+        from .pipeline.finetune import finetune
+
+        if self.finetune is None:
+            raise UserError("this mode studies the base model as it is; there is no fine-tuned classifier")
+        return finetune(self.finetune, self.run_dir, progress=False)
 
     def model(self, progress: bool = True) -> str:
         """The model spec the notebook studies: the fine-tuned classifier (trained, or reused when a run folder

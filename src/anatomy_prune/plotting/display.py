@@ -79,3 +79,33 @@ def show(fig, caption: str = "", dpi: int = 90) -> None:
         next((a.get_title() for a in fig.axes if a.get_title()), "figure")
     display({"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": f"[figure: {title}]"},
             raw=True)
+
+
+def point_rows(rows: Sequence[dict], label: str = "setting") -> list[dict]:
+    """A sweep's rows (results.json) as labelled table rows, one per point: the seeds of a stochastic point
+    averaged (their range beside), an accuracy with its 95% interval, the change against the dense model on
+    the same texts and McNemar's p (for one seed). Rows that failed are left out."""
+    metric = "accuracy" if any("accuracy" in r for r in rows) else "perplexity"
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["method"], r.get("label"), r.get("target_sparsity", r["sparsity"])), []).append(r)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    out = []
+    for (method, lab, _), rs in groups.items():
+        vals = [r[metric] for r in rs]
+        mean = sum(vals) / len(vals)
+        removed = sum(r.get("achieved_sparsity", r["sparsity"]) for r in rs) / len(rs)
+        if metric == "accuracy":
+            value = (f"{pct(mean)} (seeds {pct(min(vals))}-{pct(max(vals))}, n={len(vals)})" if len(rs) > 1
+                     else interval(mean, rs[0].get("accuracy_interval")))
+        else:
+            value = f"{mean:.3g}" + (f" (seeds {min(vals):.3g}-{max(vals):.3g})" if len(rs) > 1 else "")
+        row = {"method": method, label: lab or "-", "neurons removed (%)": pct(removed), f"{metric}"
+               + (" (%)" if metric == "accuracy" else ""): value}
+        if dense is not None and metric == "accuracy":
+            row["vs dense (points)"] = "-" if method == "dense" else f"{100 * (mean - dense[metric]):+.1f}"
+            vs = rs[0].get("vs_dense") if len(rs) == 1 else None
+            row["p (McNemar)"] = f"{vs['p_value']:.2g}" if vs else "-"
+        out.append(row)
+    return out

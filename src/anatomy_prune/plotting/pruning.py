@@ -217,3 +217,29 @@ def neurons_per_layer(rows: Sequence[dict], folder: str | Path, name: str = "neu
                       model: str = "") -> Path:
     """plot_neurons, saved as `folder/name`.png and .pdf."""
     return save(plot_neurons(rows, model), folder, name)
+
+
+def plot_removed_by_depth(ours: dict[str, Sequence[int]], widths: Sequence[int],
+                          paper: dict[str, Sequence[int]] | None = None, paper_width: int = 3072,
+                          model: str = "") -> plt.Figure:
+    """Figure 4a across depths: the share of each block's FFN neurons a rule removes, ours (one line per
+    setting) beside the paper's (12 blocks of `paper_width`), block i of n drawn at depth (i + 0.5) / n so
+    that models of different depths line up."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    n = len(widths)
+    for k, (label, removed) in enumerate(ours.items()):
+        ax.plot([(i + 0.5) / n for i in range(n)], [100 * r / w for r, w in zip(removed, widths)], marker="o",
+                color=EXTRA_COLORS[k % len(EXTRA_COLORS)], label=f"{model or 'ours'}: {label}")
+    for label, removed in (paper or {}).items():
+        m = len(removed)
+        ax.plot([(i + 0.5) / m for i in range(m)], [100 * r / paper_width for r in removed], marker="x",
+                color="black", ls="--", label=f"paper, BERT-base: {label}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("relative depth of the block (block i of n at (i + 0.5) / n)")
+    ax.set_ylabel("FFN neurons the rule removes (%)")
+    ax.set_title(f"{model + ': ' if model else ''}neurons removed per block by the threshold rule", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
