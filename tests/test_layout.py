@@ -19,6 +19,7 @@ STAGES = [
     ("plan", ["plan"]),
     ("apply", ["apply"]),
     ("evaluate", ["evaluate"]),
+    ("export", ["export"]),
     ("plotting", ["plotting"]),
     ("pipeline", ["pipeline", "finepruning"]),
     ("entry points", ["demo", "notebook", "cli_args", "cli", "__main__", "__init__"]),

@@ -421,6 +421,39 @@ def _run_figures(args) -> int:
     return 0
 
 
+# --- export -------------------------------------------------------------------------------------
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a (pruned) model to ONNX for ONNX Runtime",
+                       description="Export a classifier (bert-like, distilbert, gpt2) or a causal LM's forward "
+                       "(llama-like, gpt2; no KV cache) to DIR/model.onnx with dynamic batch and sequence axes, "
+                       "per-layer FFN widths and head counts kept; DIR also holds the tokenizer and deploy.json "
+                       "(inputs, outputs, readout, base model, the measured difference from PyTorch). Needs "
+                       'pip install "anatomy-prune[deploy]".')
+    _model_arg(p)
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="output format (default: onnx)")
+    p.add_argument("--out", required=True, help="output folder")
+    _force_arg(p)
+    p.add_argument("--quantize", default=None, choices=("int8",),
+                   help="int8 = ONNX Runtime's dynamic quantization of the MatMul weights")
+    p.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"),
+                   help="torch.onnx.export's path: torchscript (seconds) or dynamo (needs onnxscript; minutes) "
+                   "(default: torchscript)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14-20 (default: 17)")
+
+
+def _run_export(args) -> int:
+    from .pipeline.export import ExportRequest, export
+
+    meta = export(ExportRequest(model=args.model, format=args.format, quantize=args.quantize,
+                                exporter=args.exporter, opset=args.opset), args.out, force=args.force)
+    print(json.dumps({"out": args.out, "kind": meta["kind"], "family": meta["family"], "quantize": meta["quantize"],
+                      "bytes": meta["bytes"], "export_s": round(meta["export_s"], 2),
+                      "max_abs_diff": {k: v["max_abs"] for k, v in meta["check"].items() if isinstance(v, dict)}},
+                     indent=1))
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
@@ -433,6 +466,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "redundancy": (_add_redundancy, _run_redundancy),
     "demo": (_add_demo, _run_demo),
     "figures": (_add_figures, _run_figures),
+    "export": (_add_export, _run_export),
 }
 
 

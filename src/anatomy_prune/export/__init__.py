@@ -1,0 +1,1 @@
+"""Export stage: a (pruned) model as an ONNX graph that ONNX Runtime runs without this package."""
