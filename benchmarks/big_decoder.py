@@ -225,6 +225,7 @@ def measure(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     from anatomy_prune.models.loading import load_model
     from anatomy_prune.models.saved import save_model
     from anatomy_prune.pipeline.layerwise import prune_layerwise
+    from anatomy_prune.pipeline.requests import PruneRequest
     from anatomy_prune.runfolder import RunFolder
     from anatomy_prune.scores.calibration import Calibration
 
@@ -268,8 +269,8 @@ def measure(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                   f"{entry['rel_err_removed']:.3f} -> {entry['rel_err_compensated']:.3f}, block error "
                   f"{entry['block_rel_err']:.4f}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
-        res = prune_layerwise(loaded, calib, args.sparsity, sequential=not args.dense, inplace=True,
-                              progress=not args.no_progress, on_block=on_block)
+        req = PruneRequest(method="calibrated", sparsity=args.sparsity, layerwise="dense" if args.dense else "sequential")
+        res = prune_layerwise(calib, req, inplace=True, progress=not args.no_progress, on_block=on_block)
         sampler.mark("check")
         enc = loaded.tokenizer(texts[:2], return_tensors="pt", padding=True, truncation=True,
                                max_length=args.calib_max_length)

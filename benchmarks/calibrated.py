@@ -37,6 +37,7 @@ from anatomy_prune.errors import UserError  # noqa: E402
 from anatomy_prune.evaluate import evaluate_classifier, perplexity  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
 from anatomy_prune.pipeline.layerwise import prune_layerwise  # noqa: E402
+from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
 from anatomy_prune.pipeline.step import prune_step  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores import SCORERS, ffn_input_stats, make_calibration  # noqa: E402
@@ -98,7 +99,7 @@ def _point(loaded, calib, method: str, sparsity: float, timed_stats_s: float) ->
     """(pruned Loaded copy, row) for one method and sparsity, through the pruning step; the original model
     is left unpruned."""
     name, comp = method.removesuffix("+comp"), method.endswith("+comp")
-    res = prune_step(loaded, calib, name, sparsity=sparsity, compensate=comp, mode="physical")
+    res = prune_step(calib, PruneRequest(method=name, sparsity=sparsity, compensate=comp, mode="physical"))
     plan = res.plan
     row = {"method": method, "sparsity": sparsity, "actual_sparsity": round(plan.sparsity, 4),
            "prune_s": round(res.prune_s, 2), "kept_per_layer": plan.kept_widths}
@@ -178,12 +179,12 @@ def lm_part(args) -> dict:
     rows += _run_points(loaded, calib, _methods(args.lm_methods), args.lm_sparsities, stats_s, measure)
     for s in args.lm_sparsities if args.lm_layerwise else []:
         # the calibrated recipe one block at a time (no Fisher), each block fitted on the pruned blocks' outputs
-        res = prune_layerwise(loaded, calib, s, sequential=True, progress=False)
+        res = prune_layerwise(calib, PruneRequest(method="calibrated", sparsity=s, layerwise="sequential"), progress=False)
         row = {"method": "calibrated (layer-wise, sequential)", "sparsity": s, "prune_s": round(res.prune_s, 2)}
         print(f"{row['method']:16s} {s:.2f} {measure(res.loaded, row)}  prune {row['prune_s']:.0f} s", flush=True)
         rows.append(row)
     for f in args.lm_flops:
-        res = prune_step(loaded, calib, "calibrated", target={"flops": f, "seq_len": args.lm_max_length})
+        res = prune_step(calib, PruneRequest(method="calibrated", target={"flops": f, "seq_len": args.lm_max_length}))
         row = {"method": "calibrated (heads + FFN)", "target_flops": f, "prune_s": round(res.prune_s, 2),
                "kept_per_layer": res.plan.kept_widths, "heads_per_layer": res.plan.kept_heads,
                "flops_kept": round(res.cost_model["predicted"] / res.cost_model["dense"], 4)}

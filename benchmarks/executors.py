@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from anatomy_prune.models.saved import save_model  # noqa: E402
+from anatomy_prune.pipeline.requests import CalibSpec, EvalSpec, SweepConfig  # noqa: E402
 from anatomy_prune.pipeline.sweep import run_sweep  # noqa: E402
 from conftest import TEXTS, make_classifier  # noqa: E402
 
@@ -34,15 +36,16 @@ def main() -> int:
         w = csv.writer(f)
         w.writerow(["text", "label"])
         w.writerows((f"{TEXTS[i % 4]} (review {i})", i % 2) for i in range(120))
-    kw = dict(methods=["random", "magnitude", "strategy", "activation"], sparsities=[0.1, 0.3, 0.5, 0.7, 0.9],
-              seeds=1, mode="physical", eval_size=120, data=str(d / "reviews.csv"), calib_size=16,
-              calib_data=str(d / "reviews.csv"), figures=False, progress=False)
+    cfg = SweepConfig(model=str(clf), methods=("random", "magnitude", "strategy", "activation"),
+                      sparsities=(0.1, 0.3, 0.5, 0.7, 0.9), seeds=1, mode="physical", figures=False,
+                      eval=EvalSpec(data=str(d / "reviews.csv"), size=120),
+                      calib=CalibSpec(size=16, data=str(d / "reviews.csv")))
     torch.set_num_threads(2)
     start = time.perf_counter()
-    local = run_sweep(str(clf), out_dir=d / "local", **kw)
+    local = run_sweep(cfg, d / "local", progress=False)
     local_s = time.perf_counter() - start
     start = time.perf_counter()
-    remote = run_sweep(str(clf), out_dir=d / "ray", executor="ray", **kw)
+    remote = run_sweep(replace(cfg, executor="ray"), d / "ray", progress=False)
     ray_s = time.perf_counter() - start
     same = len(local) == len(remote) and all(
         a["accuracy"] == b["accuracy"] and a.get("neurons_removed_per_layer") == b.get("neurons_removed_per_layer")

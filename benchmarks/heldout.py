@@ -16,6 +16,7 @@ from pathlib import Path
 
 from anatomy_prune.errors import UserError
 from anatomy_prune.pipeline.report import compare_methods, write_report
+from anatomy_prune.pipeline.requests import CalibSpec, EvalSpec, SweepConfig
 from anatomy_prune.pipeline.sweep import run_sweep
 
 
@@ -37,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
-        run_sweep(args.model, methods, args.sparsities, mode="physical", out_dir=args.out, eval_size=args.n,
-                  split="heldout", calib_size=args.calib_size, seeds=args.seeds, force=args.force, progress=False)
+        cfg = SweepConfig(model=args.model, methods=methods, sparsities=args.sparsities, mode="physical",
+                          eval=EvalSpec(size=args.n, split="heldout"), calib=CalibSpec(size=args.calib_size),
+                          seeds=args.seeds)
+        run_sweep(cfg, args.out, force=args.force, progress=False)
         report = write_report(args.out, Path(args.out).with_suffix(".md"), title="Held-out comparison")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

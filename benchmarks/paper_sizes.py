@@ -80,6 +80,7 @@ def run_model(hub_id: str, args, out: Path) -> dict:
     from anatomy_prune.models.loading import load_model
     from anatomy_prune.models.saved import save_model
     from anatomy_prune.pipeline.anatomy import run_anatomy
+    from anatomy_prune.pipeline.requests import PruneRequest
     from anatomy_prune.pipeline.step import prune_step
     from anatomy_prune.scores.calibration import Calibration
 
@@ -99,7 +100,7 @@ def run_model(hub_id: str, args, out: Path) -> dict:
     pruned = {}
     for method in ("strategy", "calibrated"):
         with Peak() as p:
-            res = prune_step(clf, calib, method, sparsity=0.5, mode="physical")
+            res = prune_step(calib, PruneRequest(method=method, sparsity=0.5, mode="physical"))
         steps[f"prune {method}"] = {"seconds": p.seconds, "peak_mb": p.peak, "prune_s": res.prune_s}
         pruned[method] = res
     with Peak() as p:

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from anatomy_prune.models.loading import load_model
     from anatomy_prune.models.quantize import quantize_int8
     from anatomy_prune.pipeline.prune import measure_speedup
+    from anatomy_prune.pipeline.requests import PruneRequest
     from anatomy_prune.pipeline.step import copy_loaded, prune_step
     from anatomy_prune.runfolder import RunFolder
     from anatomy_prune.scores.calibration import make_calibration
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.targets:
                 t0 = time.perf_counter()
                 tgt = {"speedup": s} if args.target_kind == "speedup" else {"flops": 1.0 / s}
-                res = prune_step(clf, calib, "calibrated", target={**tgt, "batch_size": 32, "seq_len": 128})
+                res = prune_step(calib, PruneRequest(method="calibrated", target={**tgt, "batch_size": 32, "seq_len": 128}))
                 secs = time.perf_counter() - t0
                 point("ours", res.loaded, secs, {"target_speedup": s, "ffn_widths": res.plan.kept_widths,
                                                  "heads": res.plan.kept_heads})

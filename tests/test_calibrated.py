@@ -11,6 +11,7 @@ from anatomy_prune.apply.compensate import compensate
 from anatomy_prune.hooks import capture_ffn_hidden
 from anatomy_prune.models.families import base_model, ffn_sites, get_module, weight_out_in
 from anatomy_prune.models.loading import load_model
+from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan import keep_counts, plan_from_scores
 from anatomy_prune.scores import Scores, get_scorer, score
@@ -167,7 +168,7 @@ def test_compensated_pruning_moves_logits_less_on_held_out_inputs(alias):
     the scorer's recipe) changes the logits of reviews it never saw less than without."""
     loaded = make_classifier(alias)
     cal = calib(loaded, n=96, max_length=32)
-    res = prune_step(loaded, cal, "calibrated", sparsity=0.5, params={"floor": 0.2}, mode="physical")
+    res = prune_step(cal, PruneRequest(method="calibrated", sparsity=0.5, params={"floor": 0.2}, mode="physical"))
     plan, report = res.plan, res.compensation
     assert plan.params["compensate"] is True and report["readout_mix"] == 0.5 and report["ridge"] > 0
     assert plan.keep == make_plan("calibrated", cal, 0.5, floor=0.2).keep
@@ -210,7 +211,7 @@ def test_fine_tuned_minilm_keeps_its_accuracy_at_half_the_neurons():
     test = eval_set("imdb", 200)
     dense = evaluate_classifier(loaded, test, 64, 128, progress=False)["accuracy"]
     cal = make_calibration(loaded, 64, 128, exclude=test.texts, batch_size=16)
-    res = prune_step(loaded, cal, "calibrated", sparsity=0.5, mode="physical")
+    res = prune_step(cal, PruneRequest(method="calibrated", sparsity=0.5, mode="physical"))
     report = res.compensation
     pruned = evaluate_classifier(res.loaded, test, 64, 128, progress=False)["accuracy"]
     assert report["mean_rel_err_compensated"] < report["mean_rel_err_removed"]

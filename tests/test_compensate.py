@@ -13,6 +13,7 @@ from anatomy_prune.hooks import capture_ffn_hidden
 from anatomy_prune.models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from anatomy_prune.models.loading import load_model
 from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import compensation_recipe, prune_step
 from anatomy_prune.plan import PruningPlan, plan_from_scores
 from anatomy_prune.scores.calibration import Calibration, FFNStats, ffn_input_stats
@@ -270,8 +271,8 @@ def test_prune_step_never_modifies_its_input_model_or_plan(mode):
     before = _state(loaded.model)
     plan = random_plan(loaded.model, 0.5)
     plan_before = plan.to_dict()
-    first = prune_step(loaded, cal, plan=plan, compensate=True, mode=mode)
-    second = prune_step(loaded, cal, plan=plan, compensate=True, mode=mode)
+    first = prune_step(cal, PruneRequest(plan=plan, compensate=True, mode=mode))
+    second = prune_step(cal, PruneRequest(plan=plan, compensate=True, mode=mode))
     assert _same(_state(loaded.model), before) and ffn_widths(loaded.model) == [37] * 3
     assert plan.to_dict() == plan_before and first.plan.to_dict() == plan_before
     assert first.compensation is not None and first.compensation == second.compensation
@@ -280,11 +281,11 @@ def test_prune_step_never_modifies_its_input_model_or_plan(mode):
     assert not _same(_state(first.loaded.model), before)
     assert not any("compensat" in name for m in (loaded.model, first.loaded.model) for name in vars(m))
     # a method with --compensate: the recipe is the request, recorded nowhere on the model or its plan
-    made = prune_step(loaded, cal, "magnitude", sparsity=0.5, compensate=True, mode=mode)
+    made = prune_step(cal, PruneRequest(method="magnitude", sparsity=0.5, compensate=True, mode=mode))
     assert made.plan.params.get("compensate") is None and made.compensation is not None
     assert _same(_state(loaded.model), before)
     # inplace=True prunes the given model itself (and only then)
-    same = prune_step(loaded, cal, plan=plan, compensate=True, mode=mode, inplace=True)
+    same = prune_step(cal, PruneRequest(plan=plan, compensate=True, mode=mode), inplace=True)
     assert same.loaded.model is loaded.model and _same(_state(loaded.model), _state(first.loaded.model))
 
 

@@ -23,6 +23,7 @@ from anatomy_prune.models.classifier import BinaryClassifier
 from anatomy_prune.models.families import base_model, family_of, ffn_sites, ffn_widths, get_module, weight_out_in
 from anatomy_prune.models.loading import TINY, TINY_TYPES, Loaded, load_model
 from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan.plan import PruningPlan
 from anatomy_prune.scores.calibration import Calibration
@@ -100,7 +101,7 @@ class FamilyContract:
                             {"base_model": loaded.spec})
         calib = Calibration(loaded, TEXTS * 2, LABELS * 2 if loaded.kind == "classifier" else None,
                             max_length=24, batch_size=4)
-        res = prune_step(loaded, calib, "calibrated", sparsity=0.5)
+        res = prune_step(calib, PruneRequest(method="calibrated", sparsity=0.5))
         assert res.compensation is not None
         assert res.compensation["mean_rel_err_compensated"] < res.compensation["mean_rel_err_removed"]
         assert abs(res.plan.sparsity - 0.5) < 0.02 and ffn_widths(res.loaded.model) == res.plan.kept_widths
@@ -189,8 +190,8 @@ def test_compensation_rebuilds_duplicated_neurons_exactly(alias):
     calib = Calibration(loaded, TEXTS * 3, LABELS * 3 if loaded.kind == "classifier" else None, max_length=24,
                         batch_size=4)
     dense = outputs(loaded)
-    plain = prune_step(loaded, calib, plan=plan)
-    comp = prune_step(loaded, calib, plan=plan, compensate=True)
+    plain = prune_step(calib, PruneRequest(plan=plan))
+    comp = prune_step(calib, PruneRequest(plan=plan, compensate=True))
     report = comp.compensation
     assert report["mean_rel_err_removed"] > 0.05
     assert report["mean_rel_err_compensated"] < 1e-3 * report["mean_rel_err_removed"]

@@ -11,6 +11,7 @@ from anatomy_prune import UserError, load_model
 from anatomy_prune.anatomy.measures import compute_anatomy
 from anatomy_prune.evaluate.metrics import evaluate_classifier
 from anatomy_prune.models.loaded import resolve_dtype
+from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.scores.calibration import Calibration, ffn_input_stats
 
@@ -63,7 +64,7 @@ def test_calibrated_pruning_in_bfloat16(tmp_path):
     clf = make_classifier("tiny-gpt2")
     clf.dtype = "bfloat16"
     calib = Calibration(clf, TEXTS * 2, [1, 0, 1, 0] * 2, max_length=32, batch_size=4)
-    res = prune_step(clf, calib, "calibrated", sparsity=0.5)
+    res = prune_step(calib, PruneRequest(method="calibrated", sparsity=0.5))
     assert res.compensation["mean_rel_err_compensated"] < res.compensation["mean_rel_err_removed"]
 
 

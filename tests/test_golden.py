@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from anatomy_prune import load_model
+from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.scores.calibration import Calibration
 
@@ -43,8 +44,8 @@ def test_tiny_plans_and_outputs_match_the_pre_refactor_library(point):
     labels = LABELS if point["kind"] == "classifier" else None
     calib = Calibration(loaded, CALIB, labels, max_length=32, batch_size=4, seed=0)
     method = point["method"].split("+")[0]
-    res = prune_step(loaded, calib, method, sparsity=point["sparsity"], mode=point["mode"],
-                     compensate=point["method"].endswith("+comp"))
+    res = prune_step(calib, PruneRequest(method=method, sparsity=point["sparsity"], mode=point["mode"],
+                                         compensate=point["method"].endswith("+comp")))
     assert [list(k) for k in res.plan.keep] == point["keep"]
     assert (res.compensation is not None) == point["compensated"]
     torch.testing.assert_close(torch.tensor(outputs(res.loaded)), torch.tensor(point["outputs"]), rtol=0, atol=2e-6)

@@ -15,6 +15,7 @@ from anatomy_prune.models.families import base_model, ffn_widths
 from anatomy_prune.models.loading import load_model
 from anatomy_prune.models.offload import PRUNED_SUBFOLDER, parse_max_memory, parse_size
 from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.layerwise import prune_layerwise
 from anatomy_prune.plan import plan_from_scores
 from anatomy_prune.scores.calibrated import removal_error, unexplained_share
@@ -56,7 +57,7 @@ def test_dense_inputs_equal_the_all_at_once_path(alias):
     report = compensate(ref, plan, stats)
     physical(ref, plan)
 
-    res = prune_layerwise(loaded, cal, SPARSITY, sequential=False, keep_grams=True, progress=False)
+    res = prune_layerwise(cal, PruneRequest(method="calibrated", sparsity=SPARSITY, layerwise="dense"), keep_grams=True, progress=False)
     lw = res.compensation["stats"]
     assert lw.n_tokens == stats.n_tokens and lw.n_examples == stats.n_examples == 20
     assert all(torch.equal(a, b) for a, b in zip(lw.gram, stats.gram))           # the same Gram matrices
@@ -79,8 +80,8 @@ def test_dense_inputs_equal_the_all_at_once_path(alias):
 def test_sequential_gives_a_valid_smaller_model_and_reports_each_block(alias):
     loaded = load_model(alias, device="cpu")
     cal = calib(loaded)
-    dense = prune_layerwise(loaded, cal, SPARSITY, sequential=False, keep_grams=True, progress=False)
-    res = prune_layerwise(loaded, cal, SPARSITY, sequential=True, keep_grams=True, progress=False)
+    dense = prune_layerwise(cal, PruneRequest(method="calibrated", sparsity=SPARSITY, layerwise="dense"), keep_grams=True, progress=False)
+    res = prune_layerwise(cal, PruneRequest(method="calibrated", sparsity=SPARSITY, layerwise="sequential"), keep_grams=True, progress=False)
     assert ffn_widths(res.loaded.model) == [37 - round(SPARSITY * 37)] * 3
     assert base_model(res.loaded.model).config.anatomy_prune_ffn_widths == [22, 22, 22]
     out = output(res.loaded)
@@ -101,7 +102,7 @@ def test_blocks_offloaded_to_disk_are_pruned_and_saved_in_shards(tmp_path):
     src = load_model("tiny-llama", device="cpu")
     src.model.save_pretrained(tmp_path / "dense")
     src.tokenizer.save_pretrained(tmp_path / "dense")
-    ref = prune_layerwise(src, calib(src), SPARSITY, progress=False)
+    ref = prune_layerwise(calib(src), PruneRequest(method="calibrated", sparsity=SPARSITY, layerwise="sequential"), progress=False)
     sizes = [sum(p.numel() * 4 for p in m.parameters()) for m in (src.model.model.embed_tokens, src.model.model.layers[0])]
     budget = sizes[0] + 2 * sizes[1]  # the embeddings (tied to the LM head) and about one block fit in "CPU memory"
     big = load_model(str(tmp_path / "dense"), device_map="auto", max_memory=f"cpu:{budget}",
@@ -111,8 +112,8 @@ def test_blocks_offloaded_to_disk_are_pruned_and_saved_in_shards(tmp_path):
     layers = base_model(big.model).layers
     assert layers[1].mlp.down_proj.weight.device.type == "meta" and big.device.type == "cpu"
     with pytest.raises(UserError, match="in place"):
-        prune_layerwise(big, calib(big), SPARSITY, progress=False)
-    res = prune_layerwise(big, calib(big), SPARSITY, inplace=True, progress=False)
+        prune_layerwise(calib(big), PruneRequest(method="calibrated", sparsity=SPARSITY, layerwise="sequential"), progress=False)
+    res = prune_layerwise(calib(big), PruneRequest(method="calibrated", sparsity=SPARSITY, layerwise="sequential"), inplace=True, progress=False)
     assert res.compensation["dispatched"] and res.loaded is big
     assert res.plan.keep == ref.plan.keep
     assert layers[1].mlp.down_proj.weight.device.type == "meta"         # back on disk, pruned

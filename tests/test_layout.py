@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "anatomy_prune"
 
 # The stages in order; a module may import from its own stage or any stage before it.
 STAGES = [
-    ("leaves", ["errors", "runfolder", "resources"]),
+    ("leaves", ["errors", "runfolder", "resources", "validate"]),
     ("models", ["models"]),
     ("data", ["data"]),
     ("hooks", ["hooks"]),

@@ -68,14 +68,15 @@ def test_sweep_restart_ignores_a_stopped_sweep(tmp_path, monkeypatch, tiny_csv):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    kw = dict(methods=["magnitude"], sparsities=[0.3, 0.6], out_dir=tmp_path / "sw", eval_size=24, data=str(tiny_csv),
-              figures=False, progress=False, calib_size=8)
+    from anatomy_prune.pipeline.requests import CalibSpec, EvalSpec, SweepConfig
+    cfg = SweepConfig(model=str(clf), methods=["magnitude"], sparsities=[0.3, 0.6], mode="mask",
+                      eval=EvalSpec(data=str(tiny_csv), size=24), calib=CalibSpec(size=8), figures=False)
     monkeypatch.setattr(sweep, "evaluate", flaky)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(str(clf), **kw)
+        sweep.run_sweep(cfg, tmp_path / "sw", progress=False)
     monkeypatch.setattr(sweep, "evaluate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     calls.clear()
-    sweep.run_sweep(str(clf), resume=False, **kw)   # --restart: every point again
+    sweep.run_sweep(cfg, tmp_path / "sw", progress=False, resume=False)   # --restart: every point again
     assert len(calls) == 3
 
 

@@ -8,6 +8,7 @@ from anatomy_prune.apply import mask, physical
 from anatomy_prune.cli import main
 from anatomy_prune.data import calibration_set
 from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.requests import CalibSpec, EvalSpec, PruneRequest, SweepConfig
 from anatomy_prune.pipeline.report import write_report
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan import PruningPlan
@@ -231,8 +232,8 @@ def test_every_point_prunes_a_copy():
     before = _logits(loaded)
     cal = Calibration(loaded, [], seed=0)
     plan = PruningPlan(keep=[[0, 1]] * 3, widths=[37] * 3)
-    masked_ = prune_step(loaded, cal, plan=plan, mode="mask")
-    removed = prune_step(loaded, cal, plan=plan, mode="physical")
+    masked_ = prune_step(cal, PruneRequest(plan=plan, mode="mask"))
+    removed = prune_step(cal, PruneRequest(plan=plan, mode="physical"))
     torch.testing.assert_close(_logits(loaded), before)                      # the dense model as it was
     assert not torch.allclose(_logits(masked_.loaded), before)
     torch.testing.assert_close(_logits(removed.loaded), _logits(masked_.loaded), rtol=1e-5, atol=1e-6)
@@ -268,16 +269,16 @@ def test_stopped_sweep_resumes(tmp_path, clf_dir, tiny_csv, calib_txt, monkeypat
     monkeypatch.setattr(sweep, "evaluate", flaky)
     out = tmp_path / "sw"
     resume = out / ".anatomy-prune-resume.json"
-    kw = dict(methods=["magnitude", "random"], sparsities=[0.5], out_dir=out, eval_size=24, seeds=1,
-              data=str(tiny_csv), calib_data=str(calib_txt), figures=False, progress=False)
+    cfg = SweepConfig(model=str(clf_dir), methods=["magnitude", "random"], sparsities=[0.5], seeds=1, mode="mask",
+                      eval=EvalSpec(data=str(tiny_csv), size=24), calib=CalibSpec(data=str(calib_txt)), figures=False)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(str(clf_dir), **kw)
+        sweep.run_sweep(cfg, out, progress=False)
     # the resume data lives inside the run folder; no output, no staging and no lock are left
     assert resume.is_file() and {p.name for p in out.iterdir()} == {".anatomy-prune.json", resume.name}
     assert json.loads((out / ".anatomy-prune.json").read_text())["status"] == "incomplete"
     first = json.loads(resume.read_text())["data"]["rows"]
     assert [r["method"] for r in first] == ["dense", "magnitude"]
-    rows = sweep.run_sweep(str(clf_dir), **kw)
+    rows = sweep.run_sweep(cfg, out, progress=False)
     assert len(calls) == 4  # only the missing point was evaluated again
     assert rows[:2] == first and [r["method"] for r in rows] == ["dense", "magnitude", "random"]
     assert not resume.exists()
@@ -286,7 +287,7 @@ def test_stopped_sweep_resumes(tmp_path, clf_dir, tiny_csv, calib_txt, monkeypat
     # --restart (resume=False) evaluates every point again
     counted = []
     monkeypatch.setattr(sweep, "evaluate", lambda *a, **k: counted.append(1) or real(*a, **k))
-    sweep.run_sweep(str(clf_dir), **{**kw, "resume": False})
+    sweep.run_sweep(cfg, out, progress=False, resume=False)
     assert len(counted) == 3
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from anatomy_prune.cli import main
 from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.requests import CalibSpec, EvalSpec, SweepConfig
 from anatomy_prune.pipeline.sweep import run_sweep
 
 from conftest import TEXTS, make_classifier
@@ -60,9 +61,9 @@ def ray_local(tmp_path_factory):
         ray.shutdown()
 
 
-def _kw(files, **extra):
-    return dict(eval_size=24, data=str(files.csv), calib_data=str(files.calib), figures=False, progress=False,
-                **extra)
+def _cfg(files, **extra) -> SweepConfig:
+    return SweepConfig(model=str(files.clf), eval=EvalSpec(data=str(files.csv), size=24),
+                       calib=CalibSpec(data=str(files.calib)), figures=False, mode="mask", **extra)
 
 
 def _plans(out: Path) -> dict:
@@ -141,9 +142,10 @@ def test_a_killed_driver_resumes_without_redoing_finished_points(files, ray_loca
 
 
 def test_ray_gives_the_results_of_the_local_executor(files, ray_local, tmp_path):
-    kw = _kw(files, methods=["random", "strategy"], sparsities=[0.3, 0.6], seeds=1)
-    local = run_sweep(str(files.clf), out_dir=tmp_path / "local", **kw)
-    remote = run_sweep(str(files.clf), out_dir=tmp_path / "ray", executor="ray", **kw)
+    local = run_sweep(_cfg(files, methods=["random", "strategy"], sparsities=[0.3, 0.6], seeds=1),
+                      tmp_path / "local", progress=False)
+    remote = run_sweep(_cfg(files, methods=["random", "strategy"], sparsities=[0.3, 0.6], seeds=1, executor="ray"),
+                       tmp_path / "ray", progress=False)
     assert [(r["method"], r["sparsity"]) for r in remote] == [
         ("dense", 0.0), ("random", 0.3), ("random", 0.6), ("strategy", 0.3), ("strategy", 0.6)]
     for a, b in zip(local, remote):
@@ -186,12 +188,12 @@ def test_a_failing_point_is_reported_and_the_others_kept(files, ray_local, tmp_p
 
 
 def test_figure5a_config_runs_on_ray(files, ray_local, tmp_path):
-    kw = _kw(files, methods=[], sparsities=[], config="paper_figure5a.toml", mode="mask")
-    rows = run_sweep(str(files.clf), out_dir=tmp_path / "ray", executor="ray", **{**kw, "figures": True})
+    kw = dict(methods=[], sparsities=[], config="paper_figure5a.toml")
+    rows = run_sweep(_cfg(files, executor="ray", **{**kw, "figures": True}), tmp_path / "ray", progress=False)
     config_rows = rows[1:]
     assert len(config_rows) == 5 and all(r["method"] == "strategy" and r["label"] for r in config_rows)
     assert [r["plan_params"]["alpha"] for r in config_rows] == [0.01, 0.025, 0.05, 0.05, 0.05]
     assert (tmp_path / "ray" / "figures" / "accuracy_vs_sparsity.png").stat().st_size > 1000
-    local = run_sweep(str(files.clf), out_dir=tmp_path / "local", **kw)
+    local = run_sweep(_cfg(files, **kw), tmp_path / "local", progress=False)
     assert [r["accuracy"] for r in local] == [r["accuracy"] for r in rows]
     assert _plans(tmp_path / "local") == _plans(tmp_path / "ray")

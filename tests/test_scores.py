@@ -6,6 +6,7 @@ import torch
 from anatomy_prune import UserError
 from anatomy_prune.hooks import capture_ffn_hidden
 from anatomy_prune.models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
+from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan import plan_from_scores
 from anatomy_prune.scores import SCORERS, Scores, get_scorer, score, scorer_names
@@ -149,7 +150,7 @@ def test_bad_input():
     calib = Calibration(load_model("tiny-bert", device="cpu"), CALIB_TEXTS, max_length=32)
 
     def by_step(name, cal, sparsity, **params):  # the pruning step refuses the same requests up front
-        return prune_step(cal.loaded, cal, name, sparsity=sparsity, params=params)
+        return prune_step(cal, PruneRequest(method=name, sparsity=sparsity, params=params))
 
     for call, msg in [
         (lambda: make_plan("nope", calib, 0.5), "choose one of: activation, .*magnitude, random, strategy"),
@@ -194,7 +195,7 @@ def test_scorers_only_score(calib, name):
 @pytest.mark.parametrize("name", PAPER_METHODS)
 def test_prune_step_makes_the_plan_of_score_and_allocate(calib, name):
     """The pruning step's plan is the allocator's plan of the scorer's scores; its model is a pruned copy."""
-    res = prune_step(calib.loaded, calib, name, sparsity=0.4, mode="physical")
+    res = prune_step(calib, PruneRequest(method=name, sparsity=0.4, mode="physical"))
     assert res.plan.keep == make_plan(name, calib, 0.4).keep and res.plan.method == name
     assert res.loaded.model is not calib.loaded.model and res.compensation is None
     assert ffn_widths(res.loaded.model) == res.plan.kept_widths and ffn_widths(calib.loaded.model) == [37] * 3

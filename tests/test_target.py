@@ -13,6 +13,7 @@ from anatomy_prune.evaluate.cost import flops_cost, latency_cost
 from anatomy_prune.evaluate.counts import count_params, flops_per_token
 from anatomy_prune.models.quantize import is_quantized_linear, quantize_int8
 from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan.allocate import keep_under_budget
 from anatomy_prune.scores.calibration import Calibration
@@ -25,7 +26,7 @@ def test_flops_cost_model_is_exact_for_ffn_widths():
     cm = flops_cost(loaded, seq_len=128)
     assert cm.dense == pytest.approx(flops_per_token(loaded.model, 128))
     calib = Calibration(loaded, [], seed=0)
-    pruned = prune_step(loaded, calib, "magnitude", sparsity=0.5).loaded
+    pruned = prune_step(calib, PruneRequest(method="magnitude", sparsity=0.5)).loaded
     from anatomy_prune.models.families import ffn_widths
     assert cm.predict(ffn_widths(pruned.model)) == pytest.approx(flops_per_token(pruned.model, 128))
 
@@ -56,7 +57,7 @@ def test_latency_cost_model_is_fitted_from_timings():
 def test_int8_stacked_on_pruning_saves_and_reloads(tmp_path):
     clf = make_classifier("tiny-gpt2")  # Conv1D projections: turned into Linear, then quantized
     calib = Calibration(clf, TEXTS * 2, [1, 0, 1, 0] * 2, max_length=32, batch_size=4)
-    res = prune_step(clf, calib, "calibrated", sparsity=0.5, quantize="int8", keep_float=True)
+    res = prune_step(calib, PruneRequest(method="calibrated", sparsity=0.5, quantize="int8"), keep_float=True)
     q = res.loaded.model
     assert res.quantize == "int8" and sum(is_quantized_linear(m) for m in q.modules()) >= 6
     enc = clf.tokenizer(TEXTS, padding=True, return_tensors="pt")
@@ -128,9 +129,11 @@ def test_sweep_targets_and_int8(tmp_path, tiny_csv):
     from anatomy_prune.pipeline.sweep import run_sweep
     from anatomy_prune.models.saved import save_model
     clf = save_model(make_classifier("tiny-gpt2"), tmp_path / "clf", max_length=32)
-    rows = run_sweep(str(clf), methods=["magnitude"], sparsities=[0.5], mode="physical", out_dir=tmp_path / "sw",
-                     eval_size=24, data=str(tiny_csv), calib_size=8, targets=[{"flops": 0.7}], quantize="int8",
-                     figures=False, progress=False)
+    from anatomy_prune.pipeline.requests import CalibSpec, EvalSpec, SweepConfig
+    cfg = SweepConfig(model=str(clf), methods=["magnitude"], sparsities=[0.5], mode="physical",
+                      eval=EvalSpec(data=str(tiny_csv), size=24), calib=CalibSpec(size=8), targets=[{"flops": 0.7}],
+                      quantize="int8", figures=False)
+    rows = run_sweep(cfg, tmp_path / "sw", progress=False)
     t = [r for r in rows if r.get("target")]
     assert len(t) == 1 and t[0]["heads_removed"] > 0 and t[0]["quantize"] == "int8"
     assert t[0]["predicted_cost_ratio"] <= 0.7 + 1e-9
@@ -160,8 +163,8 @@ def test_head_compensation_rebuilds_duplicated_heads_exactly():
     enc = clf.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         dense = clf.model(**enc)
-    plain = prune_step(clf, calib, plan=plan)
-    comp = prune_step(clf, calib, plan=plan, compensate=True)
+    plain = prune_step(calib, PruneRequest(plan=plan))
+    comp = prune_step(calib, PruneRequest(plan=plan, compensate=True))
     assert comp.compensation["heads_rel_err_removed"] > 0.05
     assert comp.compensation["heads_rel_err_compensated"] < 1e-3 * comp.compensation["heads_rel_err_removed"]
     with torch.no_grad():

@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cli_args import (_calib_args, _device_arg, _eval_args, _force_arg, _method_names, _method_param_args,
-                       _method_params, _model_arg, _task_args)
+from .cli_args import (_allocation, _big_model_args, _calib_args, _calib_spec, _device_arg, _eval_args, _eval_spec,
+                       _force_arg, _method_names, _method_param_args, _method_params, _model_arg, _per_method,
+                       _targets, _task_args)
 from .errors import UserError
 
 log = logging.getLogger("anatomy_prune")
 
-
-# --- shared argument helpers ---------------------------------------------------------------------
 
 # --- finetune -----------------------------------------------------------------------------------
 
@@ -69,7 +68,7 @@ def _run_finetune(args) -> int:
 # --- evaluate -----------------------------------------------------------------------------------
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="accuracy and inference time of a classifier on the test reviews",
+    p = sub.add_parser("evaluate", help="accuracy of a classifier (perplexity of a causal LM) and inference time",
                        description="Evaluate a fine-tuned (possibly pruned) classifier on the IMDB test split "
                        "or a whole user file: accuracy, wall-clock latency, parameters, FLOPs per token.")
     _model_arg(p)
@@ -81,7 +80,7 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> int:
     from .data.splits import eval_set
     from .evaluate.counts import size_report
-    from .evaluate.metrics import evaluate_classifier
+    from .evaluate.metrics import evaluate, evaluate_classifier, evaluation_set
     from .models.loading import load_model
     from .runfolder import check_output_file, now_iso, write_json
 
@@ -89,11 +88,16 @@ def _run_evaluate(args) -> int:
         check_output_file(args.json, "--json")
     data = eval_set(args.data, args.eval_size, args.split)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    metrics = evaluate_classifier(loaded, data, args.batch_size, args.max_length)
+    if loaded.kind == "causal-lm":  # a language model: perplexity of held-out text, with its interval
+        metrics = evaluate(loaded, evaluation_set(loaded, args.data, args.eval_size, args.split), args.batch_size,
+                           args.max_length)
+    else:
+        metrics = evaluate_classifier(loaded, data, args.batch_size, args.max_length)
     metrics.update(size_report(loaded), model=args.model, data=args.data, created=now_iso())
     if args.json:
         write_json(args.json, metrics)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "ffn_widths"}, indent=1))
+    long = ("ffn_widths", "text_nll", "text_tokens", "correct")
+    print(json.dumps({k: v for k, v in metrics.items() if k not in long}, indent=1))
     return 0
 
 
@@ -166,42 +170,25 @@ def _add_prune(sub) -> None:
     _big_model_args(p)
 
 
-def _big_model_args(p) -> None:
-    g = p.add_argument_group("big models (docs: DEVELOPING.md, pipeline/layerwise.py)")
-    g.add_argument("--layerwise", nargs="?", const="sequential", default=None, choices=("sequential", "dense"),
-                   help="prune one block at a time with the calibrated recipe's error term (no Fisher), local "
-                   "allocation, least-squares compensation and physical removal (--method calibrated --mode "
-                   "physical); sequential (default): each block sees the pruned blocks' outputs; dense: the dense "
-                   "model's (equal to the all-at-once path)")
-    g.add_argument("--device-map", default=None,
-                   help="place the model with accelerate: auto, balanced, sequential or a device (cpu, cuda:0)")
-    g.add_argument("--max-memory", default=None,
-                   help="memory per device for --device-map, e.g. 0:14GiB,cpu:30GiB (checked against one block)")
-    g.add_argument("--offload-folder", default=None, help="folder for weights --device-map puts on disk")
-    g.add_argument("--weights-dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
-                   help="dtype the weights are loaded in; auto: as the checkpoint stores them (default: float32)")
-    g.add_argument("--max-shard-size", default=None,
-                   help="save the pruned weights in shards of at most this size, e.g. 2GB (default: transformers')")
-
-
 def _run_prune(args) -> int:
     from .pipeline.prune import prune
+    from .pipeline.requests import PruneRequest
 
-    params, target = _method_params(args), None
+    target = None
     if args.target_flops is not None or args.target_speedup is not None:
-        target = {"batch_size": args.target_batch, "seq_len": args.target_length, "floor": params.pop("floor", 0.0)}
+        target = {"batch_size": args.target_batch, "seq_len": args.target_length}
         target.update({"flops": args.target_flops} if args.target_flops is not None else {})
         target.update({"speedup": args.target_speedup} if args.target_speedup is not None else {})
         args.method = args.method or ("calibrated" if args.plan is None else None)
     if args.mode is None:
         args.mode = "physical" if (target or args.quantize) else "mask"
-    m = prune(args.model, args.out, method=args.method, sparsity=args.sparsity, params=params, target=target,
-              mode=args.mode, plan_file=args.plan, compensate=args.compensate, calib_size=args.calib_size,
-              calib_max_length=args.calib_max_length, calib_data=args.calib_data, data=args.data,
-              eval_size=args.eval_size, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
-              seed=args.seed, device=args.device, force=args.force, dtype=args.dtype, quantize=args.quantize,
-              layerwise=args.layerwise, device_map=args.device_map, max_memory=args.max_memory,
-              offload_folder=args.offload_folder, weights_dtype=args.weights_dtype, max_shard_size=args.max_shard_size)
+    req = PruneRequest(model=args.model, method=args.method, sparsity=args.sparsity, params=_method_params(args),
+                       plan_file=args.plan, mode=args.mode, compensate=args.compensate, allocation=_allocation(args),
+                       target=target, quantize=args.quantize, eval=_eval_spec(args), calib=_calib_spec(args),
+                       device=args.device, dtype=args.dtype, layerwise=args.layerwise, device_map=args.device_map,
+                       max_memory=args.max_memory, offload_folder=args.offload_folder,
+                       weights_dtype=args.weights_dtype, max_shard_size=args.max_shard_size)
+    m = prune(req, args.out, force=args.force)
     keys = ("accuracy", "accuracy_interval", "perplexity", "latency_s", "n_eval", "sparsity", "neurons_removed",
             "heads_removed", "params", "flops_per_token", "flops_ratio", "measured_speedup", "prune_s", "peak_mem_mb")
     print(json.dumps({"out": args.out, "method": m["method"], "mode": m["mode"],

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .errors import UserError
+
 
 def _model_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--model", default=default, required=default is None,
@@ -72,7 +74,8 @@ def _method_param_args(p: argparse.ArgumentParser) -> None:
 
 
 def _method_params(args) -> dict:
-    from .pipeline.sweep import parse_list
+    """The method parameters given (allocation options are the request's: see _allocation)."""
+    from .pipeline.sweep_schema import parse_list
     params = {}
     if args.alpha is not None:
         params["alpha"] = args.alpha
@@ -84,10 +87,24 @@ def _method_params(args) -> dict:
         params["protect"] = False
     if args.protect_threshold is not None:
         params["threshold"] = args.protect_threshold
-    for name in ("allocation", "floor", "multiple_of"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
     return params
+
+
+def _allocation(args):
+    from .pipeline.requests import Allocation
+    return Allocation(scope=args.allocation, floor=args.floor,
+                      multiple_of=1 if args.multiple_of is None else args.multiple_of)
+
+
+def _eval_spec(args):
+    from .pipeline.requests import EvalSpec
+    return EvalSpec(data=args.data, size=args.eval_size, split=args.split, batch_size=args.batch_size,
+                    max_length=args.max_length)
+
+
+def _calib_spec(args):
+    from .pipeline.requests import CalibSpec
+    return CalibSpec(size=args.calib_size, max_length=args.calib_max_length, data=args.calib_data, seed=args.seed)
 
 
 def _task_args(p: argparse.ArgumentParser, d) -> None:
@@ -108,3 +125,52 @@ def _task_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--no-figures", action="store_true", help="write the results only")
     _device_arg(p)
+
+
+def _big_model_args(p) -> None:
+    g = p.add_argument_group("big models (docs: DEVELOPING.md, pipeline/layerwise.py)")
+    g.add_argument("--layerwise", nargs="?", const="sequential", default=None, choices=("sequential", "dense"),
+                   help="prune one block at a time with the calibrated recipe's error term (no Fisher), local "
+                   "allocation, least-squares compensation and physical removal (--method calibrated --mode "
+                   "physical); sequential (default): each block sees the pruned blocks' outputs; dense: the dense "
+                   "model's (equal to the all-at-once path)")
+    g.add_argument("--device-map", default=None,
+                   help="place the model with accelerate: auto, balanced, sequential or a device (cpu, cuda:0)")
+    g.add_argument("--max-memory", default=None,
+                   help="memory per device for --device-map, e.g. 0:14GiB,cpu:30GiB (checked against one block)")
+    g.add_argument("--offload-folder", default=None, help="folder for weights --device-map puts on disk")
+    g.add_argument("--weights-dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
+                   help="dtype the weights are loaded in; auto: as the checkpoint stores them (default: float32)")
+    g.add_argument("--max-shard-size", default=None,
+                   help="save the pruned weights in shards of at most this size, e.g. 2GB (default: transformers')")
+
+
+def _per_method(methods: list[str], args) -> dict:
+    """The method parameters (and allocation options) given, each to the methods that take it."""
+    from .scores import get_scorer
+
+    extra = {**_method_params(args), **{k: v for k in ("allocation", "floor", "multiple_of")
+                                         if (v := getattr(args, k)) is not None}}
+    params = {}
+    for name in methods:
+        taken = {k: v for k, v in extra.items() if k in get_scorer(name).params}
+        if taken:
+            params[name] = taken
+    unused = set(extra) - {k for v in params.values() for k in v}
+    if unused:
+        raise UserError(f"no method in --methods takes {sorted(unused)}")
+    return params
+
+
+def _targets(text: str | None) -> list[dict]:
+    """'flops:0.5,speedup:2' -> [{"flops": 0.5}, {"speedup": 2.0}]; a one-line UserError otherwise."""
+    out = []
+    for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
+        kind, _, value = item.partition(":")
+        try:
+            if kind not in ("flops", "speedup"):
+                raise ValueError
+            out.append({kind: float(value)})
+        except ValueError:
+            raise UserError(f"--targets: '{item}' is not flops:F or speedup:S") from None
+    return out

@@ -1,19 +1,10 @@
-"""Where a sweep's points run: in this process (`local`) or as Ray tasks (`ray`, local or an existing cluster).
+"""Where a sweep's points run: in this process (`local`) or one Ray task each (`ray`, local or a cluster).
 
-An executor takes a function `fn(context_spec, point) -> value` (plain, picklable data in and out; the
-sweep's is `pipeline.sweep.run_point`) and a list of (index, point) pairs, and yields one `Outcome` per point
-as it finishes: its value, or the one-line error it raised. A point that raises never stops the others.
-
-- `LocalExecutor`: the points in order, in this process (today's sweep, exactly).
-- `RayExecutor`: one Ray task per point, each with its own CPU / GPU request (`num_cpus_per_task`,
-  `num_gpus_per_task`); results are collected with `ray.wait` as they complete. Without an address it starts
-  a local Ray instance (`ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False)`) and shuts it
-  down at the end; a Ray instance this process already started is used as it is and left running. With an
-  address it first checks that something answers there (a TCP connect, a few seconds), so an unreachable
-  cluster is a one-line error before anything is written, then joins it with `ray.init(address=...)`.
-
-Ray is an optional extra (`pip install "anatomy-prune[cluster]"`), imported only when a Ray executor starts.
-Each task sets torch's threads to its CPU request, so tasks x threads stays within the CPUs Ray hands out.
+An executor runs `fn(spec, point, cache) -> value` (plain, picklable data in and out) for each (index, point)
+and yields one `Outcome` per point as it finishes; a point that raises never stops the others. `cache` is a
+ContextCache that lives as long as the process running the points: the model is loaded once per process.
+Ray is an optional extra (`pip install "anatomy-prune[cluster]"`), imported only when a Ray executor starts;
+setting up a cluster: docs/ray.md.
 """
 from __future__ import annotations
 
@@ -25,15 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import UserError
+from ..runfolder import settings_digest
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("local", "ray")
 INSTALL_HINT = 'pip install "anatomy-prune[cluster]"'
 PROBE_TIMEOUT_S = 5.0   # how long the TCP check of --address waits
 WAIT_SLICE_S = 1.0      # ray.wait's timeout per round (Ctrl-C stays responsive)
 
-PointFn = Callable[[dict, dict], Any]
+PointFn = Callable[[dict, dict, "ContextCache"], Any]
 
 
 @dataclass(frozen=True)
@@ -54,14 +45,6 @@ def one_line(exc: BaseException) -> str:
 
 
 # --- checks ----------------------------------------------------------------------------------------
-
-def _number(value, what: str, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise UserError(f"{what} must be a number, got {value!r}")
-    if value < minimum or (strict and value == minimum) or value > 1024:
-        raise UserError(f"{what} must be {'>' if strict else '>='} {minimum:g} and at most 1024, got {value:g}")
-    return float(value)
-
 
 def parse_address(address: str) -> tuple[str, int] | None:
     """'HOST:PORT', '[IPv6]:PORT' or 'ray://HOST:PORT' -> (host, port); 'auto' -> None (Ray finds it)."""
@@ -102,26 +85,34 @@ def import_ray():
     return ray
 
 
-def make_executor(kind: str = "local", address: str | None = None, num_cpus_per_task: float = 1,
-                  num_gpus_per_task: float = 0, device: str | None = None, ray_init: dict | None = None):
-    """The executor for `kind`, every option checked and --address probed; nothing is started yet."""
-    if kind not in EXECUTORS:
-        raise UserError(f"unknown executor '{kind}'; choose one of: {', '.join(EXECUTORS)}")
-    cpus = _number(num_cpus_per_task, "--num-cpus-per-task", 0, strict=True)
-    gpus = _number(num_gpus_per_task, "--num-gpus-per-task", 0, strict=False)
-    if kind == "local":
-        given = [n for n, v, d in (("--address", address, None), ("--num-cpus-per-task", cpus, 1.0),
-                                   ("--num-gpus-per-task", gpus, 0.0)) if v != d] + (["ray_init"] if ray_init else [])
-        if given:
-            raise UserError(f"{', '.join(given)}: only for --executor ray (the default executor is local)")
+def make_executor(cfg):
+    """The executor a SweepConfig (checked when built) asks for; Ray's import and --address probed, nothing
+    started yet."""
+    if cfg.executor == "local":
         return LocalExecutor()
-    if device is not None and str(device).startswith("cuda") and gpus == 0:
-        raise UserError("--device cuda with --executor ray needs --num-gpus-per-task > 0 (Ray hides the GPUs "
-                        "from tasks that do not ask for one)")
     import_ray()
-    if address is not None:
-        probe(address)
-    return RayExecutor(address, cpus, gpus, dict(ray_init or {}))
+    if cfg.address is not None:
+        probe(cfg.address)
+    return RayExecutor(cfg.address, cfg.num_cpus_per_task, cfg.num_gpus_per_task, dict(cfg.ray_init or {}))
+
+
+class ContextCache:
+    """One built context at a time, by the digest of its spec: a process that runs several points builds it
+    (loads the model, computes statistics) once. The executor owns the driver's; a Ray worker keeps its own."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.value: Any = None
+
+    def get(self, spec: dict, build: Callable[[dict], Any]) -> Any:
+        key = settings_digest(spec)
+        if key != self.key:
+            self.clear()
+            self.value, self.key = build(spec), key
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
 
 
 # --- executors ---------------------------------------------------------------------------------------
@@ -131,10 +122,14 @@ class LocalExecutor:
 
     kind = "local"
 
+    def __init__(self) -> None:
+        self.cache = ContextCache()
+
     def __enter__(self) -> "LocalExecutor":
         return self
 
     def __exit__(self, *exc) -> bool:
+        self.cache.clear()   # the model and statistics go with the sweep
         return False
 
     def info(self) -> dict:
@@ -143,11 +138,14 @@ class LocalExecutor:
     def run(self, fn: PointFn, spec: dict, points: Sequence[tuple[int, dict]]) -> Iterator[Outcome]:
         for index, point in points:
             try:
-                value = fn(spec, point)
+                value = fn(spec, point, self.cache)
             except Exception as exc:  # noqa: BLE001 - a failed point is reported; Ctrl-C still stops the sweep
                 yield Outcome(index, error=one_line(exc), detail=traceback.format_exc())
                 continue
             yield Outcome(index, value)
+
+
+_WORKER_CACHE = ContextCache()   # used only inside Ray worker processes (one context per worker)
 
 
 def _task(fn: PointFn, spec: dict, point: dict, threads: int) -> dict:
@@ -157,13 +155,14 @@ def _task(fn: PointFn, spec: dict, point: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        return {"value": fn(spec, point), "worker": worker}
+        return {"value": fn(spec, point, _WORKER_CACHE), "worker": worker}
     except Exception as exc:  # noqa: BLE001
         return {"error": one_line(exc), "detail": traceback.format_exc(), "worker": worker}
 
 
 class RayExecutor:
-    """One Ray task per point (see the module doc). Use as a context manager around the points."""
+    """One Ray task per point, each with its CPU / GPU request, collected with ray.wait as they finish. Without
+    an address it starts a local Ray instance and shuts it down at the end. Use as a context manager."""
 
     kind = "ray"
 
@@ -175,6 +174,7 @@ class RayExecutor:
         self.ray_init = dict(ray_init or {})
         self.started = False        # this executor started the Ray instance (and shuts it down)
         self.workers: set[str] = set()
+        self.cache = ContextCache()  # the driver's own context (the dense baseline, config rows)
         self._ray = None
 
     def __enter__(self) -> "RayExecutor":
@@ -201,6 +201,7 @@ class RayExecutor:
         return self
 
     def __exit__(self, *exc) -> bool:
+        self.cache.clear()
         if self.started and self._ray is not None:
             self._ray.shutdown()
             self.started = False

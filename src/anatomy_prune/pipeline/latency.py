@@ -19,6 +19,7 @@ from ..models.families import base_model, ffn_sites, ffn_widths, get_module
 from ..models.loading import Loaded
 from ..plan.plan import PruningPlan, check_sparsity
 from ..scores.calibration import Calibration
+from .requests import Allocation, PruneRequest
 from .step import prune_step
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ def build_variants(loaded: Loaded, calib: Calibration, sparsity: float, multiple
     physically pruned from the same plan; one more physical copy per rounding multiple K > 1; with
     `strided`, a physical copy whose FFN weights are stored non-contiguously. The dense model as is."""
     def step(mode: str, k: int = 1):
-        params = {"multiple_of": k} if k > 1 else {}
-        return prune_step(loaded, calib, "magnitude", sparsity=sparsity, params=params, mode=mode)
+        req = PruneRequest(method="magnitude", sparsity=sparsity, mode=mode, allocation=Allocation(multiple_of=k))
+        return prune_step(calib, req)
 
     masked_ = step("mask")
     variants: dict[str, nn.Module] = {"dense": loaded.model, "mask": masked_.loaded.model.eval()}

@@ -1,0 +1,394 @@
+"""Request objects: every setting of a prune or sweep job in one frozen dataclass, validated once when built.
+
+The CLI, the notebooks, the benchmarks and the Ray executor build these and pass them on; the jobs trust
+them and check only what needs the model. Every fault is a one-line UserError (the CLI's exit status 2).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..apply.compensate import check_recipe
+from ..data.splits import CALIB_SIZE
+from ..errors import UserError
+from ..models.offload import Placement, parse_size
+from ..plan.plan import PruningPlan
+from ..scores.calibration import CALIB_MAX_LENGTH, DEFAULT_RIDGE
+from ..scores.registry import check_params, get_scorer
+from ..validate import finite, fraction, known_keys, one_of, optional, positive_int, seed32, text, whole
+
+MAX_TEXTS = 10_000_000     # bounds of sizes, lengths and batches: far above any real job, below absurd
+MAX_TOKENS = 1 << 20
+MAX_BATCH = 1 << 16
+MAX_MULTIPLE = 1 << 16
+MAX_SEEDS = 100
+MAX_TASK_RESOURCES = 1024  # CPUs / GPUs one Ray task may ask for
+
+SPLITS = ("test", "validation", "heldout")
+MODES = ("mask", "physical")
+SCOPES = ("local", "global")
+QUANTIZE = ("int8",)
+LAYERWISE = ("sequential", "dense")
+EXECUTORS = ("local", "ray")
+TARGET_METHODS = ("calibrated",)   # scorers that score neurons and heads on one scale
+TARGET_KEYS = ("flops", "speedup", "batch_size", "seq_len", "floor")
+LAYERWISE_METHOD = "calibrated"    # the recipe the layer-wise path follows (without Fisher)
+LAYERWISE_PARAMS = ("ridge", "rebuilt")
+ALLOCATION_KEYS = ("allocation", "floor", "multiple_of")   # their names as method parameters (old API, TOML rows)
+
+
+def _set(obj, **values) -> None:
+    for k, v in values.items():
+        object.__setattr__(obj, k, v)
+
+
+def _spec(value, cls, what: str):
+    """A spec given as the dataclass itself or as a mapping of its fields (e.g. a TOML table)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        known_keys(value, [f.name for f in fields(cls)], what)
+        return cls(**value)
+    raise UserError(f"{what} must be a table of settings, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What a job evaluates on: data (imdb, hf or a CSV/JSONL path), how many texts, which split."""
+
+    data: str = "imdb"
+    size: int = 1000
+    split: str = "test"
+    batch_size: int = 32
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, data=text(str(self.data) if isinstance(self.data, Path) else self.data, "--data"),
+             size=positive_int(self.size, "--eval-size", MAX_TEXTS), split=one_of(self.split, SPLITS, "--split"),
+             batch_size=positive_int(self.batch_size, "--batch-size", MAX_BATCH),
+             max_length=optional(positive_int, self.max_length, "--max-length", MAX_TOKENS))
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """The calibration sample: size, tokens per text, its data (None: the evaluation data's IMDB) and seed."""
+
+    size: int = CALIB_SIZE
+    max_length: int = CALIB_MAX_LENGTH
+    data: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _set(self, size=positive_int(self.size, "--calib-size", MAX_TEXTS),
+             max_length=positive_int(self.max_length, "--calib-max-length", MAX_TOKENS),
+             data=optional(text, str(self.data) if isinstance(self.data, Path) else self.data, "--calib-data"),
+             seed=seed32(self.seed, "--seed"))
+
+    def source(self, eval_data: str) -> str:
+        """The calibration data: the one given, else the evaluation's IMDB source, else imdb."""
+        return self.data or (eval_data if eval_data in ("imdb", "hf") else "imdb")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How scores become a plan: local or global ranking, the least fraction a layer keeps, rounding.
+    None: the method's own choice (local for most, global with an automatic floor for calibrated)."""
+
+    scope: str | None = None
+    floor: float | None = None
+    multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        _set(self, scope=optional(one_of, self.scope, SCOPES, "--allocation"),
+             floor=optional(fraction, self.floor, "--floor", closed=True),
+             multiple_of=positive_int(self.multiple_of, "--multiple-of", MAX_MULTIPLE))
+
+    @classmethod
+    def split_params(cls, params: Mapping) -> tuple[dict, "Allocation | None"]:
+        """Method parameters that carry allocation options (a TOML row, the old keyword API) -> (the
+        method's own parameters, the Allocation they name, or None)."""
+        own = {k: v for k, v in params.items() if k not in ALLOCATION_KEYS}
+        given = {k: params[k] for k in ALLOCATION_KEYS if k in params}
+        if not given:
+            return own, None
+        return own, cls(scope=given.get("allocation"), floor=given.get("floor"),
+                        multiple_of=given.get("multiple_of", 1))
+
+    def as_params(self, method: str) -> dict:
+        """The options given, as the method's parameters (the scorer hands them to the allocator)."""
+        given = {"allocation": self.scope, "floor": self.floor, "multiple_of": self.multiple_of}
+        given = {k: v for k, v in given.items() if v is not None and not (k == "multiple_of" and v == 1)}
+        taken = get_scorer(method).params
+        refused = sorted(k for k in given if k not in taken)
+        if refused:
+            flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+            raise UserError(f"method '{method}' takes no {flags} (its allocation is its own)")
+        return given
+
+
+def check_target(target: Mapping, floor: float | None = None) -> dict:
+    """{"flops": f} (keep at most f of the dense FLOPs per token, 0 < f < 1) or {"speedup": s} (s > 1,
+    measured at batch_size x seq_len), with optional batch_size, seq_len, floor; defaults filled."""
+    if not isinstance(target, Mapping):
+        raise UserError(f"a target must be a table like {{flops = 0.5}} or {{speedup = 2.0}}, got {target!r}")
+    known_keys(target, TARGET_KEYS, "target")
+    t = {"batch_size": 32, "seq_len": 128, "floor": 0.0 if floor is None else floor, **target}
+    if ("flops" in t) == ("speedup" in t):
+        raise UserError("give one target: --target-flops F or --target-speedup S")
+    t["batch_size"] = positive_int(t["batch_size"], "--target-batch", MAX_BATCH)
+    t["seq_len"] = positive_int(t["seq_len"], "--target-length", MAX_TOKENS)
+    if "flops" in t:
+        t["flops"] = finite(t["flops"], "--target-flops (a fraction of the dense FLOPs)", 0.0, strict_lo=True)
+        if t["flops"] >= 1:
+            raise UserError(f"--target-flops must be a fraction in (0, 1) of the dense model's FLOPs, got {t['flops']}")
+    else:
+        t["speedup"] = finite(t["speedup"], "--target-speedup (a speedup of the dense model)", 1.0, strict_lo=True)
+    t["floor"] = fraction(t["floor"], "--floor")
+    return t
+
+
+def compensation_recipe(plan: PruningPlan, requested: bool) -> dict | None:
+    """Whether and how to compensate: the method's own recipe (plan.params: compensate, ridge, readout_mix),
+    or plain least squares when `requested`. Plans of older versions marked `compensated` are compensated."""
+    p = plan.params
+    own = bool(p.get("compensate")) or bool(p.get("compensated"))
+    if not (own or requested):
+        return None
+    ridge, mix = check_recipe(p.get("ridge", DEFAULT_RIDGE), p.get("readout_mix", 0.0) if own else 0.0)
+    return {"ridge": ridge, "readout_mix": mix, "own": own}
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """One pruning job: a method at a sparsity (or a target, or a plan), how to apply it, what to evaluate.
+    Big models: layerwise (sequential | dense) and the placement options of models.offload.Placement."""
+
+    model: str = ""
+    method: str | None = None
+    sparsity: float | None = None
+    params: Mapping = field(default_factory=dict)
+    plan_file: str | None = None
+    mode: str = "physical"
+    compensate: bool = False
+    allocation: Allocation = field(default_factory=Allocation)
+    target: Mapping | None = None
+    quantize: str | None = None
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    device: str | None = None
+    dtype: str | None = None
+    layerwise: str | None = None
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    weights_dtype: str | None = None
+    max_shard_size: str | None = None
+    plan: PruningPlan | None = None    # a plan already in memory (plan_file is read into it)
+
+    def __post_init__(self) -> None:
+        one_of(self.mode, MODES, "--mode")
+        _set(self, eval=_spec(self.eval, EvalSpec, "eval"), calib=_spec(self.calib, CalibSpec, "calib"),
+             allocation=_spec(self.allocation, Allocation, "allocation"),
+             quantize=None if self.quantize in (None, "", "none") else one_of(self.quantize, QUANTIZE, "--quantize"))
+        if not isinstance(self.params, Mapping):
+            raise UserError(f"params must be a mapping of method parameters, got {self.params!r}")
+        params, alloc = Allocation.split_params(self.params)
+        if alloc is not None:   # allocation options given as method parameters
+            if self.allocation != Allocation():
+                raise UserError("give allocation options once: in allocation, not also in params")
+            _set(self, allocation=alloc)
+        _set(self, params=params)
+        if self.plan_file is not None and self.plan is None:
+            _set(self, plan=PruningPlan.load(self.plan_file))
+        self._check_what()
+        if self.plan is not None:
+            compensation_recipe(self.plan, self.compensate)  # a plan's ridge / readout_mix
+        self._check_big()
+
+    def _check_what(self) -> None:
+        """Method or plan, sparsity or target, and the method's parameters."""
+        if (self.method is None) == (self.plan is None):
+            raise UserError("give either a method (--method) or a plan (--plan)")
+        if self.sparsity is not None:
+            _set(self, sparsity=fraction(self.sparsity, "--sparsity"))
+        if self.target:
+            if self.sparsity is not None or self.plan is not None:
+                raise UserError("a target (--target-flops / --target-speedup) decides the sparsity itself; give no "
+                                "--sparsity and no --plan with it")
+            if self.method not in TARGET_METHODS:
+                raise UserError(f"a target needs a method that scores neurons and heads on one scale: "
+                                f"{', '.join(TARGET_METHODS)}")
+            _set(self, target=check_target(self.target, self.allocation.floor))
+        else:
+            _set(self, target=None)
+        if self.method is None:
+            return
+        get_scorer(self.method)
+        if not self.layerwise:
+            check_params(self.method, self.scorer_params())
+        if self.sparsity is None and not self.target and get_scorer(self.method).needs_sparsity:
+            raise UserError(f"method '{self.method}' needs --sparsity (the fraction of FFN neurons to remove, "
+                            "in [0, 1))")
+
+    def _check_big(self) -> None:
+        """The layer-wise and placement options' checks that need no model."""
+        if self.layerwise is not None:
+            one_of(self.layerwise, LAYERWISE, "--layerwise")
+            if self.plan is not None or self.quantize:
+                raise UserError("--layerwise makes its own plan and keeps float weights; leave out --plan and --quantize")
+            if self.sparsity is None:
+                raise UserError("--layerwise needs --sparsity (the fraction of each block's FFN neurons to remove)")
+            if self.method != LAYERWISE_METHOD:
+                raise UserError(f"--layerwise prunes with the {LAYERWISE_METHOD} recipe (its error term, without "
+                                f"Fisher); give --method {LAYERWISE_METHOD}, not {self.method}")
+            if self.mode != "physical":
+                raise UserError("--layerwise removes neurons physically, block by block; give --mode physical")
+            if self.allocation.scope not in (None, "local"):
+                raise UserError("--layerwise allocates each block on its own (local); it cannot rank all layers at once")
+            unknown = sorted(set(self.params) - set(LAYERWISE_PARAMS))
+            if unknown:
+                raise UserError(f"--layerwise takes the parameters {', '.join(LAYERWISE_PARAMS + ALLOCATION_KEYS[1:])}; "
+                                f"not {', '.join(unknown)}")
+            check_recipe(self.params.get("ridge", DEFAULT_RIDGE), 0.0)
+        Placement.make(self.device_map, self.max_memory, self.offload_folder, self.weights_dtype, bool(self.layerwise))
+        if self.max_shard_size is not None:
+            parse_size(self.max_shard_size, "--max-shard-size")
+
+    def scorer_params(self, heads: bool = False) -> dict:
+        """The method's parameters with the allocation options it takes (a target keeps its floor itself)."""
+        alloc = Allocation(self.allocation.scope, None, self.allocation.multiple_of) if self.target else self.allocation
+        return {**self.params, **alloc.as_params(self.method), **({"heads": True} if heads else {})}
+
+    def layerwise_settings(self) -> dict:
+        """The layer-wise path's ridge, rebuilt, floor and multiple_of, defaults filled."""
+        return {"ridge": float(self.params.get("ridge", DEFAULT_RIDGE)), "rebuilt": bool(self.params.get("rebuilt", True)),
+                "floor": self.allocation.floor or 0.0, "multiple_of": self.allocation.multiple_of}
+
+    def big_options(self) -> dict:
+        """The big-model options given (for a run's settings)."""
+        opts = dict(layerwise=self.layerwise, device_map=self.device_map, max_memory=self.max_memory,
+                    offload_folder=self.offload_folder, weights_dtype=self.weights_dtype,
+                    max_shard_size=self.max_shard_size)
+        return {k: v for k, v in opts.items() if v is not None}
+
+    def settings(self) -> dict:
+        """What a run folder records (and digests) for this request."""
+        params = {**self.params, **({} if self.method is None or self.layerwise
+                                    else self.allocation_given())}
+        return dict(model=self.model, method=self.method, sparsity=self.sparsity, params=params, mode=self.mode,
+                    plan=self.plan.to_dict() if self.plan is not None else None, compensate=self.compensate,
+                    calib_size=self.calib.size, calib_max_length=self.calib.max_length,
+                    calib_data=self.calib.source(self.eval.data), data=self.eval.data, eval_size=self.eval.size,
+                    split=self.eval.split, batch_size=self.eval.batch_size, max_length=self.eval.max_length,
+                    seed=self.calib.seed, quantize=self.quantize, target=self.target, **self.big_options())
+
+    def allocation_given(self) -> dict:
+        a = self.allocation
+        given = {"allocation": a.scope, "floor": a.floor, "multiple_of": a.multiple_of if a.multiple_of != 1 else None}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep: methods x sparsities (x seeds of stochastic methods), a TOML grid's rows, targets; where
+    the points run (executor local or ray, with address and per-task CPUs / GPUs)."""
+
+    model: str
+    methods: tuple[str, ...] = ("random", "magnitude", "strategy", "activation")
+    sparsities: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    mode: str = "physical"
+    params: Mapping = field(default_factory=dict)
+    config: str | None = None
+    targets: tuple[Mapping, ...] = ()
+    compensate: bool = False
+    quantize: str | None = None
+    seeds: int = 5
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    device: str | None = None
+    dtype: str | None = None
+    executor: str = "local"
+    address: str | None = None
+    num_cpus_per_task: float = 1
+    num_gpus_per_task: float = 0
+    ray_init: Mapping | None = None
+    figures: bool = True
+    reference: Mapping | None = None
+    allocation: Allocation = field(default_factory=Allocation)
+    grid: Mapping | None = field(default=None, compare=False)   # the config file, read and checked
+
+    def __post_init__(self) -> None:
+        from .sweep_schema import load_grid
+
+        text(self.model, "--model")
+        one_of(self.mode, MODES, "--mode")
+        methods, sparsities, targets = (_tuple(self.methods, "--methods"), _tuple(self.sparsities, "--sparsities"),
+                                        _tuple(self.targets, "--targets"))
+        for m in methods:
+            get_scorer(m)
+        if not isinstance(self.params, Mapping) or not all(isinstance(p, Mapping) for p in self.params.values()):
+            raise UserError("params must map a method name to its parameters, e.g. {'strategy': {'beta': 0.0}}")
+        params = {name: dict(p) for name, p in self.params.items()}
+        for name, p in params.items():
+            check_params(name, p)
+        _set(self, methods=methods, sparsities=tuple(fraction(s, "--sparsities") for s in sparsities),
+             targets=tuple(check_target(t) for t in targets), params=params,
+             eval=_spec(self.eval, EvalSpec, "eval"), calib=_spec(self.calib, CalibSpec, "calib"),
+             allocation=_spec(self.allocation, Allocation, "allocation"), seeds=whole(self.seeds, "--seeds", 1, MAX_SEEDS),
+             quantize=None if self.quantize in (None, "", "none") else one_of(self.quantize, QUANTIZE, "--quantize"),
+             config=None if self.config is None else str(self.config))
+        self._check_executor()
+        if self.config is not None and self.grid is None:
+            _set(self, grid=load_grid(self.config))
+        if not self.grid and not self.targets and not (self.methods and any(s > 0 for s in self.sparsities)):
+            raise UserError("nothing to sweep: give --methods and non-zero --sparsities, or --config")
+
+    def _check_executor(self) -> None:
+        one_of(self.executor, EXECUTORS, "executor")
+        cpus = finite(self.num_cpus_per_task, "--num-cpus-per-task", 0.0, MAX_TASK_RESOURCES, strict_lo=True)
+        gpus = finite(self.num_gpus_per_task, "--num-gpus-per-task", 0.0, MAX_TASK_RESOURCES)
+        _set(self, num_cpus_per_task=cpus, num_gpus_per_task=gpus)
+        if self.executor == "local":
+            given = [n for n, v, d in (("--address", self.address, None), ("--num-cpus-per-task", cpus, 1.0),
+                                       ("--num-gpus-per-task", gpus, 0.0)) if v != d]
+            given += ["ray_init"] if self.ray_init else []
+            if given:
+                raise UserError(f"{', '.join(given)}: only for --executor ray (the default executor is local)")
+        elif self.device is not None and str(self.device).startswith("cuda") and gpus == 0:
+            raise UserError("--device cuda with --executor ray needs --num-gpus-per-task > 0 (Ray hides the GPUs "
+                            "from tasks that do not ask for one)")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "SweepConfig":
+        """A sweep described by a TOML file (its keys are this class's fields; [eval], [calib] and
+        [allocation] tables; [[row]] tables make it its own grid); `overrides` win over the file."""
+        from .sweep_schema import sweep_from_toml
+
+        return sweep_from_toml(cls, path, overrides)
+
+    def point_request(self, point: Mapping) -> PruneRequest:
+        """The PruneRequest of one point of this sweep (target points are pruned physically)."""
+        params, alloc = Allocation.split_params(point.get("params") or {})
+        alloc = alloc or self.allocation
+        method = point["method"]
+        if not point.get("target") and alloc != Allocation():   # each method takes the options it has
+            taken = get_scorer(method).params
+            alloc = Allocation(alloc.scope if "allocation" in taken else None,
+                               alloc.floor if "floor" in taken else None,
+                               alloc.multiple_of if "multiple_of" in taken else 1)
+        return PruneRequest(model=self.model, method=method, sparsity=point.get("sparsity"), params=params,
+                            mode="physical" if point.get("target") else self.mode, compensate=self.compensate,
+                            allocation=alloc, target=point.get("target"), quantize=self.quantize, eval=self.eval,
+                            calib=self.calib, device=self.device, dtype=self.dtype)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("grid")
+        return d
+
+
+def _tuple(value, what: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise UserError(f"{what} must be a list, got {value!r}")
+    return tuple(value)
