@@ -196,20 +196,6 @@ def _run_prune(args) -> int:
     return 0
 
 
-def _targets(text: str | None) -> list[dict]:
-    """'flops:0.5,speedup:2' -> [{"flops": 0.5}, {"speedup": 2.0}]; a one-line UserError otherwise."""
-    out = []
-    for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
-        kind, _, value = item.partition(":")
-        try:
-            if kind not in ("flops", "speedup"):
-                raise ValueError
-            out.append({kind: float(value)})
-        except ValueError:
-            raise UserError(f"--targets: '{item}' is not flops:F or speedup:S") from None
-    return out
-
-
 def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="every method at every sparsity on the same test reviews, with figures",
                        description="Load the model once, compute calibration statistics once, and evaluate every "
@@ -254,34 +240,23 @@ def _add_sweep(sub) -> None:
 
 def _run_sweep(args) -> int:
     from .pipeline.report import write_report
-    from .pipeline.sweep import parse_list, run_sweep
+    from .pipeline.requests import SweepConfig
+    from .pipeline.sweep import run_sweep
+    from .pipeline.sweep_schema import parse_list
     from .runfolder import check_output_file
 
     if args.report:
         check_output_file(args.report, "--report")
-
     if args.methods is None:
         args.methods = "" if args.config else "random,magnitude,strategy,activation"
     methods = parse_list(args.methods, "methods") if args.methods else []
-    extra = _method_params(args)
-    params = {}
-    if extra:
-        from .scores import get_scorer
-        for name in methods:  # each method gets the parameters it takes
-            taken = {k: v for k, v in extra.items() if k in get_scorer(name).params}
-            if taken:
-                params[name] = taken
-        unused = set(extra) - {k for v in params.values() for k in v}
-        if unused:
-            raise UserError(f"no method in --methods takes {sorted(unused)}")
-    rows = run_sweep(args.model, methods, parse_list(args.sparsities, "sparsities", float), mode=args.mode,
-                     out_dir=args.out, eval_size=args.eval_size, split=args.split, data=args.data, config=args.config, params=params,
-                     compensate=args.compensate, calib_size=args.calib_size, calib_max_length=args.calib_max_length,
-                     calib_data=args.calib_data, batch_size=args.batch_size, max_length=args.max_length,
-                     seed=args.seed, device=args.device, resume=not args.restart, force=args.force,
-                     dtype=args.dtype, seeds=args.seeds, executor=args.executor, address=args.address,
-                     num_cpus_per_task=args.num_cpus_per_task, num_gpus_per_task=args.num_gpus_per_task,
-                     targets=_targets(args.targets), quantize=args.quantize)
+    cfg = SweepConfig(model=args.model, methods=methods, sparsities=parse_list(args.sparsities, "sparsities", float),
+                      mode=args.mode, params=_per_method(methods, args), config=args.config,
+                      targets=_targets(args.targets), compensate=args.compensate, quantize=args.quantize,
+                      seeds=args.seeds, eval=_eval_spec(args), calib=_calib_spec(args), device=args.device,
+                      dtype=args.dtype, executor=args.executor, address=args.address,
+                      num_cpus_per_task=args.num_cpus_per_task, num_gpus_per_task=args.num_gpus_per_task)
+    rows = run_sweep(cfg, args.out, force=args.force, resume=not args.restart)
     if args.report:
         write_report(args.out, args.report)
     metric = "accuracy" if "accuracy" in rows[0] else "perplexity"
