@@ -1,9 +1,8 @@
 """Big decoder, layer by layer, in bounded memory: prune a TinyLlama-1.1B-shaped model block by block on a CPU,
-sampling resident memory and timing every block, then project time and memory to 7B and 70B.
+sampling resident memory and timing every block, and the CPU's throughputs in that run (from which
+docs/big_model_projection.md projects 7B and 70B: not here, this file measures only).
 
-    .venv/bin/python benchmarks/big_decoder.py --threads 2          # build the model once, then measure
-        # measured: 12 minutes (32 s per block) on 2 shared cores at load average 6-7; peak RSS 2.52 GiB for
-        # 2.19 GiB of bf16 weights and 0.41 GiB of overhead (runs/big_decoder/big_decoder.json)
+    .venv/bin/python benchmarks/big_decoder.py --threads 2          # build the model once, then measure (README)
     .venv/bin/python benchmarks/big_decoder.py --smoke --model-dir runs/big_decoder_smoke_model --out runs/big_decoder_smoke
     .venv/bin/python benchmarks/big_decoder.py --from-json runs/big_decoder/big_decoder.json --out runs/big_decoder-redraw
 
@@ -18,16 +17,8 @@ overhead), then `load_model(dir, weights_dtype="bfloat16")`, `pipeline.layerwise
 calibrated recipe without Fisher, 50%, sequential) on IMDB reviews of 128 tokens, a forward pass of the pruned
 model, and a sharded save; a thread samples VmRSS from /proc/self/status every --interval seconds. Writes into
 --out (anatomy_prune.runfolder.RunFolder): big_decoder.json (peak RSS, weights' size, the ratio, time per
-block and per stage, totals, load averages, and the projections with their formula and assumptions),
-figures/memory_and_blocks.png/.pdf, and model/ (the pruned model, in shards).
-
-Projections (marked as such): time per block = FLOPs / throughput, term by term: the dense and the pruned
-block's forward (FLOPs per token per block x calibration tokens), the Gram matrix (2 x tokens x (d_ff+1)^2,
-float32), the float64 linear algebra on the host CPU (scoring's in-place Cholesky inverse, d_ff^3, and the
-compensation's fit, about 0.29 d_ff^3 + 3.5 d_model d_ff^2), and, when the weights do not fit on the device,
-moving each block there and back. Memory = weights (or one block, when offloaded) + one block's activations
-+ the Gram matrix of one FFN (twice that on the host, where the scoring holds it and one covariance).
-CPU throughputs are the ones measured here; GPU ones are datasheet peaks times an assumed efficiency.
+block and per stage, totals, load averages, and the measured throughputs: forward FLOP/s and float64
+linear-algebra FLOP/s), figures/memory_and_blocks.png/.pdf, and model/ (the pruned model, in shards).
 """
 from __future__ import annotations
 
@@ -124,19 +115,7 @@ def build(model_dir: Path, force: bool = False, shape: dict = SHAPE) -> None:
         print(f"built {n / 1e9:.3f}B parameters into {model_dir / 'model'} in {time.perf_counter() - start:.0f} s")
 
 
-# --- projections ---------------------------------------------------------------------------------------
-
-SHAPES = {  # name: layers, d_model, d_ff, heads, kv heads, vocab (public configs); the measured shape goes first
-    "Llama-2-7B": dict(layers=32, d=4096, ff=11008, heads=32, kv=32, vocab=32000),
-    "Llama-2-70B": dict(layers=80, d=8192, ff=28672, heads=64, kv=8, vocab=32000),
-}
-EFFICIENCY = 0.5  # assumed sustained fraction of a GPU's datasheet peak
-GPUS = {  # datasheet peaks (FLOP/s), memory, host link (bytes/s)
-    "T4": dict(matmul=65e12, fp32=8.1e12, fp64=0.25e12, mem=16 * GiB, link=12e9, note="fp16 tensor cores (no fast bf16)"),
-    "A100-80GB": dict(matmul=312e12, fp32=19.5e12, fp64=19.5e12, mem=80 * GiB, link=24e9, note="bf16 tensor cores"),
-}
-DISK = 2e9  # bytes/s, an NVMe SSD, for weights that do not fit in host memory either
-
+# --- FLOP counts of the measured model (its throughputs) ----------------------------------------------
 
 def block_flops_per_token(s: dict, seq: int, ff: float | None = None) -> float:
     """Forward FLOPs per token of one block: 2 x (q, k, v, o, gate, up, down weights) + attention 4 x seq x d."""
@@ -151,63 +130,6 @@ def la_flops(s: dict, sparsity: float) -> float:
     Cholesky and solve (K^3/3 + 2 K^2 R) and its error terms (about 3.5 d_model d_ff^2)."""
     ff, k = s["ff"], s["ff"] * (1 - sparsity)
     return ff ** 3 + k ** 3 / 3 + 2 * k * k * (ff - k) + 3.5 * s["d"] * ff * ff
-
-
-def block_params(s: dict) -> float:
-    head = s["d"] // s["heads"]
-    return s["d"] * s["d"] * 2 + 2 * s["d"] * s["kv"] * head + 3 * s["d"] * s["ff"] + 2 * s["d"]
-
-
-def projections(measured: dict, tokens: int, seq: int, batch: int, sparsity: float, host_ram: float,
-                measured_shape: dict) -> dict:
-    """Time and memory of layer-wise pruning for each shape on each device (see the module doc)."""
-    cpu = {"matmul": measured["cpu_forward_flops"], "fp32": measured["cpu_forward_flops"],
-           "fp64": measured["cpu_fp64_flops"], "mem": host_ram, "link": 0.0,
-           "note": "this machine, throughputs measured in this run"}
-    devices = {"CPU (this machine)": (cpu, 1.0), **{k: (v, EFFICIENCY) for k, v in GPUS.items()}}
-    out = {"formula": {
-        "time_per_block": "(F_dense + F_pruned) x T / R_matmul + 2 T (d_ff+1)^2 / R_fp32 + LA / R_fp64_host "
-                          "+ IO; F = 2 x block weights + 4 seq d per token, T = calibration tokens, "
-                          "LA = d_ff^3 + K^3/3 + 2 K^2 R + 3.5 d d_ff^2 (K kept, R removed), "
-                          "IO = 2 x block bytes / link (+ / disk when the model exceeds host memory) "
-                          "when the weights do not fit on the device",
-        "memory_device": "weights (bf16/fp16, 2 bytes per parameter; one block when offloaded) + activations "
-                         "(3 T d x 2 bytes: inputs, dense and pruned outputs, + 4 batch seq d_ff x 2 bytes) "
-                         "+ Gram (d_ff+1)^2 x 8",
-        "memory_host_extra": "2 x Gram (the Gram and one covariance, in the float64 scoring)",
-        "la_on_device": "total_min_if_la_on_device: the same with LA / (fp64 peak x efficiency) of the device; "
-                        "NOT implemented (the algebra runs on the host CPU)",
-        "tokens": tokens, "seq": seq, "batch": batch, "sparsity": sparsity,
-        "assumed_gpu_efficiency": EFFICIENCY, "R_fp64_host": measured["cpu_fp64_flops"],
-        "disk_bytes_per_s": DISK}, "rows": []}
-    here = f"measured shape ({measured_shape['layers']} x d {measured_shape['d']}, FFN {measured_shape['ff']})"
-    for name, s in {here: measured_shape, **SHAPES}.items():
-        params = s["layers"] * block_params(s) + 2 * s["vocab"] * s["d"]
-        weights = 2 * params
-        fwd = (block_flops_per_token(s, seq) + block_flops_per_token(s, seq, s["ff"] * (1 - sparsity))) * tokens
-        gram_f = 2 * tokens * (s["ff"] + 1) ** 2
-        la = la_flops(s, sparsity)
-        gram_b = (s["ff"] + 1) ** 2 * 8
-        act = 3 * tokens * s["d"] * 2 + 4 * batch * seq * s["ff"] * 2
-        for dev, (spec, eff) in devices.items():
-            fits = weights + act + gram_b <= spec["mem"]
-            io = 0.0
-            if not fits:  # each block to the device and back (a GPU: over its link; the CPU: from disk)
-                io = 2 * block_params(s) * 2 / (spec["link"] or DISK)
-                if spec["link"] and weights > host_ram:
-                    io += 2 * block_params(s) * 2 / DISK
-            t_block = fwd / (spec["matmul"] * eff) + gram_f / (spec["fp32"] * eff) + la / measured["cpu_fp64_flops"] + io
-            out["rows"].append({
-                "shape": name, "device": dev, "params": params, "weights_gib": weights / GiB,
-                "fits_on_device": fits, "device_memory_gib": ((weights if fits else block_params(s) * 2) + act + gram_b) / GiB,
-                "host_extra_gib": 2 * gram_b / GiB, "s_per_block": t_block,
-                "s_forward": fwd / (spec["matmul"] * eff), "s_gram": gram_f / (spec["fp32"] * eff),
-                "s_linear_algebra_host": la / measured["cpu_fp64_flops"], "s_io": io,
-                "total_min": t_block * s["layers"] / 60, "device_note": spec["note"], "projection": True,
-                # not implemented: the float64 algebra on the device (it needs ~3 Gram-sized matrices there)
-                "total_min_if_la_on_device": (t_block - la / measured["cpu_fp64_flops"]
-                                              + la / (spec["fp64"] * eff)) * s["layers"] / 60})
-    return out
 
 
 # --- the measurement -------------------------------------------------------------------------------------
@@ -317,25 +239,10 @@ def measure(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             "rss_samples": samples, "finite_outputs": finite, "shape": s, "sparsity": res.plan.sparsity,
             "kept_widths": res.plan.kept_widths, "measured_throughput": measured,
             "load_after": load_average()})
-        out["projections"] = projections(measured, tokens, args.calib_max_length, args.batch_size, args.sparsity,
-                                         host_ram=_host_ram(), measured_shape=s)
         rf.write_json("big_decoder.json", out)
         if not args.no_figure:
             figure(out, rf.stage_dir("figures"))
     return out
-
-
-def _shape_of(model: Path) -> dict:
-    c = json.loads((model / "config.json").read_text())
-    return dict(layers=c["num_hidden_layers"], d=c["hidden_size"], ff=c["intermediate_size"],
-                heads=c["num_attention_heads"], kv=c["num_key_value_heads"], vocab=c["vocab_size"])
-
-
-def _host_ram() -> float:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 64 * GiB
 
 
 def figure(out: dict, folder: Path) -> None:
@@ -394,15 +301,7 @@ def summary(out: dict) -> str:
              f"measured: CPU forward {out['measured_throughput']['cpu_forward_flops'] / 1e9:.0f} GFLOP/s (bf16 "
              f"matmuls + float32 Gram), float64 linear algebra {out['measured_throughput']['cpu_fp64_flops'] / 1e9:.0f}"
              f" GFLOP/s; load average before / after {out['load_before']} / {out['load_after']}",
-             "", "PROJECTIONS (not measured): " + out["projections"]["formula"]["time_per_block"],
-             f"{'shape':<44} {'device':<19} {'weights':>8} {'dev GiB':>8} {'fits':>5} {'s/block':>9} "
-             f"{'(fwd':>7} {'gram':>7} {'LA':>8} {'io)':>7} {'total min':>10} {'LA on dev*':>10}"]
-    for row in out["projections"]["rows"]:
-        lines.append(f"{row['shape']:<44} {row['device']:<19} {row['weights_gib']:>8.1f} {row['device_memory_gib']:>8.1f} "
-                     f"{'yes' if row['fits_on_device'] else 'no':>5} {row['s_per_block']:>9.1f} {row['s_forward']:>7.1f} "
-                     f"{row['s_gram']:>7.1f} {row['s_linear_algebra_host']:>8.1f} {row['s_io']:>7.1f} "
-                     f"{row['total_min']:>10.1f} {row.get('total_min_if_la_on_device', float('nan')):>10.1f}")
-    lines.append("* total minutes if the float64 algebra ran on the device (not implemented: it runs on the host CPU)")
+             "(projections to 7B / 70B from these throughputs: docs/big_model_projection.md)"]
     return "\n".join(lines)
 
 
@@ -442,14 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json:
         from anatomy_prune.runfolder import RunFolder, read_json
         out = read_json(args.from_json)
-        shape = out.get("shape") or _shape_of(Path(out["settings"]["model"]))
-        st = out["settings"]
-        out["projections"] = projections(out["measured_throughput"], out["tokens"], st["calib_max_length"],
-                                         st["batch_size"], st["sparsity"], _host_ram(), shape)
+        out.pop("projections", None)  # older files carried projections; they live in docs/ now
         out["redrawn_from"] = str(args.from_json)
         with RunFolder(args.out, "big-decoder-redraw", {"from": str(args.from_json)}, force=args.force) as rf:
             figure(out, rf.stage_dir("figures"))
-            rf.write_json("big_decoder.json", out)  # the same measurements; projections recomputed from them
+            rf.write_json("big_decoder.json", out)  # the same measurements
         print(summary(out))
         return 0
     if not (args.model_dir / "model" / "config.json").is_file():  # built in another process: RSS stays clean
