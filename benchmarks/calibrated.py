@@ -139,7 +139,7 @@ def encoder_part(args) -> dict:
                              batch_size=32)
     load_before = _loadavg()
     start = time.perf_counter()
-    ffn_input_stats(loaded, calib, grads=True, progress=False)   # shared by every calibrated point
+    ffn_input_stats(calib, grads=True, progress=False)   # shared by every calibrated point
     stats_s = time.perf_counter() - start
     first, _ = _point(loaded, calib, "calibrated", 0.5, stats_s)  # peak memory of scoring + compensation
     del first
@@ -157,7 +157,7 @@ def encoder_part(args) -> dict:
     rows += _run_points(loaded, calib, _methods(args.methods), args.sparsities, stats_s, measure)
     return {"model": args.model, "eval_size": len(test), "eval_max_length": args.max_length,
             "calib_size": len(calib.texts), "calib_max_length": calib.max_length, "calib_tokens":
-            ffn_input_stats(loaded, calib, progress=False).n_tokens, "stats_s": round(stats_s, 2),
+            ffn_input_stats(calib, progress=False).n_tokens, "stats_s": round(stats_s, 2),
             "peak_mem_mb": peak, "rss_after_load_mb": rss_load, "load_during_stats": [load_before, _loadavg()],
             "dense_accuracy": dense["accuracy"], "rows": rows}
 
@@ -167,7 +167,7 @@ def lm_part(args) -> dict:
     texts = lm_texts("imdb", args.lm_eval_texts)
     calib = make_calibration(loaded, args.lm_calib_size, args.lm_max_length, seed=0, exclude=texts, batch_size=8)
     start = time.perf_counter()
-    ffn_input_stats(loaded, calib, grads=True, progress=False)
+    ffn_input_stats(calib, grads=True, progress=False)
     stats_s = time.perf_counter() - start
     dense = perplexity(loaded, texts, args.lm_max_length, batch_size=8, progress=False)
     rows = [{"method": "dense", "sparsity": 0.0, "perplexity": dense["perplexity"]}]

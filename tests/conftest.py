@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import textwrap
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -122,3 +124,57 @@ def notebook_runs(tmp_path_factory):
     checkout: the first notebook of a family fine-tunes, the others reuse its run folder (the documented
     reuse, exercised here too)."""
     return {False: tmp_path_factory.mktemp("runs-offline"), True: tmp_path_factory.mktemp("runs-online")}
+
+
+# --- helpers shared by several test files --------------------------------------------------------
+
+@contextmanager
+def capture_ffn_hidden(model, reduce=None):
+    """Per layer, the FFN hidden activations of every forward pass inside ([batch, pos, d_ff] each), or
+    `reduce` of each (hooks.run_with_cache with a list per point)."""
+    from anatomy_prune.hooks import layer_of, run_with_cache
+    from anatomy_prune.models.families import ffn_sites
+
+    store = [[] for _ in ffn_sites(model)]
+
+    def keep(_none, x, point):
+        store[layer_of(point)].append(reduce(x) if reduce else x)
+
+    with run_with_cache(model, "ffn.*.hidden", keep):
+        yield store
+
+
+RELOAD = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from anatomy_prune import load_model
+    from anatomy_prune.models.families import ffn_widths, head_counts, query_head_counts
+    out = {}
+    for folder in json.loads(sys.argv[1]):
+        loaded = load_model(folder, device="cpu")
+        enc = loaded.tokenizer(json.loads(sys.argv[2]), padding=True, truncation=True, max_length=24,
+                               return_tensors="pt")
+        with torch.no_grad():
+            o = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        o = o if torch.is_tensor(o) else (o.logits if hasattr(o, "logits") else o.last_hidden_state)
+        out[folder] = {"heads": head_counts(loaded.model), "query_heads": query_head_counts(loaded.model),
+                       "widths": ffn_widths(loaded.model), "sum": float(o.double().sum()),
+                       "first": o.flatten()[:8].tolist()}
+    print(json.dumps(out))
+""")
+
+
+def reload_in_fresh_process(folders: list[str], texts: list[str]) -> dict[str, dict]:
+    """Load each saved model folder in one fresh Python process (only the package on its path) and run
+    `texts` through it: per folder its head counts, query heads, FFN widths, output sum and first outputs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(folders), json.dumps(texts)],
+                          capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

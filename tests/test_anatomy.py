@@ -17,11 +17,11 @@ from anatomy_prune.anatomy.measures import (check_threshold, compute_anatomy, ja
                                             neuron_similarity, neurons_above, randomness, readout_pass,
                                             readout_states)
 from anatomy_prune.cli import main
-from anatomy_prune.hooks import capture_ffn_hidden, final_norm_name, hook_points, run_with_hooks
+from anatomy_prune.hooks import final_norm_name, hook_points, run_with_hooks
 from anatomy_prune.models.families import base_model
 from anatomy_prune.pipeline.anatomy import redraw_anatomy_figures, run_anatomy
 
-from conftest import TEXTS, make_classifier
+from conftest import TEXTS, capture_ffn_hidden, make_classifier
 
 FILES = {"layer_similarity.json", "neuron_similarity.npz", "neurons.json", "neuron_graph.graphml", "summary.json"}
 FIGURES = ("layer_similarity", "layer_similarity_spread", "neuron_graph", "jaccard", "fraction_above")

@@ -8,17 +8,17 @@ import torch
 from anatomy_prune import UserError
 from anatomy_prune.apply import physical
 from anatomy_prune.apply.compensate import compensate
-from anatomy_prune.hooks import capture_ffn_hidden
 from anatomy_prune.models.families import base_model, ffn_sites, get_module, weight_out_in
 from anatomy_prune.models.loading import load_model
 from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan import keep_counts, plan_from_scores
 from anatomy_prune.scores import Scores, get_scorer, score
-from anatomy_prune.scores.calibrated import auto_floor, sensitivity_scores, unexplained_share
-from anatomy_prune.scores.calibration import ffn_input_stats
+from anatomy_prune.linalg import unexplained_share
+from anatomy_prune.scores.calibrated import auto_floor, sensitivity_scores
+from anatomy_prune.scores.calibration import calibration_pass, ffn_input_stats
 
-from conftest import make_classifier
+from conftest import capture_ffn_hidden, make_classifier
 from test_compensate import calib, texts
 
 
@@ -100,17 +100,18 @@ def test_same_data_same_plan():
 @pytest.mark.parametrize("score,beta", [("fisher", 0.0), ("taylor", 0.0), ("fisher", 1.0)])
 def test_scores_for_a_causal_lm(score, beta):
     loaded = load_model("tiny-llama", device="cpu")
-    stats = ffn_input_stats(loaded, calib(loaded, labels=False), cache=False, progress=False)
+    collected = calibration_pass(calib(loaded, labels=False), cache=False, progress=False)
+    stats = collected.ffn
     scores = sensitivity_scores(stats, score, beta=beta, model=loaded.model)
     assert [s.shape for s in scores] == [(37,)] * 3
     assert all(torch.isfinite(s).all() and (s >= 0).all() and s.sum() > 0 for s in scores)
-    assert stats.loss is not None and stats.loss > 0
+    assert collected.loss is not None and collected.loss > 0 and collected.heads is None
 
 
 def test_removal_error_protects_a_loud_neuron():
     """beta > 0: a neuron whose output column is huge is kept even when its Fisher score is the lowest."""
     loaded = make_classifier("tiny-bert")
-    stats = ffn_input_stats(loaded, calib(loaded), cache=False, progress=False)
+    stats = ffn_input_stats(calib(loaded), cache=False, progress=False)
     loud = int(torch.argmin(stats.fisher[1]))
     down = get_module(base_model(loaded.model), ffn_sites(loaded.model)[1].down)
     with torch.no_grad():
@@ -129,7 +130,7 @@ def test_readout_mix_fits_the_last_layer_on_the_readout_token():
     for mix in (0.0, 1.0):
         loaded = make_classifier("tiny-bert")
         cal = calib(loaded, n=96, max_length=32)
-        stats = ffn_input_stats(loaded, cal, cache=False, progress=False)
+        stats = ffn_input_stats(cal, cache=False, progress=False)
         site = ffn_sites(loaded.model)[-1]
         down = get_module(base_model(loaded.model), site.down)
         with torch.no_grad(), capture_ffn_hidden(loaded.model) as acts:
@@ -188,7 +189,7 @@ def test_compensated_pruning_moves_logits_less_on_held_out_inputs(alias):
 
 def test_scores_without_gradients_are_refused():
     loaded = load_model("tiny-bert", device="cpu")
-    stats = ffn_input_stats(loaded, calib(loaded, labels=False), cache=False, progress=False)
+    stats = ffn_input_stats(calib(loaded, labels=False), cache=False, progress=False)
     with pytest.raises(UserError, match="gradients"):
         sensitivity_scores(stats, "fisher")
     with pytest.raises(UserError, match="score"):
@@ -216,3 +217,53 @@ def test_fine_tuned_minilm_keeps_its_accuracy_at_half_the_neurons():
     pruned = evaluate_classifier(res.loaded, test, 64, 128, progress=False)["accuracy"]
     assert report["mean_rel_err_compensated"] < report["mean_rel_err_removed"]
     assert pruned >= dense - 0.02
+
+
+# --- the calibration pass's gradient statistics against a per-example autograd reference ----------------
+
+def per_example_unit_grads(loaded, cal, point, units_of):
+    """Reference: each example run alone (no padding), its loss backpropagated to what `point` of every layer
+    receives (x, kept with retain_grad); dL_i/dm_u = sum over its tokens and unit u's features of x * dL/dx.
+    Returns per layer [n_examples, units]."""
+    from anatomy_prune.hooks import layer_of, run_with_hooks
+
+    rows = []
+    for i, text in enumerate(cal.texts):
+        enc = loaded.tokenizer([text], truncation=True, max_length=cal.max_length, return_tensors="pt")
+        seen = {}
+
+        def keep(x, p):
+            x.retain_grad()
+            seen[layer_of(p)] = x
+
+        with run_with_hooks(loaded.model, {point: keep}):
+            out = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        if loaded.kind == "classifier":
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(out.float(), torch.tensor([float(cal.labels[i])]))
+        else:
+            loss = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), enc["input_ids"][0, 1:])
+        loss.backward()
+        rows.append([torch.stack([(seen[l] * seen[l].grad)[0][:, f].sum().double() for f in units_of(l)])
+                     for l in sorted(seen)])
+    return [torch.stack([r[l] for r in rows]) for l in range(len(rows[0]))]
+
+
+@pytest.mark.parametrize("alias,kind", [("tiny-llama", "causal-lm"), ("tiny-bert", "classifier")])
+def test_fisher_and_taylor_equal_per_example_autograd(alias, kind):
+    """Neurons and head units: the pass (batches of 3 with padding, masks on the hook points) gives the sums
+    over examples of the per-example gradients, squared (Fisher) and signed (Taylor), of the reference."""
+    from anatomy_prune.models.families import attention_sites
+
+    loaded = make_classifier(alias) if kind == "classifier" else load_model(alias, device="cpu")
+    cal = calib(loaded, n=5, batch_size=3, labels=kind == "classifier")
+    got = calibration_pass(cal, grads=True, heads=True, cache=False, progress=False)
+    neurons = per_example_unit_grads(loaded, cal, "ffn.*.hidden", lambda l: [[j] for j in range(37)])
+    sites = attention_sites(loaded.model)
+    heads = per_example_unit_grads(loaded, cal, "attn.*.heads",
+                                   lambda l: [sites[l].q_features([u]) for u in range(sites[l].n_units)])
+    for stats, ref in ((got.ffn, neurons), (got.heads, heads)):
+        for layer, g in enumerate(ref):                                           # g: [examples, units]
+            assert g.abs().sum() > 0
+            torch.testing.assert_close(stats.fisher[layer], (g * g).sum(0), rtol=2e-3, atol=1e-9)
+            torch.testing.assert_close(stats.taylor[layer], g.sum(0), rtol=2e-3, atol=1e-7)
+    assert [len(f) for f in got.heads.fisher] == [s.n_units for s in sites]

@@ -8,17 +8,17 @@ import torch
 
 from anatomy_prune import UserError
 from anatomy_prune.apply import masked, physical
-from anatomy_prune.apply.compensate import compensate, fit_removed
-from anatomy_prune.hooks import capture_ffn_hidden
+from anatomy_prune.apply.compensate import compensate
+from anatomy_prune.linalg import fit_removed
 from anatomy_prune.models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from anatomy_prune.models.loading import load_model
 from anatomy_prune.models.saved import save_model
 from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import compensation_recipe, prune_step
 from anatomy_prune.plan import PruningPlan, plan_from_scores
-from anatomy_prune.scores.calibration import Calibration, FFNStats, ffn_input_stats
+from anatomy_prune.scores.calibration import Calibration, FFNStats, calibration_pass, ffn_input_stats
 
-from conftest import TEXTS, make_classifier
+from conftest import TEXTS, capture_ffn_hidden, make_classifier
 
 WORDS = " ".join(TEXTS).replace(",", "").replace(".", "").lower().split()
 
@@ -89,7 +89,7 @@ def test_compensation_exactly_recovers_linearly_dependent_neurons(tiny):
     _duplicate_removed(tiny, plan)
     enc = encode(tiny, texts(6, seed=9))
     dense = outputs(tiny, enc)
-    stats = ffn_input_stats(tiny, calib(tiny, labels=False), cache=False, progress=False)
+    stats = ffn_input_stats(calib(tiny, labels=False), cache=False, progress=False)
     with masked(tiny.model, plan):
         plain = outputs(tiny, enc)
     report = compensate(tiny.model, plan, stats, ridge=0.0)
@@ -114,7 +114,7 @@ def test_constant_neuron_goes_into_the_bias():
             up.bias[gone] = 1.5   # h = gelu(1.5) on every token
     enc = encode(loaded, texts(5, seed=3))
     dense = outputs(loaded, enc)
-    stats = ffn_input_stats(loaded, calib(loaded, labels=False), cache=False, progress=False)
+    stats = ffn_input_stats(calib(loaded, labels=False), cache=False, progress=False)
     report = compensate(loaded.model, plan, stats, ridge=1e-6)
     physical(loaded.model, plan)
     torch.testing.assert_close(outputs(loaded, enc), dense, rtol=1e-4, atol=1e-4)
@@ -126,7 +126,7 @@ def test_never_worse_than_plain_removal_on_the_calibration_tokens(tiny, sparsity
     """Layer by layer, on the unpruned model's own activations, the compensated down projection is at
     least as close to the dense output as plain removal, and the diagnostics say the same."""
     cal = calib(tiny, labels=False)
-    stats = ffn_input_stats(tiny, cal, cache=False, progress=False)
+    stats = ffn_input_stats(cal, cache=False, progress=False)
     with torch.no_grad(), capture_ffn_hidden(tiny.model) as acts:
         for b in cal.batches():
             tiny.model(**b)
@@ -158,7 +158,7 @@ def test_conv1d_orientation_is_kept():
     down = get_module(base_model(loaded.model), site.down)
     before = down.weight.detach().clone()                                      # Conv1D: [d_ff, d_model]
     plan = random_plan(loaded.model, 0.5)
-    stats = ffn_input_stats(loaded, calib(loaded), cache=False, progress=False)
+    stats = ffn_input_stats(calib(loaded), cache=False, progress=False)
     compensate(loaded.model, plan, stats)
     assert down.weight.shape == before.shape == (37, 32)
     gone, kept = plan.removed(0), list(plan.keep[0])
@@ -169,7 +169,7 @@ def test_conv1d_orientation_is_kept():
 def test_llama_stays_bias_free_and_reloads(tmp_path):
     loaded = load_model("tiny-llama", device="cpu")
     plan = random_plan(loaded.model, 0.5)
-    stats = ffn_input_stats(loaded, calib(loaded), cache=False, progress=False)
+    stats = ffn_input_stats(calib(loaded), cache=False, progress=False)
     report = compensate(loaded.model, plan, stats)
     physical(loaded.model, plan)
     assert not any(e["intercept"] for e in report["layers"])
@@ -185,9 +185,9 @@ def test_llama_stays_bias_free_and_reloads(tmp_path):
 def test_too_few_tokens_warns_and_regularises(caplog):
     loaded = load_model("tiny-bert", device="cpu")
     cal = Calibration(loaded, ["great film"], None, max_length=8, batch_size=1)   # 4 tokens, 37 neurons
-    stats = ffn_input_stats(loaded, cal, cache=False, progress=False)
+    stats = ffn_input_stats(cal, cache=False, progress=False)
     plan = random_plan(loaded.model, 0.3)
-    with caplog.at_level(logging.WARNING, logger="anatomy_prune.apply.compensate"):
+    with caplog.at_level(logging.WARNING, logger="anatomy_prune.linalg"):
         report = compensate(loaded.model, plan, stats, ridge=1e-4)
     assert "ill-posed" in caplog.text
     assert report["ill_posed_layers"] == [0, 1, 2]
@@ -202,8 +202,8 @@ def test_singular_gram_warns_and_regularises(caplog):
     with torch.no_grad():
         for site in ffn_sites(loaded.model):
             weight_out_in(get_module(base_model(loaded.model), site.up[1]))[plan.keep[site.layer][0]] = 0.0
-    stats = ffn_input_stats(loaded, calib(loaded, labels=False), cache=False, progress=False)
-    with caplog.at_level(logging.WARNING, logger="anatomy_prune.apply.compensate"):
+    stats = ffn_input_stats(calib(loaded, labels=False), cache=False, progress=False)
+    with caplog.at_level(logging.WARNING, logger="anatomy_prune.linalg"):
         report = compensate(loaded.model, plan, stats, ridge=0.0)
     assert "singular" in caplog.text
     assert all(e["ill_posed"] and e["ridge"] > 0 for e in report["layers"])
@@ -211,7 +211,7 @@ def test_singular_gram_warns_and_regularises(caplog):
 
 def test_bad_input_is_refused():
     loaded = load_model("tiny-bert", device="cpu")
-    stats = ffn_input_stats(loaded, calib(loaded, labels=False), cache=False, progress=False)
+    stats = ffn_input_stats(calib(loaded, labels=False), cache=False, progress=False)
     plan = random_plan(loaded.model, 0.5)
     wrong = FFNStats(gram=[torch.eye(11, dtype=torch.float64)] * 3, n_tokens=5, n_examples=1)
     with pytest.raises(UserError, match="widths"):
@@ -222,35 +222,36 @@ def test_bad_input_is_refused():
     with pytest.raises(UserError, match="does not fit"):
         compensate(loaded.model, PruningPlan(keep=[[0]] * 2, widths=[37, 37]), stats)
     with pytest.raises(UserError, match="empty"):
-        ffn_input_stats(loaded, Calibration(loaded, [], None), cache=False)
+        ffn_input_stats(Calibration(loaded, [], None), cache=False)
     with pytest.raises(UserError, match="fine-tune"):
-        ffn_input_stats(loaded, calib(loaded), grads=True, cache=False)
+        ffn_input_stats(calib(loaded), grads=True, cache=False)
 
 
 def test_stats_exclude_padding_and_fisher_is_per_example():
     """Token count and Gram ignore padding; Fisher sums squared per-example gradients, so the batch
     size does not change it (a per-batch gradient would)."""
     loaded = make_classifier("tiny-bert")
-    one = ffn_input_stats(loaded, calib(loaded, n=12, batch_size=1), cache=False, progress=False)
-    four = ffn_input_stats(loaded, calib(loaded, n=12, batch_size=4), cache=False, progress=False)
+    pass_one = calibration_pass(calib(loaded, n=12, batch_size=1), cache=False, progress=False)
+    pass_four = calibration_pass(calib(loaded, n=12, batch_size=4), cache=False, progress=False)
+    one, four = pass_one.ffn, pass_four.ffn
     n_real = sum(int(b["attention_mask"].sum()) for b in calib(loaded, n=12, batch_size=4).batches())
     assert one.n_tokens == four.n_tokens == n_real == one.tokens_per_layer()[0]
     for layer in range(3):
         torch.testing.assert_close(four.gram[layer], one.gram[layer], rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(four.fisher[layer], one.fisher[layer], rtol=1e-3, atol=1e-9)
         assert four.fisher[layer].sum() > 0
-    assert one.loss == pytest.approx(four.loss, rel=1e-4)
+    assert pass_one.loss == pytest.approx(pass_four.loss, rel=1e-4)
 
 
 def test_stats_are_shared_through_the_calibration():
     loaded = make_classifier("tiny-bert")
     cal = calib(loaded, n=8)
-    first = ffn_input_stats(loaded, cal, progress=False)
-    assert ffn_input_stats(loaded, cal, progress=False) is first
-    assert ffn_input_stats(loaded, cal, grads=False, progress=False) is first  # gradients not needed: reused
-    assert "ffn_stats+grads" in cal.used and cal.timings["ffn_stats+grads"] > 0
-    assert ffn_input_stats(loaded, cal, cache=False, progress=False) is not first
-    assert ffn_input_stats(loaded, calib(loaded, n=8), progress=False) is not first  # another Calibration
+    first = ffn_input_stats(cal, progress=False)
+    assert ffn_input_stats(cal, progress=False) is first
+    assert ffn_input_stats(cal, grads=False, progress=False) is first  # gradients not needed: reused
+    assert "calibration_pass+grads" in cal.used and cal.timings["calibration_pass+grads"] > 0
+    assert ffn_input_stats(cal, cache=False, progress=False) is not first
+    assert ffn_input_stats(calib(loaded, n=8), progress=False) is not first  # another Calibration
 
 
 def _state(model) -> dict:
@@ -293,7 +294,7 @@ def test_compensate_uses_the_explicit_recipe_not_the_plan():
     """compensate() reads ridge / readout_mix from its arguments only: plan params change nothing, and
     the plan is left as it was."""
     loaded = make_classifier("tiny-bert")
-    stats = ffn_input_stats(loaded, calib(loaded), cache=False, progress=False)
+    stats = ffn_input_stats(calib(loaded), cache=False, progress=False)
     plain = random_plan(loaded.model, 0.5)
     loud = plain.with_info(params={"compensate": True, "ridge": 500.0, "readout_mix": 1.0})
     a, b, c = (copy.deepcopy(loaded.model) for _ in range(3))

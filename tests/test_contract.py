@@ -8,12 +8,6 @@ Plus compensation on a case where it must be exact: removed neurons that duplica
 without error, so a compensation that does nothing fails."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -28,10 +22,9 @@ from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan.plan import PruningPlan
 from anatomy_prune.scores.calibration import Calibration
 
-TEXTS = ["The acting was superb and the plot gripping.", "Dull, predictable and far too long.",
-         "An absolute masterpiece.", "I want those two hours back, truly awful from start to end."]
+from conftest import TEXTS, reload_in_fresh_process
+
 LABELS = [1, 0, 1, 0]
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def encode(loaded: Loaded, texts=TEXTS) -> dict:
@@ -115,25 +108,6 @@ for _t in sorted(TINY_TYPES):
 
 # --- save -> reload in a fresh process, every type in one subprocess ------------------------------------
 
-RELOAD = textwrap.dedent("""
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from anatomy_prune import load_model
-    from anatomy_prune.models.families import ffn_widths
-    out = {}
-    for folder in json.loads(sys.argv[1]):
-        loaded = load_model(folder, device="cpu")
-        enc = loaded.tokenizer(json.loads(sys.argv[2]), padding=True, truncation=True, max_length=24,
-                               return_tensors="pt")
-        with torch.no_grad():
-            o = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        o = o if torch.is_tensor(o) else (o.logits if hasattr(o, "logits") else o.last_hidden_state)
-        out[folder] = {"widths": ffn_widths(loaded.model), "sum": float(o.double().sum()),
-                       "first": o.flatten()[:8].tolist()}
-    print(json.dumps(out))
-""")
-
-
 @pytest.fixture(scope="module")
 def reloaded(tmp_path_factory):
     """Save every type with per-layer widths, reload all in one fresh process; {type: (expected, got)}."""
@@ -145,11 +119,7 @@ def reloaded(tmp_path_factory):
         o = outputs(loaded)
         expected[t] = {"widths": ffn_widths(loaded.model), "sum": float(o.double().sum()), "first": o.flatten()[:8].tolist()}
         folders[t] = str(save_model(loaded, root / t))
-    proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(list(folders.values())), json.dumps(TEXTS)],
-                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin",
-                                                                            "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = reload_in_fresh_process(list(folders.values()), TEXTS)
     return {t: (expected[t], got[folders[t]]) for t in TINY_TYPES}
 
 

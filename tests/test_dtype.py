@@ -44,7 +44,7 @@ def test_bfloat16_forward_is_close_to_float32_and_statistics_stay_float32():
     res = compute_anatomy(clf, TEXTS, max_length=32, progress=False)
     assert all(s.dtype == torch.float32 for s in res["sims"])
     calib = Calibration(clf, TEXTS * 2, [1, 0, 1, 0] * 2, max_length=32, batch_size=4)
-    stats = ffn_input_stats(clf, calib, grads=True, progress=False)
+    stats = ffn_input_stats(calib, grads=True, progress=False)
     assert stats.gram[0].dtype == torch.float64 and stats.fisher[0].dtype == torch.float64
     assert all(torch.isfinite(f).all() for f in stats.fisher) and float(sum(f.sum() for f in stats.fisher)) > 0
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,9 +24,8 @@ from anatomy_prune.models.saved import save_model
 from anatomy_prune.models.surgery import HeadlessAttention, keep_heads
 from anatomy_prune.plan.plan import PruningPlan
 
-TEXTS = ["The acting was superb and the plot gripping.", "Dull, predictable and far too long.",
-         "An absolute masterpiece.", "I want those two hours back, truly awful from start to end."]
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from conftest import TEXTS, reload_in_fresh_process
+
 GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo")  # the tiny ones: 4 query heads, 2 key/value heads
 
 
@@ -86,26 +82,6 @@ def n_params(loaded: Loaded) -> int:
 
 # --- every type: masked == in-place mask == physical; parameters; save -> reload in a fresh process ------
 
-RELOAD = textwrap.dedent("""
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from anatomy_prune import load_model
-    from anatomy_prune.models.families import ffn_widths, head_counts, query_head_counts
-    out = {}
-    for folder in json.loads(sys.argv[1]):
-        loaded = load_model(folder, device="cpu")
-        enc = loaded.tokenizer(json.loads(sys.argv[2]), padding=True, truncation=True, max_length=24,
-                               return_tensors="pt")
-        with torch.no_grad():
-            o = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        o = o.logits if hasattr(o, "logits") else o.last_hidden_state
-        out[folder] = {"heads": head_counts(loaded.model), "query_heads": query_head_counts(loaded.model),
-                       "widths": ffn_widths(loaded.model), "sum": float(o.double().sum()),
-                       "first": o.flatten()[:8].tolist()}
-    print(json.dumps(out))
-""")
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """Every type pruned by heads_plan three ways, saved, and reloaded in one fresh process."""
@@ -127,11 +103,7 @@ def pruned(tmp_path_factory):
         r["loaded"] = loaded
         folders[t] = str(save_model(loaded, root / t, plan=plan.to_dict()))
         res[t] = r
-    proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(list(folders.values())), json.dumps(TEXTS)],
-                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin",
-                                                                            "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = reload_in_fresh_process(list(folders.values()), TEXTS)
     for t in TINY_TYPES:
         res[t]["reloaded"], res[t]["folder"] = got[folders[t]], Path(folders[t])
     return res
@@ -336,3 +308,92 @@ def test_a_damaged_mpnet_head_index_is_a_user_error(pruned, tmp_path):
     save_file(state, folder / "model.safetensors")
     with pytest.raises(UserError, match="head_index"):
         load_model(str(folder), device="cpu")
+
+
+# --- head statistics: removal error, joint scores, compensation ----------------------------------------
+
+def head_calibration(alias: str):
+    from anatomy_prune.scores.calibration import Calibration, head_stats
+
+    loaded = load_model(alias, device="cpu")
+    cal = Calibration(loaded, TEXTS * 2, max_length=24, batch_size=3)
+    return loaded, cal, head_stats(cal, progress=False)
+
+
+def contexts(loaded: Loaded, cal) -> list[torch.Tensor]:
+    """Per layer, what the output projection receives over the calibration texts' real tokens: [tokens, features]."""
+    from anatomy_prune.hooks import layer_of
+
+    rows, mask = [[] for _ in attention_sites(loaded.model)], {}
+    with torch.no_grad(), run_with_hooks(loaded.model, {"attn.*.heads": lambda x, p: rows[layer_of(p)].append(x[mask["m"]])}):
+        for b in cal.batches():
+            mask["m"] = b["attention_mask"].bool()                              # [batch, pos]
+            loaded.model(**b)
+    return [torch.cat(r).double() for r in rows]
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])  # o with a bias (centred) and without
+def test_head_removal_error_is_the_direct_output_error(alias):
+    from anatomy_prune.scores.calibrated import head_removal_error
+
+    loaded, cal, stats = head_calibration(alias)
+    base = base_model(loaded.model)
+    got = head_removal_error(loaded.model, stats)
+    for site, c in zip(attention_sites(loaded.model), contexts(loaded, cal)):
+        o = get_module(base, site.o)
+        w = weight_out_in(o).detach().double()
+        if o.bias is not None:
+            c = c - c.mean(0)                                                 # the mean goes into the bias
+        want = [float((c[:, site.q_features([u])] @ w[:, site.q_features([u])].t()).pow(2).sum(1).mean())
+                for u in range(site.n_units)]
+        torch.testing.assert_close(got[site.layer], torch.tensor(want, dtype=torch.float32), rtol=1e-4, atol=1e-7)
+        assert min(want) > 0
+
+
+def test_joint_scores_share_one_scale_and_protect_a_loud_head():
+    from anatomy_prune.scores.calibrated import joint_scores
+    from anatomy_prune.scores.calibration import ffn_input_stats
+
+    loaded, cal, heads = head_calibration("tiny-llama")
+    ffn = ffn_input_stats(cal, progress=False)
+    n_plain, h_plain = joint_scores(ffn, heads, loaded.model, beta=0.0)
+    f_mean = torch.cat([f.float() for f in ffn.fisher + heads.fisher]).mean()
+    for got, fisher in zip(n_plain + h_plain, ffn.fisher + heads.fisher):
+        torch.testing.assert_close(got * f_mean, fisher.float(), rtol=1e-5, atol=0)
+    site = attention_sites(loaded.model)[1]
+    quiet = int(torch.argmin(h_plain[1]))
+    with torch.no_grad():
+        weight_out_in(get_module(base_model(loaded.model), site.o))[:, site.q_features([quiet])] *= 100.0
+    n_aware, h_aware = joint_scores(ffn, heads, loaded.model, beta=1.0)
+    assert int(torch.argmax(h_aware[1])) == quiet
+    assert float(torch.cat(n_aware + h_aware).mean()) == pytest.approx(2.0, rel=1e-5)   # 1 (Fisher) + 1 (error)
+
+
+def test_head_compensation_removes_reconstruction_error_and_changes_nothing_without_removals():
+    """Removing head units of the output projection: the refit lowers the error of o's output on the
+    calibration contexts (measured directly, as the report says); a plan that removes no head leaves o as it was."""
+    from anatomy_prune.apply.compensate import compensate_heads
+
+    loaded, cal, stats = head_calibration("tiny-gpt2")
+    widths, units = ffn_widths(loaded.model), head_counts(loaded.model)
+    keep_all = PruningPlan(keep=[range(w) for w in widths], widths=widths, heads=[range(u) for u in units],
+                           head_widths=units)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    report = compensate_heads(loaded.model, keep_all, stats)
+    assert all(torch.equal(v, before[k]) for k, v in loaded.model.state_dict().items())
+    assert report["mean_rel_err_removed"] == report["mean_rel_err_compensated"] == 0.0
+    plan = PruningPlan(keep=[range(w) for w in widths], widths=widths, heads=[[0, 2], [1], [0, 1, 3]], head_widths=units)
+    base, ctx = base_model(loaded.model), contexts(loaded, cal)
+    olds = [copy.deepcopy(get_module(base, s.o)) for s in attention_sites(loaded.model)]
+    report = compensate_heads(loaded.model, plan, stats, ridge=1e-6)
+    for site, c, old in zip(attention_sites(loaded.model), ctx, olds):
+        keep = torch.zeros(c.shape[1], dtype=torch.float64)
+        keep[site.q_features(list(plan.heads[site.layer]))] = 1.0
+        new = get_module(base, site.o)
+        with torch.no_grad():
+            dense = old(c.float()).double()
+            plain = (old(c.float() * keep.float()).double() - dense).pow(2).sum()
+            comp = (new(c.float() * keep.float()).double() - dense).pow(2).sum()
+        entry = report["layers"][site.layer]
+        assert comp < 0.9 * plain
+        assert entry["rel_err_removed"] / entry["rel_err_compensated"] == pytest.approx(float(plain / comp), rel=1e-2)

@@ -8,7 +8,7 @@ from anatomy_prune import UserError, load_model
 from anatomy_prune.apply import physical
 from anatomy_prune.evaluate.counts import flops_per_token, ideal_speedup, model_ideal_speedup
 from anatomy_prune.evaluate.timing import (Timing, fixed_inputs, forward_fn, load_average, machine_info,
-                                           paired_speedup, peak_mem_mb, time_call, time_interleaved)
+                                           paired_speedup, peak_mem_mb, time_interleaved)
 from anatomy_prune.models.families import ffn_widths
 from anatomy_prune.models.loading import TINY
 from anatomy_prune.plan import plan_from_scores, round_up
@@ -27,9 +27,9 @@ def tiny_bert():
     return loaded
 
 
-def test_time_call_gives_sane_stats(tiny_bert):
+def test_timing_a_forward_pass_gives_sane_stats(tiny_bert):
     inputs = fixed_inputs(tiny_bert.tokenizer.vocab_size, 2, 16)
-    t = time_call(forward_fn(tiny_bert.model, inputs), warmup=1, repeats=5)
+    t = time_interleaved({"dense": forward_fn(tiny_bert.model, inputs)}, warmup=1, repeats=5)["dense"]
     d = t.to_dict()
     assert d["repeats"] == 5 and len(d["times_s"]) == 5
     assert 0 < d["min_s"] <= d["q1_s"] <= d["median_s"] <= d["q3_s"] <= d["max_s"] < 10

@@ -95,17 +95,22 @@ def layer_of(point: str) -> int:
     return int(point.split(".")[1])
 
 
+Reduce = Callable[[object, Tensor, str], object]
+
+
 @contextmanager
-def capture_ffn_hidden(model: nn.Module, reduce: Callable[[Tensor], object] | None = None
-                       ) -> Iterator[list[list]]:
-    """Per layer, the FFN's hidden activations of every forward pass inside ([batch, pos, d_ff] each,
-    detached), or `reduce` of each, so long runs stay small."""
-    n = len(ffn_sites(model))
-    store: list[list] = [[] for _ in range(n)]
+def run_with_cache(model: nn.Module, names: str | Sequence[str], reduce: Reduce) -> Iterator[dict[str, object]]:
+    """Fold what the named points receive into a cache while inside: cache[point] = reduce(cache.get(point),
+    x, point), x detached; hooks always removed after. Patterns as in run_with_hooks. Yields the cache."""
+    cache: dict[str, object] = {}
 
-    def keep(x: Tensor, point: str) -> None:
-        x = x.detach()
-        store[layer_of(point)].append(reduce(x) if reduce else x)
+    def fold(x: Tensor, point: str) -> None:
+        cache[point] = reduce(cache.get(point), x.detach(), point)
 
-    with run_with_hooks(model, {"ffn.*.hidden": keep}):
-        yield store
+    with run_with_hooks(model, {name: fold for name in ([names] if isinstance(names, str) else names)}):
+        yield cache
+
+
+def per_layer(cache: Mapping[str, object], point: Callable[[int], str], n_layers: int) -> list:
+    """A cache's values of layers 0..n_layers-1 in order (None where a layer's point never ran)."""
+    return [cache.get(point(i)) for i in range(n_layers)]

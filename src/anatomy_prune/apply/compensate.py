@@ -6,7 +6,8 @@ the down projection of the UNPRUNED model:  W_K <- W_K + W_R A,  b <- b + W_R c.
 slices the removed neurons away, the model is a plain dense model that is simply smaller.
 
 Everything the fit needs is a per-layer sufficient statistic, the Gram matrix of [h; 1] over non-padding
-tokens, collected in one pass by `scores.calibration.ffn_input_stats` (raw activations are never kept).
+tokens, collected in one calibration pass (`scores.calibration`; raw activations are never kept); the fit
+itself is `linalg.refit`, which the layer-wise path (pipeline.layerwise) shares.
 The idea of refitting what stays by least squares so that the layer output is kept is ThiNet's (Luo et al.
 2017) and ZipLM's (Kurtic et al. 2023); FLAP (An et al. 2024) compensates the mean with a bias.
 
@@ -26,16 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..linalg import DEFAULT_RIDGE, refit
 from ..models.families import attention_sites, base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from ..plan.plan import PruningPlan
-from ..scores.calibration import DEFAULT_RIDGE, FFNStats
+from ..scores.calibration import FFNStats, HeadStats
 
 log = logging.getLogger(__name__)
 
-ILL_POSED_RIDGE = 1e-1   # at least this when there are fewer calibration tokens than unknowns per output
 
-
-# --- the least-squares fit ------------------------------------------------------------------------
+# --- the recipe, the statistics, one projection's refit ---------------------------------------------
 
 def check_recipe(ridge, readout_mix) -> tuple[float, float]:
     """A compensation recipe's numbers, checked (they may come from a plan file)."""
@@ -56,61 +56,6 @@ def _check_stats(model: nn.Module, stats: FFNStats) -> None:
                         f"{widths[:4]}...; collect them on the unpruned model the plan was made for")
 
 
-def fit_removed(gram: Tensor, keep: list[int], removed: list[int], *, intercept: bool = True,
-                ridge: float = DEFAULT_RIDGE, layer: int | None = None,
-                n_samples: float | None = None) -> tuple[Tensor, dict]:
-    """Ridge least squares of the removed neurons on the kept ones (and a constant when `intercept`).
-
-    gram: [d_ff+1, d_ff+1] float64 Gram of [h; 1]. Returns B: [|K| (+1), |R|] with h_R ~ B^T [h_K; 1],
-    and what was done (ridge actually used, whether the fit was ill-posed). The constant column is not
-    penalised; the ridge is `ridge` times the mean diagonal of the kept block. n_samples: how many
-    tokens the Gram sums over, when it is not gram[-1, -1] (a reweighted Gram).
-    """
-    d = gram.shape[0] - 1
-    n_tok = float(gram[-1, -1]) if n_samples is None else float(n_samples)
-    cols = list(keep) + ([d] if intercept else [])
-    where = f"layer {layer}: " if layer is not None else ""
-    info = {"ill_posed": False, "ridge": float(ridge)}
-    if not removed or not cols:
-        return gram.new_zeros(len(cols), len(removed)), info
-    kidx = torch.tensor(cols, dtype=torch.long)
-    ridx = torch.tensor(removed, dtype=torch.long)
-    a = gram[kidx][:, kidx]                                    # [|K|+1, |K|+1]
-    rhs = gram[kidx][:, ridx]                                  # [|K|+1, |R|]
-    n_unknown = len(cols)
-    if n_tok < n_unknown:
-        info["ill_posed"] = True
-        if ridge < ILL_POSED_RIDGE:
-            log.warning("%sonly %d calibration tokens for %d unknowns per removed neuron: the fit is "
-                        "ill-posed; regularising with ridge %.3g (use more or longer calibration texts)",
-                        where, int(n_tok), n_unknown, ILL_POSED_RIDGE)
-            ridge = ILL_POSED_RIDGE
-    pen = torch.ones(len(cols), dtype=gram.dtype)
-    if intercept:
-        pen[-1] = 0.0                                          # the constant column is not penalised
-    scale = float(torch.diagonal(a)[: len(keep)].mean().clamp(min=1e-12)) if keep else 1.0
-    for attempt in range(8):
-        chol, bad = torch.linalg.cholesky_ex(a + torch.diag(ridge * scale * pen))
-        if bad == 0:
-            break
-        new = ridge * 10 if ridge > 0 else 1e-8
-        if attempt == 0:
-            log.warning("%sthe kept neurons' Gram matrix is singular (dead or duplicate neurons, or too few "
-                        "tokens); regularising more (ridge %.3g -> %.3g)", where, ridge, new)
-        info["ill_posed"] = True
-        ridge = new
-    else:
-        raise UserError(f"{where}could not fit the compensation even with strong regularisation; "
-                        "check the calibration data (is it empty or constant?)")
-    info["ridge"] = float(ridge)
-    return torch.cholesky_solve(rhs, chol), info
-
-
-def _quad(w: Tensor, m: Tensor) -> float:
-    """trace(w m w^T) for w [out, n], m [n, n]."""
-    return float(((w @ m) * w).sum())
-
-
 @torch.no_grad()
 def layer_gram(stats: FFNStats, layer: int, readout_mix: float = 0.0) -> tuple[Tensor, float]:
     """The Gram a layer's fit uses, and how many tokens it rests on. In the last layer of a classifier only
@@ -126,63 +71,55 @@ def layer_gram(stats: FFNStats, layer: int, readout_mix: float = 0.0) -> tuple[T
 
 
 @torch.no_grad()
-def refit_projection(proj: nn.Module, g: Tensor, keep: list[int], removed: list[int], *, ridge: float,
-                     intercept: bool | None, n_samples: float, layer: int) -> dict:
-    """Fold the least-squares reconstruction of a projection's removed inputs (from its kept inputs and a
-    constant, the Gram `g` of [x; 1] over the calibration tokens) into its kept input columns and its bias,
-    in place. The FFN's down projection (inputs = neurons) and the attention's output projection (inputs =
-    the heads' context features) are refitted alike. Returns the layer's diagnostics."""
+def compensate_layer(proj: nn.Module, gram: Tensor, keep: list[int], removed: list[int], *,
+                     ridge: float = DEFAULT_RIDGE, intercept: bool | None = None, n_samples: float | None = None,
+                     layer: int | None = None, inplace: bool = True) -> tuple[dict, Tensor, Tensor | None]:
+    """Fold the least-squares rebuild of a projection's removed inputs (linalg.refit on the Gram of [x; 1])
+    into its kept columns and its bias: an FFN's down projection, or an attention's output projection.
+    intercept=None fits the constant where there is a bias. Returns the diagnostics, the kept columns
+    [d_out, |K|] and the bias; `inplace` also writes them (else `proj` is not touched)."""
+    g = gram.detach().double().cpu()
     w_view = weight_out_in(proj)                                          # [d_out, d_in] (a view)
     bias = getattr(proj, "bias", None)
-    has_bias = bias is not None
-    use_c = has_bias if intercept is None else (intercept and has_bias)
-    d = g.shape[0] - 1
-    w = w_view.detach().double().cpu()
-    b = bias.detach().double().cpu() if has_bias else torch.zeros(w.shape[0], dtype=torch.float64)
-    wz = torch.cat([w, b[:, None]], dim=1)                                 # [d_out, d_in+1]
-    total = _quad(wz, g)
+    use_c = (bias is not None) if intercept is None else (bool(intercept) and bias is not None)
+    kept_cols = torch.tensor(list(keep), dtype=torch.long)
     entry = {"layer": layer, "kept": len(keep), "removed": len(removed), "intercept": use_c}
     if not removed:
         entry.update(rel_err_removed=0.0, rel_err_compensated=0.0, ridge=0.0, ill_posed=False)
-        return entry
-    coef, info = fit_removed(g, keep, removed, intercept=use_c, ridge=ridge, layer=layer, n_samples=n_samples)
-    cols = list(keep) + ([d] if use_c else [])
-    kidx, ridx = torch.tensor(cols, dtype=torch.long), torch.tensor(removed, dtype=torch.long)
-    w_r = w[:, ridx]                                                      # [d_out, |R|]
-    g_rr, g_kr, g_kk = g[ridx][:, ridx], g[kidx][:, ridx], g[kidx][:, kidx]
-    before = _quad(w_r, g_rr)
-    delta = w_r @ coef.t()                                                # [d_out, |K| (+1)]
-    # sum over tokens of ||W_R x_R - delta z_K||^2, expanded in Gram blocks
-    after = before - 2 * float(((delta @ g_kr) * w_r).sum()) + _quad(delta, g_kk)
-    if keep:
-        new_w = w.clone()
-        new_w[:, keep] += delta[:, : len(keep)]
-        w_view[:, torch.tensor(keep, dtype=torch.long, device=w_view.device)] = new_w[:, keep].to(
-            w_view.dtype).to(w_view.device)
+        return entry, w_view.detach()[:, kept_cols.to(w_view.device)], None if bias is None else bias.detach()
+    w = w_view.detach().double().cpu()
+    fit = refit(w, None if bias is None else bias.detach().double().cpu(), g, keep, removed, intercept=use_c,
+                ridge=ridge, n_samples=n_samples, where="" if layer is None else f"layer {layer}: ")
+    new_kept = (w.index_select(1, kept_cols) + fit.delta[:, : len(keep)]).to(w_view.dtype).to(w_view.device)
+    new_bias = None if bias is None else bias.detach().clone()
     if use_c:
-        bias += delta[:, -1].to(bias.dtype).to(bias.device)
-    entry.update(rel_err_removed=before / max(total, 1e-30), rel_err_compensated=after / max(total, 1e-30), **info)
-    return entry
+        new_bias += fit.delta[:, -1].to(bias.dtype).to(bias.device)
+    if inplace:
+        w_view[:, kept_cols.to(w_view.device)] = new_kept                  # [d_out, |K|]
+        if use_c:
+            bias.copy_(new_bias)
+    total = max(fit.total, 1e-30)
+    entry.update(rel_err_removed=fit.removed_error / total, rel_err_compensated=fit.compensated_error / total,
+                 **fit.info)
+    return entry, new_kept, new_bias
 
 
 @torch.no_grad()
-def compensate_heads(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: float = DEFAULT_RIDGE) -> dict:
+def compensate_heads(model: nn.Module, plan: PruningPlan, stats: HeadStats, ridge: float = DEFAULT_RIDGE) -> dict:
     """The same least-squares refit for attention heads: each layer's removed heads' context features are
     rebuilt from the kept heads' (and a constant carried by the output projection's bias, where it has one)
     and folded into the output projection, in place, on the UNPRUNED model (Kwon et al.'s layer-wise mask
     tuning, as a closed-form refit). Returns per-layer diagnostics as `compensate` does."""
     if plan.heads is None:
         return {"layers": [], "mean_rel_err_removed": 0.0, "mean_rel_err_compensated": 0.0}
-    if stats.head_gram is None:
-        raise ValueError("compensating heads needs statistics collected with heads=True")
     base = base_model(model)
     layers = []
     for site in attention_sites(model):
         kept_units = list(plan.heads[site.layer])
         gone = [u for u in range(site.n_units) if u not in set(kept_units)]
-        g = stats.head_gram[site.layer]
-        layers.append(refit_projection(get_module(base, site.o), g, site.q_features(kept_units), site.q_features(gone),
-                                       ridge=ridge, intercept=None, n_samples=float(g[-1, -1]), layer=site.layer))
+        g = stats.gram[site.layer]
+        layers.append(compensate_layer(get_module(base, site.o), g, site.q_features(kept_units),
+                                       site.q_features(gone), ridge=ridge, layer=site.layer)[0])
     mean = lambda k: sum(e[k] for e in layers) / max(1, len(layers))  # noqa: E731
     return {"layers": layers, "mean_rel_err_removed": mean("rel_err_removed"),
             "mean_rel_err_compensated": mean("rel_err_compensated")}
@@ -208,9 +145,9 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: floa
     layers = []
     for site in ffn_sites(model):
         g, n_samples = layer_gram(stats, site.layer, readout_mix)             # [d_ff+1, d_ff+1]
-        layers.append(refit_projection(get_module(base, site.down), g, list(plan.keep[site.layer]),
+        layers.append(compensate_layer(get_module(base, site.down), g, list(plan.keep[site.layer]),
                                        plan.removed(site.layer), ridge=ridge, intercept=intercept,
-                                       n_samples=n_samples, layer=site.layer))
+                                       n_samples=n_samples, layer=site.layer)[0])
     mean = lambda k: sum(e[k] for e in layers) / max(1, len(layers))  # noqa: E731
     report = {"layers": layers, "ridge": ridge, "readout_mix": readout_mix, "n_tokens": stats.n_tokens,
               "mean_rel_err_removed": mean("rel_err_removed"),

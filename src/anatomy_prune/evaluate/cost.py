@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.families import base_model, ffn_sites, ffn_widths, get_module
+from ..models.families import base_model, ffn_sites, ffn_widths, head_counts
 from ..models.loading import Loaded
-from ..models.surgery import keep_ffn_neurons
+from ..models.surgery import keep_ffn_neurons, keep_heads
 from .timing import fixed_inputs, forward_fn, machine_info, time_interleaved
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,11 @@ def _attention_shape(model: nn.Module) -> tuple[list[int], int, int]:
     """(units per layer, head_dim, query heads per unit) of the attention; units are heads, or KV groups for
     grouped-query attention."""
     cfg = base_model(model).config
-    n_layers = len(ffn_sites(model))
     heads = int(getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 0)) or 0)
     d = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)) or 0)
     head_dim = int(getattr(cfg, "head_dim", 0) or (d // heads if heads else 0))
     kv = int(getattr(cfg, "num_key_value_heads", heads) or heads)
-    try:  # per-layer head counts when attention heads were pruned (models.families, when present)
-        from ..models import families
-        counts = families.head_counts(model)  # type: ignore[attr-defined]
-    except (AttributeError, ImportError):
-        counts = [kv] * n_layers
-    return list(counts), head_dim, max(1, heads // max(1, kv))
+    return head_counts(model), head_dim, max(1, heads // max(1, kv))
 
 
 def flops_cost(loaded: Loaded, seq_len: int = 128) -> CostModel:
@@ -114,8 +108,7 @@ def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repea
             continue
         m = keep_ffn_neurons(copy.deepcopy(model), [range(max(1, int(round(f * w)))) for w in neurons])
         variants[f"ffn{f:g}"] = (m, sum(max(1, int(round(f * w))) for w in neurons), sum(units))
-        keep_heads = _keep_heads_fn()
-        if keep_heads is not None and all(u > 1 for u in units):
+        if all(u > 1 for u in units):
             kept = [max(1, int(round(f * u))) for u in units]
             mh = keep_heads(copy.deepcopy(model), [range(k) for k in kept])
             variants[f"heads{f:g}"] = (mh, sum(neurons), sum(kept))
@@ -143,11 +136,3 @@ def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repea
     log.info("latency cost model: base %.4f s, %.2e s per neuron, %.2e s per head; max residual %.1f%%",
              model_.base, a_n, a_h, 100 * info["max_rel_residual"])
     return model_
-
-
-def _keep_heads_fn():
-    try:
-        from ..models.surgery import keep_heads  # type: ignore[attr-defined]
-        return keep_heads
-    except ImportError:
-        return None

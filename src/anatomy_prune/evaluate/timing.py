@@ -97,12 +97,6 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, warmup: int = 1
     return out
 
 
-def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5,
-              device: torch.device | str = "cpu") -> Timing:
-    """Time one callable: `warmup` untimed calls, then `repeats` timed ones."""
-    return time_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, device=device)["fn"]
-
-
 def paired_speedup(base: Timing, other: Timing) -> dict:
     """How much faster `other` is than `base`: the ratio of medians, and the round-by-round ratios'
     median and quartiles (both timings must come from the same interleaved run)."""
@@ -139,6 +133,7 @@ def noncontiguous_params(model: nn.Module) -> list[str]:
 
 
 def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -175,10 +170,6 @@ def machine_info() -> dict:
     return info
 
 
-def default_devices() -> list[str]:
-    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-
-
 OP_GROUPS = {  # aten op -> what it is, for the profile summary
     "aten::addmm": "GEMM", "aten::mm": "GEMM", "aten::bmm": "GEMM", "aten::baddbmm": "GEMM",
     "aten::matmul": "GEMM", "aten::_scaled_dot_product_flash_attention_for_cpu": "attention (sdpa)",
@@ -208,16 +199,10 @@ def op_profile(fn: Callable[[], object], *, calls: int = 2, warmup: int = 1) -> 
 
 
 def runtime_info(device: torch.device) -> dict:
+    """The device a run timed on, its name, torch's threads and version (recorded beside timings)."""
     return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 
 
 def peak_mem_mb() -> float:

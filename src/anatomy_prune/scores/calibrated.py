@@ -6,7 +6,7 @@ compensation by a bias / least-squares refit (FLAP, An et al. 2024; ThiNet, Luo 
 et al. 2023). What it adds: the two terms in one score, the leave-one-out share that the refit cannot rebuild,
 a readout-token weighting for classifiers, and the refit folded into a physically smaller dense model.
 
-Scores (higher = keep), from one pass of `compensate.ffn_input_stats` with gradients:
+Scores (higher = keep), from one calibration pass with gradients (`scores.calibration.calibration_pass`):
   fisher   sum over examples of (dL_i/dm_j)^2, the Fisher information of neuron j's mask (Kwon et al. 2022):
            the expected loss increase, to second order, of zeroing the neuron.
   taylor   |sum over examples of dL_i/dm_j|, first-order Taylor (the loss change of removing it).
@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..linalg import DEFAULT_RIDGE, column_energy, moment_diagonal, quad, second_moment, unexplained_share
 from ..models.families import attention_sites, base_model, ffn_sites, get_module, weight_out_in
-from .calibration import DEFAULT_RIDGE, Calibration, FFNStats, ffn_input_stats
+from .calibration import Calibration, FFNStats, HeadStats, calibration_pass
 from .registry import Scores, register
 
 log = logging.getLogger(__name__)
@@ -47,43 +48,17 @@ def auto_floor(sparsity: float) -> float:
     return round(min(MAX_AUTO_FLOOR, (1.0 - sparsity) * 2.0 / 3.0), 4)
 
 
-def unexplained_share(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
-    """Per neuron, the fraction of its centred activation energy that a ridge least-squares fit on all
-    other neurons of the layer (and a constant) leaves unexplained, in (0, 1]: [d_ff].
-
-    For a Gram of [h; 1], the centred covariance C gives it in closed form: 1 / (C_jj * (C + lam I)^-1_jj).
-    """
-    n = gram[-1, -1].clamp(min=1.0)
-    mean = gram[:-1, -1] / n                                          # [d_ff]
-    cov = gram[:-1, :-1] / n - torch.outer(mean, mean)                # [d_ff, d_ff]
-    var = torch.diagonal(cov).clamp(min=1e-12)
-    lam = ridge * float(var.mean())
-    a = cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
-    chol, info = torch.linalg.cholesky_ex(a)                          # SPD for lam > 0: half the cost of inv
-    inv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
-    return (1.0 / (var * torch.diagonal(inv))).clamp(0.0, 1.0)
-
-
-def layer_removal_error(down, gram: Tensor, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE,
-                        share=None, rows: int = 1024) -> Tensor:
+def layer_removal_error(down, gram: Tensor, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> Tensor:
     """Per neuron of one layer, the mean squared error its removal leaves in the layer output per token: [d_ff].
 
     ||w_j||^2 times the neuron's centred variance (its mean goes into the down bias) or, for a bias-free
     down projection, its second moment; with `rebuilt`, times the share that a least-squares fit on the
-    other neurons cannot rebuild (leave-one-out, so optimistic when many neurons go), computed by `share`
-    (default unexplained_share). The weight is squared `rows` output rows at a time (big layers)."""
-    g = gram.detach().double().cpu() if gram.device.type != "cpu" else gram.detach()
-    w = weight_out_in(down).detach()                                      # [d_model, d_ff]
-    w2 = torch.zeros(w.shape[1], dtype=torch.float64)
-    for r in range(0, w.shape[0], rows):
-        w2 += w[r:r + rows].double().cpu().pow(2).sum(0)
-    n = float(g[-1, -1].clamp(min=1.0))
-    moment = torch.diagonal(g)[:-1] / n                                   # [d_ff]
-    if getattr(down, "bias", None) is not None:
-        moment = moment - (g[:-1, -1] / n) ** 2
-    err = w2 * moment.clamp(min=0.0)
+    other neurons cannot rebuild (leave-one-out, so optimistic when many neurons go)."""
+    g = gram.detach().double().cpu()
+    moment = moment_diagonal(g, centred=getattr(down, "bias", None) is not None)     # [d_ff]
+    err = column_energy(weight_out_in(down)) * moment.clamp(min=0.0)
     if rebuilt:
-        err = err * (share or unexplained_share)(g, ridge)
+        err = err * unexplained_share(g, ridge)
     return err.float()
 
 
@@ -94,6 +69,16 @@ def removal_error(model, stats: FFNStats, rebuilt: bool = True, ridge: float = D
             for site, g in zip(ffn_sites(model), stats.gram)]
 
 
+def _sensitivity(stats: FFNStats | HeadStats, score: str) -> list[Tensor]:
+    """Per layer, each unit's Fisher sum or |Taylor sum| (float32), refused when there are no gradients."""
+    if score not in SCORES:
+        raise UserError(f"unknown score '{score}'; choose one of {', '.join(SCORES)}")
+    if stats.fisher is None or stats.taylor is None:
+        raise UserError("these calibration statistics have no gradients; collect them with grads=True "
+                        "on a classifier with labels or on a causal LM")
+    return [t.abs().float() for t in stats.taylor] if score == "taylor" else [f.float() for f in stats.fisher]
+
+
 def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0, model=None,
                        rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
     """One score per neuron and layer (higher = keep) from calibration statistics with gradients.
@@ -101,15 +86,7 @@ def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0
     beta > 0 adds the removal error of each neuron (`removal_error`, needs the model), both terms divided
     by their mean over all neurons of all layers: score / mean(score) + beta * error / mean(error).
     """
-    if score not in SCORES:
-        raise UserError(f"unknown score '{score}'; choose one of {', '.join(SCORES)}")
-    if stats.fisher is None or stats.taylor is None:
-        raise UserError("these calibration statistics have no gradients; collect them with grads=True "
-                        "on a classifier with labels or on a causal LM")
-    if score == "taylor":
-        scores = [t.abs().float() for t in stats.taylor]
-    else:
-        scores = [f.float() for f in stats.fisher]
+    scores = _sensitivity(stats, score)
     if beta > 0:
         if model is None:
             raise ValueError("beta > 0 needs the model (its down projections)")
@@ -120,47 +97,40 @@ def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0
     return scores
 
 
-def head_removal_error(model, stats: FFNStats) -> list[Tensor]:
+def head_removal_error(model, heads: HeadStats) -> list[Tensor]:
     """Per head unit, the mean squared error its removal leaves in the attention output per token, before
     any refit: trace(W_u C_u W_u^T), W_u the output projection's columns of the unit's heads and C_u the
     (centred, where the projection has a bias to carry the mean) second moment of their context: [units]."""
     base = base_model(model)
     errs = []
-    for site, g in zip(attention_sites(model), stats.head_gram):
+    for site, g in zip(attention_sites(model), heads.gram):
         o = get_module(base, site.o)
         w = weight_out_in(o).detach().double().cpu()                          # [d_model, heads*head_dim]
-        n = float(g[-1, -1].clamp(min=1.0))
-        m2 = g[:-1, :-1] / n
-        if getattr(o, "bias", None) is not None:
-            mu = g[:-1, -1] / n
-            m2 = m2 - torch.outer(mu, mu)
+        m2 = second_moment(g, centred=getattr(o, "bias", None) is not None)  # [heads*head_dim, heads*head_dim]
         out = []
         for u in range(site.n_units):
             cols = torch.tensor(site.q_features([u]), dtype=torch.long)
-            wu = w[:, cols]
-            out.append(float(((wu @ m2[cols][:, cols]) * wu).sum()))
+            out.append(quad(w[:, cols], m2[cols][:, cols]))
         errs.append(torch.tensor(out, dtype=torch.float32).clamp(min=0.0))
     return errs
 
 
-def joint_scores(stats: FFNStats, model, score: str = "fisher", beta: float = DEFAULT_BETA, rebuilt: bool = True,
-                 ridge: float = DEFAULT_RIDGE) -> tuple[list[Tensor], list[Tensor]]:
+def joint_scores(ffn: FFNStats, heads: HeadStats, model, score: str = "fisher", beta: float = DEFAULT_BETA,
+                 rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> tuple[list[Tensor], list[Tensor]]:
     """Scores of FFN neurons and attention head units on one scale, so one ranking (or one budget) covers
     both: Fisher information of each unit's mask (loss units for both kinds) divided by its mean over all
     units, plus beta x the error its removal leaves divided by that error's mean over all units."""
-    if stats.head_fisher is None:
-        raise ValueError("joint scores need statistics collected with heads=True")
-    f_n = [(t.abs() if score == "taylor" else f).float() for f, t in zip(stats.fisher, stats.taylor)]
-    f_h = [(t.abs() if score == "taylor" else f).float() for f, t in zip(stats.head_fisher, stats.head_taylor)]
+    f_n = _sensitivity(ffn, score)
+    f_h = _sensitivity(heads, score)
     f_mean = torch.cat(f_n + f_h).mean().clamp(min=1e-30)
-    neurons, heads = [f / f_mean for f in f_n], [f / f_mean for f in f_h]
+    neurons, units = [f / f_mean for f in f_n], [f / f_mean for f in f_h]
     if beta > 0:
-        e_n = removal_error(model, stats, rebuilt, ridge)
-        e_h = head_removal_error(model, stats)
+        e_n = removal_error(model, ffn, rebuilt, ridge)
+        e_h = head_removal_error(model, heads)
         e_mean = torch.cat(e_n + e_h).mean().clamp(min=1e-30)
         neurons = [s + beta * e / e_mean for s, e in zip(neurons, e_n)]
-        heads = [s + beta * e / e_mean for s, e in zip(heads, e_h)]
-    return neurons, heads
+        units = [s + beta * e / e_mean for s, e in zip(units, e_h)]
+    return neurons, units
 
 
 @register("calibrated", "Fisher sensitivity of each neuron on the calibration set plus the error its removal "
@@ -181,13 +151,14 @@ def calibrated_scores(calib: Calibration, sparsity: float, floor: float | None =
     beta, ridge, readout_mix = (_number(beta, "beta", 0.0), _number(ridge, "ridge", 0.0),
                                 _number(readout_mix, "readout_mix", 0.0, 1.0))
     heads = bool(heads) or head_sparsity is not None
-    stats = ffn_input_stats(calib.loaded, calib, grads=True, heads=heads)
+    collected = calibration_pass(calib, grads=True, heads=heads)
+    stats = collected.ffn
     if stats.readout_gram is None:
         readout_mix = 0.0   # only classifiers read one token out
     floor_used = auto_floor(sparsity if sparsity is not None else 0.0) if floor is None else float(floor)
     head_values = None
     if heads:
-        values, head_values = joint_scores(stats, calib.loaded.model, score, beta, rebuilt, ridge)
+        values, head_values = joint_scores(stats, collected.heads, calib.loaded.model, score, beta, rebuilt, ridge)
     else:
         values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge)
     params = dict(score=score, beta=beta, rebuilt=rebuilt, floor_auto=floor is None, calib_inputs=stats.n_examples,

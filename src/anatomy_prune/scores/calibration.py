@@ -2,9 +2,9 @@
 shared by every method and sparsity (a sweep pays for each statistic once).
 
 One forward pass (`forward_stats`) gives the readout states (for the paper's similarities) and the mean
-|activation| of every FFN neuron; one pass with gradients (`ffn_input_stats`) gives, per layer, the Gram
-matrix of the FFN's hidden activation [h; 1] over real tokens (what least-squares compensation needs) and
-the Fisher / Taylor sums of a per-neuron mask under the task or LM loss (Kwon et al. 2022's mask scores).
+|activation| of every FFN neuron; one calibration pass (`calibration_pass`), with gradients where the model
+has a loss, gives the FFN statistics (`FFNStats`: Gram of [h; 1], Fisher / Taylor sums of neuron masks) and,
+on request, the attention heads' (`HeadStats`). Each statistic has its own accumulator (scores.accumulators).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,23 +24,34 @@ from ..anatomy.measures import layer_similarity, neuron_similarity, readout_stat
 from ..data.batches import batches, to_device
 from ..data.splits import CALIB_SIZE, calibration_set
 from ..errors import UserError
-from ..hooks import capture_ffn_hidden, layer_of, run_with_hooks
-from ..models.families import attention_sites, ffn_sites, ffn_widths, readout_index
+from ..hooks import attn_heads, ffn_hidden, per_layer, run_with_cache, run_with_hooks
+from ..linalg import DEFAULT_RIDGE
+from ..models.families import attention_sites, ffn_sites, readout_index
 from ..models.loading import Loaded
+from .accumulators import FFN, HEADS, ActivationMagnitude, MaskGradients, ReadoutGram, TokenGram, Tokens
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CALIB_MAX_LENGTH", "DEFAULT_RIDGE", "PROTECT_THRESHOLD", "Calibration", "CalibrationPass", "FFNStats",
+           "HeadStats", "PassKey", "activation_stats", "calibration_pass", "ffn_input_stats", "forward_stats",
+           "head_stats", "important_neurons", "make_calibration", "similarity_stats"]
+
 CALIB_MAX_LENGTH = 128  # tokens per calibration review (the model maximum would blow up memory)
 PROTECT_THRESHOLD = 0.35  # the paper's "high cosine similarity": such neurons are the anatomy's important ones
-DEFAULT_RIDGE = 1e-2      # least-squares compensation's ridge, times the mean diagonal of the kept neurons' Gram
+FORWARD, SIMILARITY = ("forward",), ("similarity",)   # cache keys of the forward statistics
+
+
+def label(key: Hashable) -> str:
+    """A cache key as the name `timings` and `used` record it (JSON-ready)."""
+    return "+".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
 @dataclass
 class Calibration:
     """A model and the texts its data-driven methods look at (a pinned sample of training reviews).
 
-    `cache` keeps statistics of the *unpruned* model by name, `timings` the seconds each took, and `used`
-    the names a method read since it was last cleared (a sweep uses them to charge shared statistics to
+    `cache` keeps statistics of the *unpruned* model by key, `timings` the seconds each took and `used` the
+    ones a method read since it was last cleared, both by `label` (a sweep charges shared statistics to
     every point that needs them, so its `prune_s` is what a standalone `prune` would take).
     """
 
@@ -60,9 +71,10 @@ class Calibration:
         for b in batches(self.loaded.tokenizer, self.texts, self.batch_size, self.max_length, labels):
             yield to_device(b, self.loaded.device)
 
-    def cached(self, key: str, compute: Callable[[], object]):
-        """The statistic `key`, computed once by `compute()` and then shared. A statistic built on others
-        records them, so reading it marks them used too; `timings` holds each one's own seconds."""
+    def cached(self, key: Hashable, compute: Callable[[], object]):
+        """The statistic `key` (a tuple or a frozen dataclass), computed once by `compute()`, then shared. One
+        built on others records them, so reading it marks them used too; `timings` holds its own seconds."""
+        name = label(key)
         if key not in self.cache:
             outer, before = self.used, set(self.timings)
             self.used = set()
@@ -72,9 +84,9 @@ class Calibration:
             finally:
                 inner, self.used = self.used, outer
             fresh = set(self.timings) - before
-            self.deps[key] = inner
-            self.timings[key] = time.perf_counter() - start - sum(self.timings[k] for k in fresh)
-        self.used |= {key} | self.deps.get(key, set())
+            self.deps[name] = inner
+            self.timings[name] = time.perf_counter() - start - sum(self.timings[k] for k in fresh)
+        self.used |= {name} | self.deps.get(name, set())
         return self.cache[key]
 
     @contextmanager
@@ -105,7 +117,7 @@ def make_calibration(loaded: Loaded, n: int = CALIB_SIZE, max_length: int = CALI
     return Calibration(loaded, cal.texts, labels, max_length=max_length, batch_size=batch_size, seed=seed)
 
 
-# --- statistics of the unpruned model, cached on the Calibration ----------------------------------
+# --- forward statistics of the unpruned model, cached on the Calibration ------------------------------
 
 @torch.no_grad()
 def forward_stats(calib: Calibration) -> dict:
@@ -113,29 +125,19 @@ def forward_stats(calib: Calibration) -> dict:
 
     states:    [n_inputs, L+1, d_model] readout states (anatomy.readout_states: CLS / last real token)
     act_mean:  per block [d_ff], mean |FFN activation| over the real (non-padding) tokens
-    Hooks reduce each batch's activations to a per-neuron sum at once, so memory stays O(layers x d_ff).
     """
     def compute() -> dict:
-        model = calib.loaded.model
-        current: dict[str, Tensor] = {}
-
-        def remember_mask(kwargs: dict, _point: str) -> None:  # the batch's attention mask, for the reduce below
-            current["mask"] = kwargs["attention_mask"]  # [batch, pos]
-            current["tokens"] = current.get("tokens", 0) + int(kwargs["attention_mask"].sum())
-
-        def reduce(x: Tensor) -> Tensor:  # x: [batch, pos, d_ff] -> [d_ff]
-            m = current["mask"].to(x.dtype).unsqueeze(-1)  # [batch, pos, 1]
-            return (x.abs() * m).sum(dim=(0, 1)).float().cpu()
-
         if not calib.texts:
             raise UserError("this method needs calibration texts; give --calib-size N with N > 0")
-        with run_with_hooks(model, {"model.input": remember_mask}), capture_ffn_hidden(model, reduce) as acts:
+        model, tokens = calib.loaded.model, Tokens()
+        with run_with_hooks(model, {"model.input": tokens.observe}), \
+                run_with_cache(model, FFN, ActivationMagnitude(tokens)) as sums:
             states = readout_states(calib.loaded, calib.texts, calib.max_length, calib.batch_size)
-        n_tokens = current.get("tokens", 0)
-        if n_tokens == 0:
+        if tokens.count == 0:
             raise UserError("the calibration texts have no tokens; give a non-empty calibration set")
-        return {"states": states, "act_mean": [torch.stack(a).sum(dim=0) / n_tokens for a in acts]}
-    return calib.cached("forward", compute)
+        act = [ActivationMagnitude.total(s) / tokens.count for s in per_layer(sums, ffn_hidden, len(ffn_sites(model)))]
+        return {"states": states, "act_mean": act}
+    return calib.cached(FORWARD, compute)
 
 
 @torch.no_grad()
@@ -153,7 +155,7 @@ def similarity_stats(calib: Calibration) -> dict:
                 "neuron_abs": [s.abs().mean(dim=0) for s in sims],
                 "neuron_max": [s.max(dim=0).values for s in sims],
                 "n_inputs": int(states.shape[0])}
-    return calib.cached("similarity", compute)
+    return calib.cached(SIMILARITY, compute)
 
 
 def important_neurons(calib: Calibration, threshold: float = PROTECT_THRESHOLD) -> list[list[int]]:
@@ -166,6 +168,8 @@ def activation_stats(calib: Calibration) -> list[Tensor]:
     return forward_stats(calib)["act_mean"]
 
 
+# --- the calibration pass: FFN and head statistics, with gradients ------------------------------------
+
 @dataclass
 class FFNStats:
     """Per-layer sufficient statistics of the FFN hidden activations over the calibration tokens."""
@@ -175,15 +179,8 @@ class FFNStats:
     n_examples: int
     fisher: list[Tensor] | None = None  # per layer [d_ff]: sum over examples of (dL_i/dm_j)^2
     taylor: list[Tensor] | None = None  # per layer [d_ff]: sum over examples of dL_i/dm_j (signed)
-    loss: float | None = None           # mean calibration loss (task or LM) when gradients were taken
     readout_gram: list[Tensor] | None = None  # classifiers: the same Gram over readout tokens only
     info: dict = field(default_factory=dict)
-    # attention heads (with heads=True): per layer, the Fisher / Taylor sums of a per-unit mask (a head, or a
-    # key/value group under grouped-query attention) and the Gram of [c; 1], c = what the attention's output
-    # projection receives (the heads' concatenated context), for least-squares compensation of heads
-    head_fisher: list[Tensor] | None = None   # per layer [units]
-    head_taylor: list[Tensor] | None = None   # per layer [units]
-    head_gram: list[Tensor] | None = None     # per layer [heads*head_dim+1, heads*head_dim+1] float64
 
     @property
     def widths(self) -> list[int]:
@@ -192,43 +189,74 @@ class FFNStats:
     def tokens_per_layer(self) -> list[int]:
         return [int(round(g[-1, -1].item())) for g in self.gram]
 
-# --- one pass over the calibration set ------------------------------------------------------------
 
-@contextmanager
-def head_masks(model: nn.Module) -> Iterator[list[list[Tensor]]]:
-    """Multiply each attention's per-head context by a per-example mask of ones per head unit (a head, or a
-    key/value group with all its query heads) that requires grad; yields per layer the masks
-    ([batch, units] each), whose .grad after a backward is dL/dm for each example and unit."""
-    sites = attention_sites(model)
-    store: list[list[Tensor]] = [[] for _ in sites]
+@dataclass
+class HeadStats:
+    """Per layer, statistics of the attention head units (a head, or a key/value group): the Fisher / Taylor
+    sums of a per-unit mask and the Gram of [c; 1], c what the output projection receives."""
 
-    def apply_mask(x: Tensor, point: str) -> Tensor:                   # x: [batch, pos, heads*head_dim]
-        site = sites[layer_of(point)]
-        u = site.n_units
-        m = torch.ones(x.shape[0], u, device=x.device, dtype=x.dtype, requires_grad=True)
-        store[site.layer].append(m)
-        return (x.view(*x.shape[:2], u, -1) * m[:, None, :, None]).view_as(x)
-
-    with run_with_hooks(model, {"attn.*.heads": apply_mask}):
-        yield store
+    gram: list[Tensor]                  # per layer [heads*head_dim+1, heads*head_dim+1] float64
+    fisher: list[Tensor]                # per layer [units]
+    taylor: list[Tensor]                # per layer [units]
 
 
-@contextmanager
-def neuron_masks(model: nn.Module) -> Iterator[list[list[Tensor]]]:
-    """Multiply each FFN's hidden activations by a per-example mask of ones that requires grad.
+@dataclass
+class CalibrationPass:
+    """What one pass over the calibration batches collected: FFN statistics, head statistics (or None), and
+    the mean loss per example (None without gradients)."""
 
-    Yields, per layer, the masks of the forward passes run inside ([batch, 1, d_ff] each); after a backward,
-    mask.grad[i, 0, j] = dL/dm_j for example i = sum over its tokens of a_j * dL/da_j.
-    """
-    store: list[list[Tensor]] = [[] for _ in ffn_sites(model)]
+    ffn: FFNStats
+    heads: HeadStats | None = None
+    loss: float | None = None
 
-    def apply_mask(x: Tensor, point: str) -> Tensor:                   # x: [batch, pos, d_ff]
-        m = torch.ones(x.shape[0], 1, x.shape[-1], device=x.device, dtype=x.dtype, requires_grad=True)
-        store[layer_of(point)].append(m)
-        return x * m
 
-    with run_with_hooks(model, {"ffn.*.hidden": apply_mask}):
-        yield store
+@dataclass(frozen=True)
+class PassKey:
+    """The cache key of a calibration pass: with gradients, with head statistics."""
+
+    grads: bool
+    heads: bool
+
+    def __str__(self) -> str:
+        return "calibration_pass" + ("+grads" if self.grads else "") + ("+heads" if self.heads else "")
+
+    def serves(self, other: PassKey) -> bool:
+        return (self.grads or not other.grads) and (self.heads or not other.heads)
+
+
+def calibration_pass(calib: Calibration, *, grads: bool | None = None, heads: bool = False,
+                     progress: bool = True, cache: bool = True) -> CalibrationPass:
+    """The FFN statistics over `calib`'s texts and, with `grads`, the Fisher / Taylor sums under the task loss
+    (classifier, labels from calib.labels) or the LM loss; heads=True adds head statistics (with gradients).
+    grads=None takes gradients where the model has a loss. Cached on `calib`: a fuller pass serves a lesser
+    request; cache=False always recomputes."""
+    loaded = calib.loaded
+    can_grad = loaded.kind == "causal-lm" or (loaded.kind == "classifier" and calib.labels is not None)
+    grads = can_grad if grads is None else bool(grads)
+    if grads and not can_grad:
+        _loss(loaded, {})  # raises the UserError that says why
+    if not calib.texts:
+        raise UserError("the calibration set is empty; give at least one text")
+    if heads and not grads:
+        raise ValueError("head statistics are collected with gradients")
+    want = PassKey(grads, heads)
+    if not cache:
+        return _run_pass(calib, grads, heads, progress)
+    for key in (PassKey(True, True), PassKey(True, False)):
+        if key in calib.cache and key.serves(want):
+            return calib.cached(key, lambda: None)
+    return calib.cached(want, lambda: _run_pass(calib, grads, heads, progress))
+
+
+def ffn_input_stats(calib: Calibration, *, grads: bool | None = None, progress: bool = True,
+                    cache: bool = True) -> FFNStats:
+    """The FFN statistics of `calibration_pass` (what least-squares compensation and the scores need)."""
+    return calibration_pass(calib, grads=grads, progress=progress, cache=cache).ffn
+
+
+def head_stats(calib: Calibration, *, progress: bool = True, cache: bool = True) -> HeadStats:
+    """The attention heads' statistics of `calibration_pass` (taken with gradients)."""
+    return calibration_pass(calib, grads=True, heads=True, progress=progress, cache=cache).heads
 
 
 def _loss(loaded: Loaded, batch: dict) -> Tensor:
@@ -251,122 +279,62 @@ def _loss(loaded: Loaded, batch: dict) -> Tensor:
                     "fine-tune it first (anatomy-prune finetune) or use a causal LM")
 
 
-def ffn_input_stats(loaded: Loaded, calib, *, grads: bool | None = None, progress: bool = True,
-                    cache: bool = True, heads: bool = False) -> FFNStats:
-    """One pass over `calib` (a methods.Calibration): per layer the Gram matrix of [h; 1] over non-padding
-    tokens (h: what the down projection receives), and, with `grads`, the Fisher / Taylor sums of a
-    per-neuron mask under the task loss (classifier, labels from calib.labels) or the LM loss.
-
-    grads=None takes gradients when the model has a loss (classifier with labels, causal LM). The result is
-    kept on the Calibration (`calib.cached`, statistics of the unpruned model), so the prune pipeline's call
-    after the `calibrated` method, or a sweep's next sparsity, reuses it; `cache=False` always recomputes.
-    heads=True also collects the attention heads' statistics (FFNStats.head_*), with gradients.
-    """
-    can_grad = loaded.kind == "causal-lm" or (loaded.kind == "classifier" and calib.labels is not None)
-    if grads is None:
-        grads = can_grad
-    if grads and not can_grad:
-        _loss(loaded, {})  # raises the UserError that says why
-    if not calib.texts:
-        raise UserError("the calibration set is empty; give at least one text")
-    if heads and not grads:
-        raise ValueError("head statistics are collected with gradients")
-    shared = cache and hasattr(calib, "cached") and calib.loaded.model is loaded.model
-    if not shared:
-        return _collect(loaded, calib, grads, progress, heads)
-    if "ffn_stats+grads+heads" in calib.cache:  # the fullest statistics serve every request
-        return calib.cached("ffn_stats+grads+heads", lambda: None)
-    if not heads and not grads and "ffn_stats+grads" in calib.cache:  # with gradients serve without too
-        return calib.cached("ffn_stats+grads", lambda: None)
-    key = "ffn_stats+grads+heads" if heads else ("ffn_stats+grads" if grads else "ffn_stats")
-    return calib.cached(key, lambda: _collect(loaded, calib, grads, progress, heads))
-
-
-def _collect(loaded: Loaded, calib, grads: bool, progress: bool, heads: bool = False) -> FFNStats:
-    model = loaded.model
-    widths = ffn_widths(model)
-    dev = loaded.device
-    acc = [torch.zeros(w + 1, w + 1, dtype=torch.float64, device=dev) for w in widths]
-    readout = loaded.kind == "classifier"
-    acc_ro = [torch.zeros(w + 1, w + 1, dtype=torch.float64, device=dev) for w in widths] if readout else None
-    fisher = [torch.zeros(w, dtype=torch.float64, device=dev) for w in widths] if grads else None
-    taylor = [torch.zeros(w, dtype=torch.float64, device=dev) for w in widths] if grads else None
-    sites = attention_sites(model) if heads else []
-    h_acc = [torch.zeros(s.n_heads * s.head_dim + 1, s.n_heads * s.head_dim + 1, dtype=torch.float64, device=dev)
-             for s in sites]
-    h_fisher = [torch.zeros(s.n_units, dtype=torch.float64, device=dev) for s in sites]
-    h_taylor = [torch.zeros(s.n_units, dtype=torch.float64, device=dev) for s in sites]
-    state: dict = {}
-
-    def gram(h: Tensor) -> Tensor:  # h: [tokens, d_ff] -> [d_ff+1, d_ff+1], float32 (one batch's sum)
-        z = torch.cat([h.float(), torch.ones(h.shape[0], 1, device=h.device)], dim=1)  # [tokens, d_ff+1]
-        return z.t() @ z
-
-    def gram_of_tokens(x: Tensor) -> tuple[Tensor, Tensor | None]:  # x: [batch, pos, d_ff]
-        ro = gram(x[torch.arange(x.shape[0], device=x.device), state["readout"]]) if readout else None
-        return gram(x[state["mask"]]), ro
-
-    def head_gram(x: Tensor, point: str) -> None:  # x: [batch, pos, heads*head_dim], accumulated in float64
-        h_acc[layer_of(point)] += gram(x.detach()[state["mask"]])
-
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode, and no weight needs a gradient (only activation gradients are taken); restored after."""
     requires = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.eval()
-    n_tokens = n_examples = 0
-    loss_sum = 0.0
-    start = time.perf_counter()
     try:
         for p in model.parameters():
-            p.requires_grad_(False)  # only activation gradients are needed: no weight-gradient matmuls
-        with capture_ffn_hidden(model, gram_of_tokens) as store, \
-                run_with_hooks(model, {"attn.*.heads": head_gram} if heads else {}):
-            n_batches = math.ceil(len(calib.texts) / calib.batch_size)
-            for batch in tqdm(calib.batches(with_labels=grads and loaded.kind == "classifier"),
-                              total=n_batches, desc="calibration", disable=not progress, leave=False):
-                state["mask"] = batch["attention_mask"].bool()                     # [batch, pos]
-                state["readout"] = readout_index(loaded.family, batch["attention_mask"])  # [batch]
-                if grads:
-                    with torch.enable_grad(), neuron_masks(model) as masks, \
-                            (head_masks(model) if heads else contextlib.nullcontext([])) as hmasks:
-                        with loaded.autocast():
-                            loss = _loss(loaded, batch)
-                        loss.backward()
-                    loss_sum += loss.item()
-                    for layer, ms in enumerate(masks):
-                        g = torch.cat([m.grad[:, 0].float() for m in ms]).double()  # [batch, d_ff]
-                        fisher[layer] += (g * g).sum(0)
-                        taylor[layer] += g.sum(0)
-                    for layer, ms in enumerate(hmasks):
-                        g = torch.cat([m.grad.float() for m in ms]).double()        # [batch, units]
-                        h_fisher[layer] += (g * g).sum(0)
-                        h_taylor[layer] += g.sum(0)
-                else:
-                    with torch.no_grad(), loaded.autocast():
-                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                for layer, grams in enumerate(store):
-                    for g, g_ro in grams:    # accumulated across batches in float64
-                        acc[layer] += g
-                        if readout:
-                            acc_ro[layer] += g_ro
-                    grams.clear()
-                n_tokens += int(state["mask"].sum())
-                n_examples += int(batch["input_ids"].shape[0])
+            p.requires_grad_(False)
+        yield
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
-    stats = FFNStats(gram=[g.cpu() for g in acc], n_tokens=n_tokens, n_examples=n_examples,
-                     fisher=[f.cpu() for f in fisher] if grads else None,
-                     taylor=[t.cpu() for t in taylor] if grads else None,
-                     loss=loss_sum / max(1, n_examples) if grads else None,
-                     readout_gram=[g.cpu() for g in acc_ro] if readout else None,
-                     head_fisher=[f.cpu() for f in h_fisher] if heads else None,
-                     head_taylor=[t.cpu() for t in h_taylor] if heads else None,
-                     head_gram=[g.cpu() for g in h_acc] if heads else None,
-                     info={"max_length": calib.max_length, "batch_size": calib.batch_size,
-                           "n_texts": len(calib.texts), "seconds": round(time.perf_counter() - start, 2)})
-    log.info("calibration statistics: %d examples, %d tokens, %d layers in %.1f s%s", n_examples, n_tokens,
-             len(widths), stats.info["seconds"], " (with gradients)" if grads else "")
-    return stats
 
 
+def _run_pass(calib: Calibration, grads: bool, heads: bool, progress: bool) -> CalibrationPass:
+    """One pass over the calibration batches, each statistic fed to its accumulator by its hook point."""
+    loaded, model = calib.loaded, calib.loaded.model
+    tokens, readout = Tokens(), loaded.kind == "classifier"
+    neuron_grads = MaskGradients(model, FFN) if grads else None
+    head_grads = MaskGradients(model, HEADS) if heads else None
+    n_examples, loss_sum, start = 0, 0.0, time.perf_counter()
+    with _frozen(model), contextlib.ExitStack() as stack:
+        ffn_gram = stack.enter_context(run_with_cache(model, FFN, TokenGram(tokens)))
+        ro_gram = stack.enter_context(run_with_cache(model, FFN, ReadoutGram(tokens))) if readout else None
+        h_gram = stack.enter_context(run_with_cache(model, HEADS, TokenGram(tokens))) if heads else None
+        for batch in tqdm(calib.batches(with_labels=grads and readout), total=math.ceil(len(calib.texts) / calib.batch_size),
+                          desc="calibration", disable=not progress, leave=False):
+            tokens.set(batch["attention_mask"], readout_index(loaded.family, batch["attention_mask"]))  # [batch, pos], [batch]
+            if grads:
+                with torch.enable_grad(), neuron_grads.masked(), \
+                        (head_grads.masked() if heads else contextlib.nullcontext()):
+                    with loaded.autocast():
+                        loss = _loss(loaded, batch)
+                    loss.backward()
+                loss_sum += loss.item()
+                for acc in (neuron_grads, head_grads):
+                    if acc is not None:
+                        acc.add_gradients()
+            else:
+                with torch.no_grad(), loaded.autocast():
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            n_examples += int(batch["input_ids"].shape[0])
+    n_ffn = len(ffn_sites(model))
+    cpu = lambda ts: [t.cpu() for t in ts]  # noqa: E731
+    ffn = FFNStats(gram=cpu(per_layer(ffn_gram, ffn_hidden, n_ffn)), n_tokens=tokens.count, n_examples=n_examples,
+                   fisher=cpu(neuron_grads.fisher) if grads else None, taylor=cpu(neuron_grads.taylor) if grads else None,
+                   readout_gram=cpu(per_layer(ro_gram, ffn_hidden, n_ffn)) if readout else None,
+                   info={"max_length": calib.max_length, "batch_size": calib.batch_size, "n_texts": len(calib.texts),
+                         "seconds": round(time.perf_counter() - start, 2)})
+    head = None
+    if heads:
+        n_att = len(attention_sites(model))
+        head = HeadStats(gram=cpu(per_layer(h_gram, attn_heads, n_att)), fisher=cpu(head_grads.fisher),
+                         taylor=cpu(head_grads.taylor))
+    log.info("calibration statistics: %d examples, %d tokens, %d layers in %.1f s%s", n_examples, tokens.count,
+             n_ffn, ffn.info["seconds"], " (with gradients)" if grads else "")
+    return CalibrationPass(ffn, head, loss_sum / max(1, n_examples) if grads else None)

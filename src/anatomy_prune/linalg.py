@@ -1,0 +1,197 @@
+"""The one linear-algebra core of compensation and removal errors, shared by the all-at-once and layer-wise
+paths: Gram matrices of [x; 1] over tokens, the quadratic form trace(W M W^T), each input's unexplained share
+under a ridge fit on the others, and the ridge least-squares refit of removed inputs from kept ones.
+
+Every statistic is a Gram G = sum over tokens of [x; 1][x; 1]^T (float64, [d+1, d+1]); its last entry counts
+the tokens. Matrices are kept to one Gram-sized temporary where the sizes of big models make it matter.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RIDGE = 1e-2      # the ridge, times the mean diagonal of the kept inputs' Gram (or of the variances)
+ILL_POSED_RIDGE = 1e-1    # at least this when there are fewer tokens than unknowns per output
+QUAD_ROWS = 512           # rows of W squared at a time in quad / column_energy (no [out, n] temporaries)
+
+
+# --- Gram matrices ------------------------------------------------------------------------------------
+
+def gram(x: Tensor) -> Tensor:
+    """The Gram of [x; 1] over the rows of x ([tokens, d]) in float32, one batch's sum: [d+1, d+1]."""
+    z = torch.cat([x.float(), torch.ones(x.shape[0], 1, device=x.device)], dim=1)  # [tokens, d+1]
+    return z.t() @ z
+
+
+def add_gram(total: Tensor | None, x: Tensor) -> Tensor:
+    """`total` (float64, None for the first batch) plus the float32 Gram of one batch's rows x: [d+1, d+1]."""
+    g = gram(x.detach())
+    if total is None:
+        total = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
+    return total.add_(g)
+
+
+def second_moment(g: Tensor, centred: bool) -> Tensor:
+    """Per-token second moment of x from the Gram of [x; 1] (centred: the covariance), a new [d, d] tensor."""
+    n = g[-1, -1].clamp(min=1.0)
+    m = g[:-1, :-1] / n
+    if centred:
+        mean = g[:-1, -1] / n                                               # [d]
+        m.addr_(mean, mean, alpha=-1.0)
+    return m
+
+
+def moment_diagonal(g: Tensor, centred: bool) -> Tensor:
+    """The diagonal of `second_moment` without the [d, d] temporary: [d]."""
+    n = float(g[-1, -1].clamp(min=1.0))
+    m = torch.diagonal(g)[:-1] / n
+    return m - (g[:-1, -1] / n) ** 2 if centred else m
+
+
+# --- quadratic forms ----------------------------------------------------------------------------------
+
+def quad(w: Tensor, m: Tensor, rows: int = QUAD_ROWS) -> float:
+    """trace(w m w^T) for w [out, n] and m [n, n], `rows` rows of w at a time."""
+    return float(sum(((w[r:r + rows] @ m) * w[r:r + rows]).sum() for r in range(0, w.shape[0], rows)))
+
+
+def output_energy(w: Tensor, b: Tensor | None, g: Tensor) -> float:
+    """Sum over tokens of ||W x + b||^2 from the Gram of [x; 1] (w [out, d], b [out] or None), float64."""
+    total = quad(w, g[:-1, :-1])
+    if b is not None:
+        total += 2 * float(b @ (w @ g[:-1, -1])) + float(g[-1, -1]) * float(b @ b)
+    return total
+
+
+def column_energy(w: Tensor, rows: int = 4 * QUAD_ROWS) -> Tensor:
+    """Squared norm of every column of w ([out, n], any device / dtype), float64 on the CPU: [n]."""
+    out = torch.zeros(w.shape[1], dtype=torch.float64)
+    for r in range(0, w.shape[0], rows):
+        out += w[r:r + rows].detach().double().cpu().pow(2).sum(0)
+    return out
+
+
+# --- what a fit on the other inputs cannot rebuild ----------------------------------------------------
+
+def unexplained_share(g: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
+    """Per input, the share of its centred energy that a ridge fit on all other inputs (and a constant)
+    leaves unexplained, in [0, 1]: 1 / (C_jj (C + lam I)^-1_jj), C the covariance, lam = ridge x mean(C_jj).
+    One Gram-sized temporary (inverted in place on the CPU); a general inverse where it is not SPD: [d]."""
+    g = g.detach()
+    if g.device.type != "cpu" or g.dtype != torch.float64:
+        g = g.double().cpu()
+    a = second_moment(g, centred=True)                                       # [d, d], the only big temporary
+    var = torch.diagonal(a).clamp(min=1e-12)                                 # a copy
+    lam = ridge * float(var.mean())
+    a.diagonal().add_(lam)
+    inv_diag = _inverse_diagonal_inplace(a)
+    if inv_diag is None:                                                     # not positive definite
+        a = second_moment(g, centred=True)
+        a.diagonal().add_(lam)
+        inv_diag = torch.diagonal(torch.linalg.inv(a))
+    return (1.0 / (var * inv_diag)).clamp(0.0, 1.0)
+
+
+def _inverse_diagonal_inplace(a: Tensor) -> Tensor | None:
+    """diag(a^-1) for a symmetric positive definite float64 CPU matrix, overwriting `a` (LAPACK potrf and
+    potri in place). None if `a` is not positive definite."""
+    from scipy.linalg import lapack
+
+    try:  # as many BLAS threads as torch uses (oversubscribed threads are much slower on a shared CPU)
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        limit = contextlib.nullcontext()
+    with limit:
+        arr = a.contiguous().numpy().T                                       # F-ordered view (a is symmetric)
+        chol, info = lapack.dpotrf(arr, lower=1, overwrite_a=1, clean=0)
+        if info != 0:
+            return None
+        inv, info = lapack.dpotri(chol, lower=1, overwrite_c=1)
+        return torch.from_numpy(inv.diagonal().copy()) if info == 0 else None
+
+
+# --- the ridge least-squares refit --------------------------------------------------------------------
+
+def fit_removed(g: Tensor, keep: list[int], removed: list[int], *, intercept: bool = True,
+                ridge: float = DEFAULT_RIDGE, n_samples: float | None = None, where: str = "") -> tuple[Tensor, dict]:
+    """Ridge least squares of the removed inputs on the kept ones (and a constant when `intercept`):
+    B [|K| (+1), |R|] with x_R ~ B^T [x_K; 1]. The constant is not penalised; the ridge is `ridge` times the
+    kept block's mean diagonal, raised when the fit is ill-posed. n_samples: tokens, if not g[-1, -1]."""
+    d = g.shape[0] - 1
+    n_tok = float(g[-1, -1]) if n_samples is None else float(n_samples)
+    cols = list(keep) + ([d] if intercept else [])
+    info = {"ill_posed": False, "ridge": float(ridge)}
+    if not removed or not cols:
+        return g.new_zeros(len(cols), len(removed)), info
+    kidx, ridx = torch.tensor(cols, dtype=torch.long), torch.tensor(removed, dtype=torch.long)
+    a = g.index_select(0, kidx).index_select(1, kidx)                        # [|K|+1, |K|+1]
+    rhs = g.index_select(0, kidx).index_select(1, ridx)                      # [|K|+1, |R|]
+    if n_tok < len(cols):
+        info["ill_posed"] = True
+        if ridge < ILL_POSED_RIDGE:
+            log.warning("%sonly %d calibration tokens for %d unknowns per removed neuron: the fit is "
+                        "ill-posed; regularising with ridge %.3g (use more or longer calibration texts)",
+                        where, int(n_tok), len(cols), ILL_POSED_RIDGE)
+            ridge = ILL_POSED_RIDGE
+    pen = torch.ones(len(cols), dtype=g.dtype)
+    if intercept:
+        pen[-1] = 0.0
+    scale = float(torch.diagonal(a)[: len(keep)].mean().clamp(min=1e-12)) if keep else 1.0
+    for attempt in range(8):
+        chol, bad = torch.linalg.cholesky_ex(a + torch.diag(ridge * scale * pen))
+        if bad == 0:
+            break
+        new = ridge * 10 if ridge > 0 else 1e-8
+        if attempt == 0:
+            log.warning("%sthe kept neurons' Gram matrix is singular (dead or duplicate neurons, or too few "
+                        "tokens); regularising more (ridge %.3g -> %.3g)", where, ridge, new)
+        info["ill_posed"] = True
+        ridge = new
+    else:
+        raise UserError(f"{where}could not fit the compensation even with strong regularisation; "
+                        "check the calibration data (is it empty or constant?)")
+    info["ridge"] = float(ridge)
+    return torch.cholesky_solve(rhs, chol), info
+
+
+@dataclass
+class Refit:
+    """A refit of one projection: delta [out, |K| (+1)] to add to the kept columns (and, last, the bias),
+    and the output energy on the calibration tokens: in total, lost by plain removal, left after the refit."""
+
+    delta: Tensor
+    total: float
+    removed_error: float
+    compensated_error: float
+    info: dict = field(default_factory=dict)
+
+
+def refit(w: Tensor, b: Tensor | None, g: Tensor, keep: list[int], removed: list[int], *, intercept: bool,
+          ridge: float = DEFAULT_RIDGE, n_samples: float | None = None, where: str = "") -> Refit:
+    """The least-squares refit of a projection y = W x + b (w [out, d], b [out] or None, float64 CPU) that
+    loses its `removed` inputs: W_R x_R is rebuilt from the kept inputs (and a constant when `intercept`)."""
+    d = g.shape[0] - 1
+    cols = list(keep) + ([d] if intercept else [])
+    total = output_energy(w, b, g)
+    if not removed:
+        return Refit(w.new_zeros(w.shape[0], len(cols)), total, 0.0, 0.0, {"ridge": 0.0, "ill_posed": False})
+    coef, info = fit_removed(g, keep, removed, intercept=intercept, ridge=ridge, n_samples=n_samples, where=where)
+    kidx, ridx = torch.tensor(cols, dtype=torch.long), torch.tensor(removed, dtype=torch.long)
+    w_r = w.index_select(1, ridx)                                            # [out, |R|]
+    g_r = g.index_select(0, ridx)                                            # [|R|, d+1]
+    before = quad(w_r, g_r.index_select(1, ridx))
+    g_kr = g_r.index_select(1, kidx).t()                                     # [|K| (+1), |R|]
+    del g_r
+    delta = w_r @ coef.t()                                                   # [out, |K| (+1)]
+    # sum over tokens of ||W_R x_R - delta z_K||^2, expanded in Gram blocks
+    after = before - 2 * float(((delta @ g_kr) * w_r).sum()) + quad(delta, g.index_select(0, kidx).index_select(1, kidx))
+    return Refit(delta, total, before, after, info)
