@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "anatomy_prune"
 
 # The stages in order; a module may import from its own stage or any stage before it.
 STAGES = [
-    ("leaves", ["errors", "runfolder", "resources", "validate"]),
+    ("leaves", ["errors", "safefiles", "runfolder", "resources", "validate"]),
     ("models", ["models"]),
     ("data", ["data"]),
     ("hooks", ["hooks"]),
@@ -115,7 +115,7 @@ def test_the_cycle_finder_finds_one():
 
 def test_the_run_folder_writer_is_a_leaf():
     deps = imports_of(PKG / "runfolder.py")
-    assert deps <= {"errors"}, deps
+    assert deps <= {"errors", "safefiles"}, deps
     text = (PKG / "runfolder.py").read_text()
     assert "import torch" not in text and "transformers" not in text
 

