@@ -62,3 +62,11 @@ peers: $(STAMP)
 
 clean:
 	rm -rf .venv .venv-peers runs
+
+# ONNX export and ONNX Runtime against PyTorch eager, dense and pruned, float32 and int8 (benchmarks/deploy.py,
+# about 25 minutes on 2 cores, 1,000 held-out reviews; EVAL_SIZE=5000 for the issue's size); needs make demo
+.PHONY: deploy-bench
+EVAL_SIZE ?= 1000
+deploy-bench: $(STAMP)
+	@test -d runs/demo/finetune/model || { echo "deploy-bench: no runs/demo/finetune yet; run make demo first"; exit 2; }
+	$(PY) benchmarks/deploy.py --model runs/demo/finetune --out runs/deploy --eval-size $(EVAL_SIZE)

@@ -158,12 +158,15 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> dict:
             "reduce_range": True, "quantized_ops": ops, "seconds": seconds}
 
 
-def session(path: str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session (all graph optimisations); threads 0 = ONNX Runtime's own choice."""
+def session(path: str | Path, threads: int = 0, spinning: bool = True):
+    """An ONNX Runtime CPU session (all graph optimisations); threads 0 = ONNX Runtime's own choice.
+    spinning=False: idle worker threads sleep at once (fair when other engines are timed in between)."""
     _, ort = require_runtime()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
