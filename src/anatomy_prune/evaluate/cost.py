@@ -89,12 +89,40 @@ def flops_cost(loaded: Loaded, seq_len: int = 128) -> CostModel:
                      {"seq_len": seq_len, "kv_share": kv_share})
 
 
+HELD_BACK = ((0.75, 0.75), (0.4, 0.5))  # (FFN, head) fractions timed beside the fitted shapes but not fitted
+
+
+def _pruned_copy(model: nn.Module, neurons: list[int], units: list[int], f_ffn: float, f_heads: float
+                 ) -> tuple[nn.Module, int, int]:
+    """A physically pruned copy keeping the first f_ffn of every FFN and f_heads of every attention's units
+    (at least one each), with the neurons and head units it keeps in all."""
+    m = model
+    keep_n = [max(1, int(round(f_ffn * w))) for w in neurons]
+    keep_h = [max(1, int(round(f_heads * u))) for u in units]
+    if f_ffn < 1.0:
+        m = keep_ffn_neurons(copy.deepcopy(m), [range(k) for k in keep_n])
+    if f_heads < 1.0:
+        m = keep_heads(copy.deepcopy(m) if m is model else m, [range(k) for k in keep_h])
+    return m, sum(keep_n) if f_ffn < 1.0 else sum(neurons), sum(keep_h) if f_heads < 1.0 else sum(units)
+
+
+def fit_latency(shapes: Sequence[tuple[int, int]], seconds: Sequence[float]) -> tuple[float, float, float]:
+    """Least squares of seconds = base + a_n x neurons + a_h x heads over (neurons, heads) shapes; a_h = 0
+    where the heads never vary. Returns (base, a_n, a_h)."""
+    x = np.array([[1.0, n, h] for n, h in shapes])
+    if len({(n, h) for n, h in shapes}) < 2:
+        raise UserError("the latency fit needs at least one pruned shape; give fractions below 1")
+    cols = [0, 1, 2] if len({h for _n, h in shapes}) > 1 else [0, 1]
+    coef, *_ = np.linalg.lstsq(x[:, cols], np.asarray(seconds, dtype=float), rcond=None)
+    return float(coef[0]), float(coef[1]), float(coef[2]) if len(cols) == 3 else 0.0
+
+
 @torch.no_grad()
-def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repeats: int = 3,
+def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repeats: int = 5,
                  fractions: Sequence[float] = (1.0, 0.5, 0.25), seed: int = 0) -> CostModel:
-    """Fit time = base + a_ffn * neurons + a_head * heads from timings of the model's own shapes on its
-    device: the dense model and physically pruned copies with the FFNs (and, where heads can be pruned,
-    the attention) at the given fractions of their width, timed interleaved."""
+    """Fit time = base + a_ffn * neurons + a_head * heads to the median times of the model's own shapes on its
+    device (the dense model, copies with the FFNs or the attention at the given fractions), timed interleaved
+    with shapes held back from the fit (HELD_BACK, both kinds pruned at once), whose prediction error it reports."""
     model = loaded.model.eval()
     if seq_len > loaded.max_positions:
         raise UserError(f"length {seq_len} exceeds the model's {loaded.max_positions} positions")
@@ -102,37 +130,32 @@ def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repea
     inputs = fixed_inputs(vocab, batch_size, seq_len, loaded.device, seed)
     neurons = ffn_widths(model)
     units, _hd, _q = _attention_shape(model)
+    heads_prunable = all(u > 1 for u in units)
     variants: dict[str, tuple[nn.Module, int, int]] = {"dense": (model, sum(neurons), sum(units))}
-    for f in fractions:
-        if f >= 1.0:
-            continue
-        m = keep_ffn_neurons(copy.deepcopy(model), [range(max(1, int(round(f * w)))) for w in neurons])
-        variants[f"ffn{f:g}"] = (m, sum(max(1, int(round(f * w))) for w in neurons), sum(units))
-        if all(u > 1 for u in units):
-            kept = [max(1, int(round(f * u))) for u in units]
-            mh = keep_heads(copy.deepcopy(model), [range(k) for k in kept])
-            variants[f"heads{f:g}"] = (mh, sum(neurons), sum(kept))
+    for f in (f for f in fractions if f < 1.0):
+        variants[f"ffn{f:g}"] = _pruned_copy(model, neurons, units, f, 1.0)
+        if heads_prunable:
+            variants[f"heads{f:g}"] = _pruned_copy(model, neurons, units, 1.0, f)
+    fitted = list(variants)
+    for f_n, f_h in HELD_BACK:
+        f_h = f_h if heads_prunable else 1.0
+        variants[f"held_ffn{f_n:g}_heads{f_h:g}"] = _pruned_copy(model, neurons, units, f_n, f_h)
     timings = time_interleaved({k: forward_fn(m, inputs) for k, (m, _n, _h) in variants.items()},
                                warmup=1, repeats=repeats, device=loaded.device)
-    names = list(variants)
-    x = np.array([[1.0, variants[k][1], variants[k][2]] for k in names])
-    y = np.array([timings[k].median for k in names])
-    if len({tuple(r[1:]) for r in x}) < 2:
-        raise UserError("the latency fit needs at least one pruned shape; give fractions below 1")
-    has_heads = len({r[2] for r in x}) > 1
-    cols = [0, 1, 2] if has_heads else [0, 1]
-    coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
-    c0, a_n = float(coef[0]), float(coef[1])
-    a_h = float(coef[2]) if has_heads else 0.0
-    pred = x[:, cols] @ coef
-    info = {"batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "device": str(loaded.device),
-            "timed": {k: {"neurons": int(variants[k][1]), "heads": int(variants[k][2]),
-                          "median_s": timings[k].median, "predicted_s": float(p)} for k, p in zip(names, pred)},
-            "max_rel_residual": float(np.max(np.abs(pred - y) / y)), "heads_fitted": has_heads,
-            "machine": machine_info()}
+    c0, a_n, a_h = fit_latency([variants[k][1:] for k in fitted], [timings[k].median for k in fitted])
     n_layers = len(neurons)
-    model_ = CostModel("latency", max(0.0, c0), [max(a_n, 0.0)] * n_layers, [max(a_h, 0.0)] * n_layers,
-                       neurons, units, info)
-    log.info("latency cost model: base %.4f s, %.2e s per neuron, %.2e s per head; max residual %.1f%%",
-             model_.base, a_n, a_h, 100 * info["max_rel_residual"])
-    return model_
+    cm = CostModel("latency", max(0.0, c0), [max(a_n, 0.0)] * n_layers, [max(a_h, 0.0)] * n_layers, neurons, units)
+    timed = {}
+    for k, (_m, n, h) in variants.items():
+        t, pred = timings[k], cm.base + cm.per_neuron[0] * n + cm.per_head[0] * h
+        timed[k] = {"neurons": int(n), "heads": int(h), "median_s": t.median, "q1_s": t.q1, "q3_s": t.q3,
+                    "predicted_s": pred, "rel_error": (pred - t.median) / t.median, "fitted": k in fitted}
+    cm.info = {"batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "device": str(loaded.device),
+               "timed": timed, "heads_fitted": heads_prunable and any(f < 1.0 for f in fractions),
+               "max_rel_residual": max(abs(t["rel_error"]) for t in timed.values() if t["fitted"]),
+               "held_back_max_rel_error": max(abs(t["rel_error"]) for t in timed.values() if not t["fitted"]),
+               "machine": machine_info()}
+    log.info("latency cost model: base %.4f s, %.2e s per neuron, %.2e s per head; max residual %.1f%%, "
+             "held-back shapes predicted within %.1f%%", cm.base, a_n, a_h, 100 * cm.info["max_rel_residual"],
+             100 * cm.info["held_back_max_rel_error"])
+    return cm
