@@ -216,8 +216,8 @@ def test_bad_input_is_refused():
     wrong = FFNStats(gram=[torch.eye(11, dtype=torch.float64)] * 3, n_tokens=5, n_examples=1)
     with pytest.raises(UserError, match="widths"):
         compensate(loaded.model, plan, wrong)
-    for ridge, mix in ((-1.0, 0.0), (0.01, 1.5), ("x", 0.0), (True, 0.0)):
-        with pytest.raises(UserError, match="ridge"):
+    for ridge, mix in ((-1.0, 0.0), (0.01, 1.5), ("x", 0.0), (True, 0.0), (float("nan"), 0.0)):
+        with pytest.raises(UserError, match="ridge|readout_mix"):
             compensate(loaded.model, plan, stats, ridge=ridge, readout_mix=mix)
     with pytest.raises(UserError, match="does not fit"):
         compensate(loaded.model, PruningPlan(keep=[[0]] * 2, widths=[37, 37]), stats)

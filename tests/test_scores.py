@@ -160,7 +160,7 @@ def test_bad_input():
         (lambda: make_plan("magnitude", calib, 0.5, alpha=1.0), "no parameter"),
         (lambda: make_plan("strategy", calib, 0.5, alpha=0.1), "not both"),
         (lambda: make_plan("strategy", calib, None), "alpha"),
-        (lambda: make_plan("strategy", calib, None, alpha=-1.0), "non-negative"),
+        (lambda: make_plan("strategy", calib, None, alpha=-1.0), "alpha must be >= 0"),
         (lambda: make_plan("strategy", calib, None, alpha=0.1, focus=[7]), "outside"),
         (lambda: by_step("nope", calib, 0.5), "choose one of: activation, .*magnitude, random, strategy"),
         (lambda: by_step("magnitude", calib, 1.0), r"\[0, 1\)"),

@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..linalg import DEFAULT_RIDGE, refit
 from ..models.families import attention_sites, base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from ..plan.plan import PruningPlan
+from ..validate import finite, fraction
 from ..scores.calibration import FFNStats, HeadStats
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,7 @@ log = logging.getLogger(__name__)
 
 def check_recipe(ridge, readout_mix) -> tuple[float, float]:
     """A compensation recipe's numbers, checked (they may come from a plan file)."""
-    try:
-        r, m = float(ridge), float(readout_mix)
-    except (TypeError, ValueError):
-        raise UserError(f"compensation needs a number for ridge and readout_mix; got {ridge!r} and "
-                        f"{readout_mix!r}") from None
-    if isinstance(ridge, bool) or isinstance(readout_mix, bool) or not (0.0 <= r < 1e6) or not 0.0 <= m <= 1.0:
-        raise UserError(f"ridge must be in [0, 1e6) and readout_mix in [0, 1]; got {ridge!r} and {readout_mix!r}")
-    return r, m
+    return finite(ridge, "ridge", 0.0, 1e6), fraction(readout_mix, "readout_mix", closed=True)
 
 
 def _check_stats(model: nn.Module, stats: FFNStats) -> None:

@@ -24,7 +24,6 @@ them raw (normalize="none"); normalize="mean" divides each layer by its mean sco
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import Tensor
@@ -32,6 +31,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..linalg import DEFAULT_RIDGE, column_energy, moment_diagonal, quad, second_moment, unexplained_share
 from ..models.families import attention_sites, base_model, ffn_sites, get_module, weight_out_in
+from ..validate import finite, fraction
 from .calibration import Calibration, FFNStats, HeadStats, calibration_pass
 from .registry import Scores, register
 
@@ -148,8 +148,8 @@ def calibrated_scores(calib: Calibration, sparsity: float, floor: float | None =
     heads=True (or a head_sparsity) also scores the attention head units on the same scale as the neurons
     (joint_scores), for a target that prunes both (pipeline.step with a FLOP or latency target) or for
     head_sparsity, the fraction of head units removed (one ranking over all layers, the same floor)."""
-    beta, ridge, readout_mix = (_number(beta, "beta", 0.0), _number(ridge, "ridge", 0.0),
-                                _number(readout_mix, "readout_mix", 0.0, 1.0))
+    beta, ridge = finite(beta, "beta", 0.0), finite(ridge, "ridge", 0.0)
+    readout_mix = fraction(readout_mix, "readout_mix", closed=True)
     heads = bool(heads) or head_sparsity is not None
     collected = calibration_pass(calib, grads=True, heads=heads)
     stats = collected.ffn
@@ -167,12 +167,3 @@ def calibrated_scores(calib: Calibration, sparsity: float, floor: float | None =
                   compensation={"ridge": ridge, "readout_mix": readout_mix}, seed=calib.seed, head_values=head_values,
                   head_sparsity=head_sparsity)
 
-
-def _number(x, what: str, lo: float, hi: float = math.inf) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise UserError(f"{what} must be a number in [{lo}, {hi}], got {x!r}") from None
-    if isinstance(x, bool) or not lo <= v <= hi:
-        raise UserError(f"{what} must be in [{lo}, {hi}], got {x!r}")
-    return v

@@ -28,6 +28,7 @@ from ..hooks import attn_heads, ffn_hidden, per_layer, run_with_cache, run_with_
 from ..linalg import DEFAULT_RIDGE
 from ..models.families import attention_sites, ffn_sites, readout_index
 from ..models.loading import Loaded
+from ..validate import positive_int
 from .accumulators import FFN, HEADS, ActivationMagnitude, MaskGradients, ReadoutGram, TokenGram, Tokens
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,7 @@ class Calibration:
 def make_calibration(loaded: Loaded, n: int = CALIB_SIZE, max_length: int = CALIB_MAX_LENGTH, seed: int = 0,
                      source: str = "imdb", exclude: Sequence[str] = (), batch_size: int = 16) -> Calibration:
     """The calibration sample for `loaded` (data.calibration_set), labelled for a classifier."""
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
-        raise UserError(f"--calib-max-length must be a positive whole number, got {max_length}")
-    max_length = min(max_length, loaded.max_positions)
+    max_length = min(positive_int(max_length, "--calib-max-length"), loaded.max_positions)
     cal = calibration_set(n, seed, source, exclude)
     labels = cal.labels if loaded.kind == "classifier" and min(cal.labels, default=0) >= 0 else None
     return Calibration(loaded, cal.texts, labels, max_length=max_length, batch_size=batch_size, seed=seed)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..validate import finite
 from .calibration import Calibration, similarity_stats
 from .registry import Scores, register
 
@@ -139,7 +140,7 @@ def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | N
     n_layers = len(m)
     if decoder and beta not in (None, 0, 0.0):
         raise UserError("beta is part of the encoder rule only; the decoder rule is |neuron_sim| < |layer_sim * alpha|")
-    beta = 0.0 if decoder else (PAPER_BETA if beta is None else _number(beta, "beta"))
+    beta = 0.0 if decoder else (PAPER_BETA if beta is None else finite(beta, "beta"))
     if rule == "uniform":
         if sparsity is None:
             raise UserError("the uniform rule needs a target sparsity")
@@ -156,9 +157,7 @@ def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | N
     if solved:
         alpha = solve_alpha(m, layer_sim, int(round(sparsity * total)), beta, focus, decoder, signed=signed)
     else:
-        alpha = _number(alpha, "alpha")
-        if alpha < 0:
-            raise UserError(f"alpha must be a non-negative number, got {alpha}")
+        alpha = finite(alpha, "alpha", 0.0)
     t = strategy_thresholds(layer_sim, float(alpha), beta, focus, decoder, signed=bool(signed))
     values = [mi.double() - ti for mi, ti in zip(m, t.tolist())]  # < 0: below the threshold, pruned by the rule
     params = {"alpha": float(alpha), "alpha_solved": solved, "beta": beta, "focus": focus,
@@ -170,12 +169,3 @@ def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | N
     allocation = {"kind": "global", "normalize": "none", "floor": 0.0} if solved else {"kind": "threshold"}
     return Scores(values, {**allocation, "multiple_of": multiple_of}, params, seed=calib.seed)
 
-
-def _number(x, what: str) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise UserError(f"{what} must be a number, got {x!r}") from None
-    if isinstance(x, bool) or not math.isfinite(v):
-        raise UserError(f"{what} must be a finite number, got {x!r}")
-    return v
