@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..resources import gpt2_tokenizer_dir, minilm_dir, mpnet_dir, smollm2_gguf
-from ..runfolder import read_json
+from ..runfolder import read_json, usable_path
 from .families import base_model_kwargs, family_for, family_of, supported_model_types
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer, resolve_dtype  # noqa: F401  (re-exported)
 from .offload import Placement, execution_device
@@ -280,7 +280,7 @@ def load_model(spec: str, device: str | torch.device | None = None, dtype: str |
     if placement is not None and placement.device_map is not None and device is not None:
         raise UserError("give either --device or --device-map, not both")
     dev = pick_device(str(device) if device is not None else None)
-    path = Path(spec).expanduser()
+    path = usable_path(spec, "model")  # an over-long name or a link loop: one line, here
     if spec in ALIASES:
         model, tok, kind = ALIASES[spec]()
         info = {"base_model": spec}

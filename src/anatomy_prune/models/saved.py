@@ -26,8 +26,8 @@ from .families import (base_model, base_model_kwargs, config_head_units, ffn_sit
                        supported_model_types)
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer
 from .surgery import check_head_indices, resize_ffn, resize_heads, set_config_widths
-from .trust import (MAX_HEADER, check_config_values, check_dtypes, check_tokenizer_fits,  # noqa: F401
-                    declared_weights, read_headers, safetensors_header)
+from .trust import (MAX_HEADER, check_config_values, check_dtypes, check_float_weights,  # noqa: F401
+                    check_tokenizer_fits, declared_weights, read_headers, safetensors_header)
 
 log = logging.getLogger(__name__)
 META_FORMAT = 1
@@ -192,6 +192,7 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         raise _bad(folder, f"model type {getattr(cfg, 'model_type', None)!r} is not supported")
     weights = declared_weights(folder, saved=True)
     headers = read_headers(weights)
+    check_float_weights(folder, headers)
     try:
         tok = AutoTokenizer.from_pretrained(folder, **SAFE)
     except Exception as exc:

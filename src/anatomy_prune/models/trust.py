@@ -187,7 +187,7 @@ def check_config_values(cfg: Any, where: str, supported: set[str] | None = None)
         raise UserError(f"{where} describes quantized weights ({str(method)[:20]}); anatomy-prune loads float "
                         "weights only: give the float model")
     mt = cfg.get("model_type")
-    if supported is not None and mt not in supported:
+    if supported is not None and (not isinstance(mt, str) or mt not in supported):
         raise UserError(f"{where}: model type {str(mt)[:30]!r} is not supported; give one of "
                         f"{', '.join(sorted(supported))}")
 
