@@ -1,5 +1,6 @@
-"""Named hook points, in the spirit of TransformerLens' `run_with_hooks`: one helper installs functions at
-named places of a model for the duration of a `with` block and always removes them.
+"""Named hook points, in the spirit of TransformerLens: `run_with_hooks` installs functions at named places of a
+model for the duration of a `with` block, `run_with_cache` folds what they receive into a cache; both always
+remove their hooks.
 
 Hook points (i = block index, counted from 0):
   ffn.{i}.hidden     what block i's down projection receives: the FFN's hidden activation  # [batch, pos, d_ff]

@@ -1,23 +1,12 @@
-"""Compensation: rebuild what removed FFN neurons contributed from the neurons that stay, without retraining.
+"""Compensation: rebuild what removed FFN neurons (or head units) contributed from those that stay.
 
-For each layer, the removed neurons' activations h_R are regressed on the kept ones and a constant,
-h_R ~ A h_K + c, by ridge-regularised least squares over the calibration tokens, and the fit is folded into
-the down projection of the UNPRUNED model:  W_K <- W_K + W_R A,  b <- b + W_R c.  After `apply.physical`
-slices the removed neurons away, the model is a plain dense model that is simply smaller.
-
-Everything the fit needs is a per-layer sufficient statistic, the Gram matrix of [h; 1] over non-padding
-tokens, collected in one calibration pass (`scores.calibration`; raw activations are never kept); the fit
-itself is `linalg.refit`, which the layer-wise path (pipeline.layerwise) shares.
-The idea of refitting what stays by least squares so that the layer output is kept is ThiNet's (Luo et al.
-2017) and ZipLM's (Kurtic et al. 2023); FLAP (An et al. 2024) compensates the mean with a bias.
-
-Because the least-squares fit is the same in activation space and in output space (the target W_R h_R is
-linear in h_R), the output-space reconstruction error can only fall: the ridge solution is never worse on
-the calibration tokens than plain removal (A = 0, c = 0).
-
-Down projections without a bias (Llama-like families) get the best fit WITHOUT the constant column, so
-only the linear part is folded in and the saved model keeps the family's own layout (plain transformers
-loads it); the mean shift c that a bias would carry is lost, which the diagnostics show.
+Per layer, the removed inputs of the down projection (or the attention's output projection) are regressed on
+the kept ones and a constant by ridge least squares over the calibration tokens, from the Gram of [x; 1]
+alone (`linalg.refit`, shared with the layer-wise path), and the fit is folded into the kept columns and the
+bias of the UNPRUNED model: W_K <- W_K + W_R A, b <- b + W_R c; slicing then leaves a smaller dense model.
+The output-space error can only fall (the fit is never worse than A = 0). Projections without a bias (Llama)
+get the fit without the constant, so the saved model keeps the family's layout. The idea of refitting what
+stays is ThiNet's (Luo et al. 2017) and ZipLM's (Kurtic et al. 2023); FLAP (An et al. 2024) refits the mean.
 """
 from __future__ import annotations
 
@@ -122,16 +111,10 @@ def compensate_heads(model: nn.Module, plan: PruningPlan, stats: HeadStats, ridg
 @torch.no_grad()
 def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: float = DEFAULT_RIDGE,
                intercept: bool | None = None, readout_mix: float = 0.0) -> dict:
-    """Fold a least-squares reconstruction of each layer's removed neurons into its kept down-projection
-    columns (and its bias), in place, on the UNPRUNED model; then `apply.physical` (or `apply.mask`).
-
-    intercept=None fits the constant column only where the down projection has a bias to carry it.
-    ridge and readout_mix (see `layer_gram`) are the recipe's (the `calibrated` scorer gives one); the plan
-    is not changed, and compensating a model twice is the caller's mistake to avoid (the pruning step
-    always compensates a fresh copy of the unpruned model).
-    Returns per-layer diagnostics: relative reconstruction error of the layer output on the calibration
-    tokens with plain removal (`rel_err_removed`) and after compensation (`rel_err_compensated`).
-    """
+    """Fold a least-squares rebuild of each layer's removed neurons into its kept down-projection columns (and
+    bias), in place, on the UNPRUNED model (then `apply.physical`); the plan is not changed. intercept=None
+    fits the constant where there is a bias; ridge and readout_mix (`layer_gram`) are the recipe's. Returns
+    per-layer diagnostics: the relative reconstruction error with plain removal and after compensation."""
     plan.check_fits(model)
     _check_stats(model, stats)
     ridge, readout_mix = check_recipe(ridge, readout_mix)

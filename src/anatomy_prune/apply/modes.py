@@ -65,13 +65,9 @@ def mask(model: nn.Module, plan: PruningPlan) -> nn.Module:
 
 
 def _mask_heads(model: nn.Module, plan: PruningPlan) -> None:
-    """Zero the removed head units' value rows (and biases) and their query heads' o columns, in place.
-
-    Zeroing a head's query or key rows would not silence it: its scores become 0, the softmax of zeros is
-    uniform, and the head still adds the mean of its values. Zero value rows make the head's context zero
-    (with a value bias, a constant; hence its biases too), and zero o columns make what the head adds to the
-    output exactly zero whatever its context, so the model equals the physically pruned one. The query and
-    key rows are left as they are (they no longer matter)."""
+    """Zero the removed head units' value rows (and biases) and their query heads' o columns, in place: zero o
+    columns make what a head adds exactly zero, as physical removal does (zero query / key rows would not:
+    the softmax of zero scores is uniform and the head would still add the mean of its values)."""
     base = base_model(model)
     for site in attention_sites(model):
         gone = plan.removed_heads(site.layer)

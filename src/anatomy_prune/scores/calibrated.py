@@ -1,25 +1,13 @@
-"""The `calibrated` scorer: sensitivity scores on the calibration set, per-layer budgets from one global
-ranking with a floor per layer, and a recipe for least-squares compensation (apply.compensate), which the
-pruning step applies. What it builds on: Fisher information of neuron masks (Kwon et al. 2022, "A Fast
-Post-Training Pruning Framework for Transformers"); the error a removal leaves in the layer output and its
-compensation by a bias / least-squares refit (FLAP, An et al. 2024; ThiNet, Luo et al. 2017; ZipLM, Kurtic
-et al. 2023). What it adds: the two terms in one score, the leave-one-out share that the refit cannot rebuild,
-a readout-token weighting for classifiers, and the refit folded into a physically smaller dense model.
+"""The `calibrated` scorer: Fisher sensitivity of each neuron's mask on the calibration set (Kwon et al. 2022)
+plus beta x the error its removal leaves in the layer output after a least-squares refit (FLAP, An et al.
+2024; ThiNet; ZipLM), per-layer budgets from one global ranking with a floor, and the refit's recipe
+(ridge, readout_mix), which the pruning step applies (apply.compensate).
 
-Scores (higher = keep), from one calibration pass with gradients (`scores.calibration.calibration_pass`):
-  fisher   sum over examples of (dL_i/dm_j)^2, the Fisher information of neuron j's mask (Kwon et al. 2022):
-           the expected loss increase, to second order, of zeroing the neuron.
-  taylor   |sum over examples of dL_i/dm_j|, first-order Taylor (the loss change of removing it).
-L is the task loss for a classifier (labels of the calibration texts) and the LM loss for a causal LM.
-
-The recipe adds (beta) the error each neuron's removal leaves in its layer's output after compensation:
-Fisher alone, measured on the calibration examples, misses neurons whose removal barely moves the loss
-there but shifts the residual stream a lot (at 70% on the fine-tuned minilm, validation reviews: agreement
-with the dense predictions 0.93 with Fisher alone, 0.98 with beta = 1).
-
-Fisher scores are in units of the loss, so they compare across layers as they are; the global ranking uses
-them raw (normalize="none"); normalize="mean" divides each layer by its mean score first
-(the allocator's option for scores in arbitrary units), which lost 3 points at 50% in the same measurement.
+  fisher   sum over examples of (dL_i/dm_j)^2: the expected loss increase, to second order, of zeroing j.
+  taylor   |sum over examples of dL_i/dm_j|: the first-order loss change of removing it.
+L is the task loss for a classifier (labels of the calibration texts) and the LM loss for a causal LM. Fisher
+scores are in loss units, so the global ranking uses them raw (normalize="none"); the error term catches
+neurons that barely move the loss on the calibration examples but shift the residual stream a lot.
 """
 from __future__ import annotations
 
@@ -142,12 +130,9 @@ def calibrated_scores(calib: Calibration, sparsity: float, floor: float | None =
                       beta: float = DEFAULT_BETA, rebuilt: bool = True, normalize: str = "none",
                       ridge: float = DEFAULT_RIDGE, readout_mix: float = DEFAULT_READOUT_MIX, heads: bool = False,
                       head_sparsity: float | None = None) -> Scores:
-    """Scores, a global allocation with a floor, and the compensation recipe (ridge, readout_mix).
-
-    floor=None: auto_floor(sparsity); a given floor that the sparsity cannot respect is a UserError.
-    heads=True (or a head_sparsity) also scores the attention head units on the same scale as the neurons
-    (joint_scores), for a target that prunes both (pipeline.step with a FLOP or latency target) or for
-    head_sparsity, the fraction of head units removed (one ranking over all layers, the same floor)."""
+    """Scores, a global allocation with a floor (None: auto_floor(sparsity)), and the compensation recipe.
+    heads=True (or a head_sparsity, the fraction of head units removed) also scores the attention head units
+    on the neurons' scale (joint_scores), for a cost target or a head sparsity."""
     beta, ridge = finite(beta, "beta", 0.0), finite(ridge, "ridge", 0.0)
     readout_mix = fraction(readout_mix, "readout_mix", closed=True)
     heads = bool(heads) or head_sparsity is not None

@@ -50,11 +50,8 @@ def label(key: Hashable) -> str:
 @dataclass
 class Calibration:
     """A model and the texts its data-driven methods look at (a pinned sample of training reviews).
-
-    `cache` keeps statistics of the *unpruned* model by key, `timings` the seconds each took and `used` the
-    ones a method read since it was last cleared, both by `label` (a sweep charges shared statistics to
-    every point that needs them, so its `prune_s` is what a standalone `prune` would take).
-    """
+    `cache` keeps statistics of the *unpruned* model by key; `timings` (seconds) and `used` (read since last
+    cleared) name them by `label`, so a sweep charges shared statistics as a standalone run would pay."""
 
     loaded: Loaded
     texts: list[str]
@@ -120,11 +117,8 @@ def make_calibration(loaded: Loaded, n: int = CALIB_SIZE, max_length: int = CALI
 
 @torch.no_grad()
 def forward_stats(calib: Calibration) -> dict:
-    """One pass of the unpruned model over the calibration texts, for every data-driven statistic:
-
-    states:    [n_inputs, L+1, d_model] readout states (anatomy.readout_states: CLS / last real token)
-    act_mean:  per block [d_ff], mean |FFN activation| over the real (non-padding) tokens
-    """
+    """One pass of the unpruned model over the calibration texts: `states` [n_inputs, L+1, d_model], the readout
+    states (CLS / last real token), and `act_mean`, per block [d_ff], the mean |FFN activation| over real tokens."""
     def compute() -> dict:
         if not calib.texts:
             raise UserError("this method needs calibration texts; give --calib-size N with N > 0")
@@ -141,12 +135,9 @@ def forward_stats(calib: Calibration) -> dict:
 
 @torch.no_grad()
 def similarity_stats(calib: Calibration) -> dict:
-    """The paper's similarities over the calibration texts (from `forward_stats`).
-
-    layer_sim:      [L+1] mean over inputs of the layer similarity (index 0 = embeddings, i = after block i-1)
-    neuron_abs:     per block [d_ff], mean over inputs of |neuron similarity|
-    neuron_max:     per block [d_ff], max over inputs of the signed neuron similarity
-    """
+    """The paper's similarities over the calibration texts (from `forward_stats`): layer_sim [L+1] (mean over
+    inputs; index 0 = embeddings, i = after block i-1), per block [d_ff] neuron_abs (mean |neuron similarity|)
+    and neuron_max (max of the signed neuron similarity)."""
     def compute() -> dict:
         states = forward_stats(calib)["states"]  # [n, L+1, d]
         sims = neuron_similarity(calib.loaded, states[:, -1])  # per block [n, d_ff]

@@ -40,14 +40,10 @@ def default_focus(n_layers: int, decoder: bool, mapping: str = "depth") -> list[
 
 
 def map_focus(focus: Sequence[int], n_layers: int, depth: int = PAPER_DEPTH, mapping: str = "depth") -> list[int]:
-    """Blocks given for a `depth`-block model, mapped to an `n_layers`-block one.
-
-    depth:    block f becomes round(f / (depth - 1) * (n_layers - 1)): every focusing block survives, so a
-              shallower model can end up with a larger share of focused blocks (4 of MiniLM's 6 for BERT's 5
-              of 12);
-    coverage: the share of focused blocks is kept: k = round(len(focus) * n_layers / depth) blocks (at least
-              one) are focused, those whose span of depth covers most of the paper's focusing blocks (ties go
-              to the deeper block): BERT's 4,6,8,10,11 -> 3,4,5 on 6 blocks, GPT-2's 11 -> 5."""
+    """Blocks given for a `depth`-block model, mapped to an `n_layers`-block one. depth: block f goes to
+    round(f / (depth - 1) * (n_layers - 1)), so every focusing block survives (BERT's 5 of 12 -> 4 of MiniLM's 6);
+    coverage: the share of focused blocks is kept, k = round(len(focus) * n_layers / depth) blocks (at least
+    one), those whose span of depth covers most focusing blocks, ties to the deeper (BERT's -> 3,4,5 of 6)."""
     if mapping not in FOCUS_MAPPINGS:
         raise UserError(f"unknown focus mapping '{mapping}'; choose one of {', '.join(FOCUS_MAPPINGS)}")
     focus = sorted(set(int(f) for f in focus))
@@ -75,17 +71,10 @@ def _check_focus(focus: Sequence[int], n_layers: int) -> list[int]:
 
 def strategy_thresholds(layer_sim: Tensor, alpha: float, beta: float, focus: Sequence[int],
                         decoder: bool, signed: bool = False) -> Tensor:
-    """The paper's per-block pruning thresholds: [n_layers].
-
-    encoder: t_i = |layer_sim[i] * alpha * f_i + i * beta|;  decoder: t_i = |layer_sim[i] * alpha * f_i|,
-    with f_i = 3 on the focusing blocks and 1 elsewhere. layer_sim[i] is the mean layer similarity of the
-    readout state *entering* block i (index 0 = embeddings), the pairing the paper's Figure 4a numbers show
-    (GPT-2's block 0 gets the embeddings' negative similarity).
-
-    signed (decoders): no absolute value, t_i = layer_sim[i] * alpha * f_i, so a block entered with a negative
-    layer similarity (GPT-2's block 0) has a negative threshold and loses nothing; this is what the paper's
-    Figure 4a shows for GPT-2 (block 0 spared), while its formula writes abs(). Default: the formula.
-    """
+    """The paper's per-block thresholds [n_layers]: encoder |layer_sim[i] * alpha * f_i + i * beta|, decoder
+    |layer_sim[i] * alpha * f_i|, f_i = 3 on focusing blocks, layer_sim[i] the similarity of the state
+    *entering* block i (index 0 = embeddings), as the paper's Figure 4a pairs them. signed (decoders): no abs(),
+    so a block entered with a negative similarity (GPT-2's block 0) loses nothing, as Figure 4a shows."""
     n = len(layer_sim) - 1  # layer_sim: [L+1]
     f = torch.ones(n, dtype=torch.float64)
     f[list(focus)] = FOCUS_FACTOR
@@ -126,12 +115,9 @@ def solve_alpha(m: list[Tensor], layer_sim: Tensor, n_remove: int, beta: float, 
 def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | None = None,
                     beta: float | None = None, focus: Sequence[int] | None = None, multiple_of: int = 1,
                     rule: str = "paper", focus_mapping: str = "depth", signed: bool = False) -> Scores:
-    """Scores |sim| - t (double), with the allocation that reproduces the paper's rule (see the module doc).
-
-    Ablations (issue: what drives the strategy): rule="uniform" keeps the score (mean |similarity|) but
-    removes the same fraction of every layer (no thresholds, no focusing layers); focus=[] runs the rule
-    without focusing layers; focus_mapping="coverage" maps the paper's focusing layers by the share of depth
-    they cover (map_focus); signed=True is the decoder rule without abs() (see strategy_thresholds)."""
+    """Scores |sim| - t (double) and the allocation that reproduces the paper's rule (see the module doc).
+    Ablations: rule="uniform" keeps the score but removes the same fraction of every layer; focus=[] drops the
+    focusing layers; focus_mapping="coverage" maps them by depth covered; signed=True drops the decoder's abs()."""
     if rule not in ("paper", "uniform"):
         raise UserError(f"unknown strategy rule '{rule}'; choose paper or uniform")
     decoder = calib.loaded.family.decoder
