@@ -33,6 +33,8 @@ def quiet() -> None:
     os.environ["TQDM_DISABLE"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["DATASETS_VERBOSITY"] = "error"          # read when datasets is imported (online mode)
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     warnings.filterwarnings("ignore")
     for name in QUIET_LOGGERS:
@@ -43,6 +45,11 @@ def quiet() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001 - transformers missing or older: nothing to silence
         pass
+    if "datasets" in sys.modules:  # imported before: its level was set already
+        from datasets.utils import logging as ds_logging
+        from datasets.utils.tqdm import disable_progress_bars
+        ds_logging.set_verbosity_error()
+        disable_progress_bars()
     try:
         from IPython import get_ipython
         shell = get_ipython()
@@ -175,11 +182,13 @@ class Setup:
 
 def setup(family: str, online: bool | None = None, smoke: bool | None = None, runs: str | Path | None = None,
           sparsities: list[float] | None = None, eval_size: int | None = None, model: str | None = None,
-          calib_size: int | None = None, seeds: int | None = None) -> Setup:
+          calib_size: int | None = None, seeds: int | None = None, offline: dict | None = None) -> Setup:
     """Settings of a notebook. online / smoke / runs: None reads ANATOMY_PRUNE_ONLINE (default: online in
     Colab), ANATOMY_PRUNE_SMOKE and ANATOMY_PRUNE_RUNS (default: ../runs, beside the notebooks). model,
-    sparsities, eval_size, calib_size, seeds: None keeps the mode's default; the rest are checked here."""
+    sparsities, eval_size, calib_size, seeds: None keeps the mode's default; the rest are checked here.
+    offline: the notebook's own defaults offline at full size (keys eval_size, sparsities), where they differ."""
     quiet()
+    own = dict(offline or {})
     if family not in ("bert", "gpt2"):
         raise UserError(f"family must be bert or gpt2, got {family!r}")
     if sparsities is not None:
@@ -206,17 +215,20 @@ def setup(family: str, online: bool | None = None, smoke: bool | None = None, ru
         elif smoke:
             ft = replace(preset("smoke"), model="tiny-gpt2")
             base, data = "tiny-gpt2", "imdb"
-        else:
-            ft, base, data = None, "smollm2", "imdb"
-            notes.append("offline on a CPU, SmolLM2-135M is studied as the language model it is (last-token "
-                         "readout, perplexity as the metric); online, gpt2 is fine-tuned with a binary head "
-                         "as in the paper")
+        else:  # the paper's GPT-2 experiment on a CPU: SmolLM2-135M with a binary head on the last real token
+            ft = preset("offline-gpt2")
+            base, data = ft.model, ft.data
+            notes.append("offline on a CPU, SmolLM2-135M (dequantized from a 4-bit GGUF) stands in for GPT-2, "
+                         "fine-tuned at CPU size (train.finetune.PRESETS['offline-gpt2']); online, gpt2 is "
+                         "fine-tuned with the paper's recipe")
     model = check_model(model, online)
     if model is not None:  # another model studied the same way: fine-tuned with the mode's recipe, or as it is
         ft = replace(ft, model=model) if ft is not None else None
         base = model
     return Setup(family=family, online=online, smoke=smoke, runs=runs, finetune=ft, base=base,
-                 eval_size=eval_size or (16 if smoke else (1000 if ft is not None else 64)),
+                 eval_size=eval_size or (16 if smoke else own.get("eval_size", 1000) if ft is not None and not online
+                                         else 1000 if ft is not None else 64),
                  calib_size=calib_size or (16 if smoke else 256),
-                 sparsities=sparsities or ([0.5] if smoke else [0.1, 0.3, 0.5, 0.7, 0.9]), data=data,
+                 sparsities=sparsities or ([0.5] if smoke else own.get("sparsities", [0.1, 0.3, 0.5, 0.7, 0.9])
+                                          if not online else [0.1, 0.3, 0.5, 0.7, 0.9]), data=data,
                  seeds=seeds or (2 if smoke else 5), notes=notes)

@@ -44,7 +44,8 @@ def plot_speedups(result: dict, device: str = "cpu", model: str = ""):
     variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "dense"]
     ncol = min(len(shapes), 4)
     nrow = (len(shapes) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol + 0.4, 3.2 * nrow), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.0, 3.6 * ncol + 0.4), 3.4 * nrow), squeeze=False,
+                             sharey=True)
     top = 1.0
     for ax, (b, n) in zip(axes.flat, shapes):
         here = [r for r in rows if (r["batch_size"], r["seq_len"]) == (b, n)]
@@ -76,7 +77,7 @@ def plot_speedups(result: dict, device: str = "cpu", model: str = ""):
     fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(len(labels), 2))
     model = model or result.get("settings", {}).get("model", "")
-    fig.suptitle(f"{model} on {device}: speedup over dense, timed interleaved (bars: quartiles of the "
+    fig.suptitle(f"{model} on {device}: speedup over dense, timed interleaved\n(bars: quartiles of the "
                  "round-by-round ratios)".strip(), fontsize=10)
     fig.tight_layout()
     return fig
