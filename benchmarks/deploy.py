@@ -85,33 +85,46 @@ def main(argv: list[str] | None = None) -> int:
 # --- models --------------------------------------------------------------------------------------
 
 def prune_targets(args, rf) -> dict:
-    """The dense model and one pruned run per target: `anatomy-prune prune --target-speedup X` (calibrated,
-    heads and neurons together, compensated), or the run folders given with --pruned."""
-    from anatomy_prune.cli import main as cli
+    """The dense model and one pruned model per target, made as the README's peers table made them: one
+    calibration sample (held-out reviews excluded), then prune_step with the calibrated method under a
+    measured-speedup target at batch 32 x 128 (heads and neurons together, compensated), saved as a model
+    folder; or the run folders given with --pruned."""
     from anatomy_prune.errors import UserError
-    from anatomy_prune.runfolder import read_json
+    from anatomy_prune.evaluate.counts import count_params
+    from anatomy_prune.evaluate.metrics import evaluation_set
+    from anatomy_prune.models.loading import load_model
+    from anatomy_prune.models.saved import save_model
+    from anatomy_prune.pipeline.requests import PruneRequest
+    from anatomy_prune.pipeline.step import prune_step
+    from anatomy_prune.scores.calibration import make_calibration
 
     runs = {"dense": {"spec": args.model, "info": {"target": None}}}
     given = args.pruned or []
     if given and len(given) != len(args.targets):
         raise UserError(f"--pruned gives {len(given)} runs for {len(args.targets)} targets")
+    if given:
+        for s, spec in zip(args.targets, given):
+            runs[f"pruned-{s:g}x"] = {"spec": spec, "info": {"target": s, "given": spec}}
+        return runs
+    dense = load_model(args.model, device="cpu")
+    if dense.kind != "classifier":
+        raise UserError(f"--model must be a fine-tuned classifier, not a {dense.kind}")
+    t0 = time.perf_counter()
+    held_out = evaluation_set(dense, "imdb", args.eval_size, args.split)
+    calib = make_calibration(dense, args.calib_size, exclude=held_out.texts)
+    calib_s = time.perf_counter() - t0
     folder = rf.stage_dir("pruned")
-    for i, s in enumerate(args.targets):
-        name = f"pruned-{s:g}x"
-        spec = given[i] if given else str(folder / f"{s:g}x")
-        t0 = time.perf_counter()
-        if not given:
-            target = ["--target-speedup", str(s)] if args.target_kind == "speedup" else ["--target-flops", str(1 / s)]
-            code = cli(["prune", "--model", args.model, *target, "--target-batch", "32",
-                        "--target-length", "128", "--calib-size", str(args.calib_size), "--eval-size", "64",
-                        "--out", spec])
-            if code != 0:
-                raise UserError(f"pruning to {s}x failed (exit {code})")
-        m = read_json(Path(spec) / "metrics.json", "metrics")
-        runs[name] = {"spec": spec, "info": {"target": s, "prune_wall_s": time.perf_counter() - t0,
-                                             "prune_s": m.get("prune_s"), "params": m.get("params"),
-                                             "measured_speedup_at_prune": m.get("measured_speedup"),
-                                             "heads_removed": m.get("heads_removed"), "sparsity": m.get("sparsity")}}
+    for s in args.targets:
+        tgt = {"speedup": s} if args.target_kind == "speedup" else {"flops": 1.0 / s}
+        res = prune_step(calib, PruneRequest(method="calibrated", target={**tgt, "batch_size": 32, "seq_len": 128}))
+        spec = str(save_model(res.loaded, folder / f"{s:g}x", plan=res.plan.to_dict(),
+                              pruned={"method": "calibrated", "target": tgt}))
+        print(f"pruned to target {s}x: widths {res.plan.kept_widths}, heads {res.plan.kept_heads}, "
+              f"{res.prune_s:.0f} s", flush=True)
+        runs[f"pruned-{s:g}x"] = {"spec": spec, "info": {
+            "target": s, "target_kind": args.target_kind, "prune_s": res.prune_s, "calibration_s": calib_s,
+            "params": count_params(res.loaded.model), "ffn_widths": res.plan.kept_widths,
+            "heads": res.plan.kept_heads, "cost_model": res.cost_model}}
     return runs
 
 
@@ -198,6 +211,8 @@ def accuracy_of(variants: dict, args) -> dict:
     enc = list(batches(dense.tokenizer, data.texts, 32, max_length_for(dense)))
     labels = np.asarray(data.labels)
     preds = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # accuracy does not depend on threads; one is cheapest on a shared machine
     for (m, e), v in variants.items():
         t0 = time.perf_counter()
         logits = []
@@ -208,6 +223,7 @@ def accuracy_of(variants: dict, args) -> dict:
         preds[(m, e)] = np.concatenate(logits) > 0
         print(f"accuracy {m}/{e}: {(preds[(m, e)] == labels).mean():.4f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+    torch.set_num_threads(threads)
     base = preds[("dense", "torch-fp32")] == labels
     out = {"n_eval": len(labels), "split": args.split, "max_length": max_length_for(dense)}
     for (m, e), p in preds.items():

@@ -387,7 +387,7 @@ def _run_figures(args) -> int:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a (pruned) model to ONNX for ONNX Runtime",
-                       description="Export a classifier (bert-like, distilbert, gpt2) or a causal LM's forward "
+                       description="Export a classifier (bert-like, distilbert, gpt2, llama-like) or a causal LM's forward "
                        "(llama-like, gpt2; no KV cache) to DIR/model.onnx with dynamic batch and sequence axes, "
                        "per-layer FFN widths and head counts kept; DIR also holds the tokenizer and deploy.json "
                        "(inputs, outputs, readout, base model, the measured difference from PyTorch). Needs "
