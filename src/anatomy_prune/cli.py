@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from .cli_args import (_allocation, _big_model_args, _calib_args, _calib_spec, _device_arg, _eval_args, _eval_spec,
                        _force_arg, _method_names, _method_param_args, _method_params, _model_arg, _per_method,
                        _targets, _task_args)
-from .errors import UserError, as_user_error
+from .errors import UserError, as_user_error, printable
 
 log = logging.getLogger("anatomy_prune")
 
@@ -436,7 +436,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong and where to look), exit status 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
