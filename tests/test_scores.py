@@ -13,7 +13,7 @@ from anatomy_prune.scores.basic import magnitude_scores
 from anatomy_prune.scores.calibration import Calibration, activation_stats, important_neurons, similarity_stats
 from anatomy_prune.scores.strategy import default_focus, map_focus, strategy_thresholds
 
-from conftest import TEXTS
+from conftest import TEXTS, capture_ffn_hidden
 
 CALIB_TEXTS = TEXTS + ["Not bad at all.", "The worst film of the year, by far and away.",
                        "A quiet, tender story; I loved every minute of it.", "Meh."]
