@@ -77,6 +77,21 @@ def test_requests_are_frozen_clean_and_equal_by_value():
     assert mask.point_request({"method": "magnitude", "sparsity": 0.5}).mode == "mask"
 
 
+def test_a_plan_records_the_sparsity_it_reached_and_old_plans_still_read(tmp_path):
+    import torch
+
+    from anatomy_prune.plan.allocate import plan_from_scores
+    from anatomy_prune.plan.plan import PruningPlan
+
+    plan = plan_from_scores([torch.arange(10.0), torch.arange(7.0)], 0.3)
+    assert "sparsity" not in plan.params and "target_sparsity" not in plan.params
+    assert plan.sparsity == pytest.approx(5 / 17) and plan.to_dict()["summary"]["sparsity"] == round(5 / 17, 6)
+    old = {**plan.to_dict(), "params": {**plan.params, "sparsity": 0.3, "target_sparsity": 0.3}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    again = PruningPlan.load(tmp_path / "old.json")
+    assert again.keep == plan.keep and again.sparsity == plan.sparsity
+
+
 def test_validate_helpers_refuse_what_is_not_in_range():
     assert positive_int(3, "n") == 3 and fraction(0, "s") == 0.0 and seed32(2 ** 32 - 1) == 2 ** 32 - 1
     assert finite(2, "x", 1, strict_lo=True) == 2.0

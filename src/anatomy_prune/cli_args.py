@@ -153,7 +153,8 @@ def _per_method(methods: list[str], args) -> dict:
                                          if (v := getattr(args, k)) is not None}}
     params = {}
     for name in methods:
-        taken = {k: v for k, v in extra.items() if k in get_scorer(name).params}
+        scorer = get_scorer(name)
+        taken = {k: v for k, v in extra.items() if k in scorer.params or k in scorer.allocation_options}
         if taken:
             params[name] = taken
     unused = set(extra) - {k for v in params.values() for k in v}

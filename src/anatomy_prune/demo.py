@@ -1,9 +1,6 @@
-"""`make demo`: the main job on the embedded defaults, offline, end to end.
-
-fine-tune minilm on IMDB (runs/demo/finetune) -> evaluate on the 1,000 test reviews -> anatomy on the ten
-probes (runs/demo/anatomy) -> sweep of the pruning methods, physically removed (runs/demo/sweep) ->
-runs/demo/report.md. Each step is a run folder of its own and reuses what an earlier run with the same
-settings wrote (the fine-tune is the long one), so a second `make demo` is quick, and a killed one resumes.
+"""`make demo`: fine-tune minilm on IMDB -> evaluate on the test reviews -> anatomy on the ten probes ->
+sweep of the pruning methods -> runs/demo/report.md, offline. Each step is its own run folder and reuses what
+an earlier run with the same settings wrote, so a second `make demo` is quick and a killed one resumes.
 """
 from __future__ import annotations
 

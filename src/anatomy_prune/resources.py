@@ -129,6 +129,3 @@ def config_path(name: str) -> Path:
         raise UserError(f"config '{name}' is not a file and not a packaged config; packaged: {names}")
     return Path(str(ref))
 
-
-def packaged_configs() -> list[str]:
-    return sorted(p.name for p in packaged("configs").iterdir() if p.name.endswith(".toml"))

@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..models.loading import Loaded, load_model
 from ..plotting.anatomy import draw_all
 from ..runfolder import RunFolder, now_iso, read_json
+from ..validate import optional, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,8 @@ def anatomy_from_spec(model: str, out_dir: str | Path, inputs: str = "probes", t
     max_length: models.max_length_for's rule (the fine-tune's, else 256, capped at the model's positions).
     Bad arguments fail before the model is loaded and before anything is written."""
     threshold = check_threshold(threshold)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise UserError(f"--batch-size must be a positive whole number, got {batch_size}")
-    if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
-        raise UserError(f"--max-length must be a positive whole number, got {max_length}")
+    positive_int(batch_size, "--batch-size")
+    optional(positive_int, max_length, "--max-length")
     texts, names = resolve_inputs(inputs)
     settings = dict(model=model, inputs=inputs, threshold=threshold, max_length=max_length, batch_size=batch_size)
     with RunFolder(out_dir, "anatomy", settings, force=force) as rf:

@@ -1,10 +1,8 @@
 """Where a sweep's points run: in this process (`local`) or one Ray task each (`ray`, local or a cluster).
-
-An executor runs `fn(spec, point, cache) -> value` (plain, picklable data in and out) for each (index, point)
-and yields one `Outcome` per point as it finishes; a point that raises never stops the others. `cache` is a
-ContextCache that lives as long as the process running the points: the model is loaded once per process.
-Ray is an optional extra (`pip install "anatomy-prune[cluster]"`), imported only when a Ray executor starts;
-setting up a cluster: docs/ray.md.
+An executor runs `fn(spec, point, cache) -> value` (picklable data in and out) for each point and yields an
+`Outcome` as each finishes; a failing point never stops the others. `cache` (a ContextCache) lives as long
+as the process running the points, so each process loads the model once. Ray (the optional [cluster] extra)
+is imported only when a Ray executor starts; setting up a cluster: docs/ray.md.
 """
 from __future__ import annotations
 

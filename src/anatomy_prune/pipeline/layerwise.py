@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import Tensor
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from ..apply.layerwise import compensate_layer, slice_block_ffn
 from ..errors import UserError
 from ..models.families import base_model, ffn_sites, ffn_widths, get_module
+from ..models.loaded import Loaded
 from ..models.offload import is_dispatched, onloaded, release_mapped_pages
 from ..models.surgery import set_config_widths
 from ..plan.allocate import keep_counts, select
@@ -45,9 +47,7 @@ def prune_layerwise(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
     inputs); a copy unless `inplace` (a model placed by a device map is always pruned in place). The report
     (PruneResult.compensation) has one entry per block; keep_grams adds the per-block statistics (for tests),
     and on_block(entry) is called after each block."""
-    loaded, sparsity, sequential = calib.loaded, req.sparsity, req.layerwise != "dense"
-    offload_folder = req.offload_folder
-    p = req.layerwise_settings()
+    loaded, p = calib.loaded, {**req.layerwise_settings(), "keep_grams": keep_grams}
     if loaded.kind == "classifier":
         raise UserError("--layerwise prunes causal LMs and backbones; a classifier's readout token needs the "
                         "all-at-once calibrated method")
@@ -58,77 +58,101 @@ def prune_layerwise(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
     shadow = Calibration(work, calib.texts, calib.labels, calib.max_length, calib.batch_size, calib.seed)
     start = time.perf_counter()
     batches, hidden = block_inputs(work, shadow)
-    masks = [b.mask for b in batches]
-    n_tokens = int(sum(int(m.sum()) for m in masks))
-    widths = ffn_widths(work.model)
-    base = base_model(work.model)
-    keep_all, errs, blocks, grams = [], [], [], []
-    alloc = {"kind": "local", "multiple_of": p["multiple_of"]}
+    done = _Done()
     for site in _progress(ffn_sites(work.model), progress):
-        t0 = time.perf_counter()
-        with onloaded(work.model, site.layer, offload_folder):
-            t1 = time.perf_counter()
-            gram, dense_out = block_ffn_stats(work, site.layer, batches, hidden)       # the dense block's pass
-            down = get_module(base, site.down)
-            check_width(down, gram, site.layer)
-            gram = gram.cpu()
-            t2 = time.perf_counter()
-            err = layer_removal_error(down, gram, p["rebuilt"], p["ridge"])            # [d_ff]
-            count = keep_counts([err], sparsity, alloc)[0]
-            count = max(count, min(widths[site.layer], math.ceil(p["floor"] * widths[site.layer])))
-            keep = select([err], [count])[0]
-            kept = set(keep)
-            removed = [j for j in range(widths[site.layer]) if j not in kept]
-            t3 = time.perf_counter()
-            entry, new_down, new_bias = compensate_layer(down, gram, keep, removed, ridge=p["ridge"],
-                                                         layer=site.layer, inplace=False)
-            if keep_grams:
-                grams.append(gram)
-            del gram
-            t4 = time.perf_counter()
-            dense_weights = [get_module(base, path).weight for path in (*site.up, site.down)]
-            slice_block_ffn(work.model, site.layer, keep, new_down, new_bias)
-            entry["released_bytes"] = release_mapped_pages(dense_weights)  # pages of a mapped checkpoint
-            del dense_weights, down, new_down, new_bias
-            pruned_out = run_block(work, get_module(base, site.block), batches, hidden)
-            t5 = time.perf_counter()
-        t6 = time.perf_counter()
-        entry["block_rel_err"] = _block_error(pruned_out, dense_out, hidden, masks)
-        entry["seconds"] = time.perf_counter() - t0
-        entry["stage_s"] = {"onload": t1 - t0, "stats": t2 - t1, "score": t3 - t2, "compensate": t4 - t3,
-                            "slice_and_run": t5 - t4, "offload": t6 - t5}
-        hidden = pruned_out if sequential else dense_out
+        keep, err, entry, gram, dense_out, pruned_out = _prune_block(work, site, batches, hidden, p, req)
+        entry["block_rel_err"] = _block_error(pruned_out, dense_out, hidden, [b.mask for b in batches])
+        hidden = pruned_out if req.layerwise != "dense" else dense_out
         del pruned_out, dense_out
-        keep_all.append(keep)
-        errs.append(err)
-        blocks.append(entry)
+        done.add(keep, err, entry, gram)
         log.info("block %d: kept %d of %d; FFN error %.4f -> %.4f, block error %.4f (%.1f s)", site.layer, len(keep),
-                 widths[site.layer], entry["rel_err_removed"], entry["rel_err_compensated"], entry["block_rel_err"],
+                 entry["width"], entry["rel_err_removed"], entry["rel_err_compensated"], entry["block_rel_err"],
                  entry["seconds"])
         if on_block is not None:
             on_block(dict(entry))
-    set_config_widths(work.model, [len(k) for k in keep_all])
+    set_config_widths(work.model, [len(k) for k in done.keep])
     seconds = time.perf_counter() - start
-    mode = "sequential" if sequential else "dense"
-    params_out = dict(score="removal_error", rebuilt=p["rebuilt"], layerwise=mode, calib_inputs=len(calib.texts),
-                      calib_tokens=n_tokens, calib_max_length=calib.max_length, allocation="local",
-                      floor=p["floor"], compensate=True, ridge=p["ridge"], readout_mix=0.0)
-    if p["multiple_of"] > 1:
-        params_out["multiple_of"] = p["multiple_of"]
-    plan = PruningPlan(keep=keep_all, widths=widths, base_model=loaded.base_spec, method=METHOD, params=params_out,
-                       seed=calib.seed)
-    mean = lambda k: sum(b[k] for b in blocks) / max(1, len(blocks))  # noqa: E731
-    report = {"layerwise": mode, "blocks": blocks, "ridge": p["ridge"], "readout_mix": 0.0, "n_tokens": n_tokens,
-              "mean_rel_err_removed": mean("rel_err_removed"), "mean_rel_err_compensated": mean("rel_err_compensated"),
-              "mean_block_rel_err": mean("block_rel_err"),
-              "ill_posed_layers": [b["layer"] for b in blocks if b.get("ill_posed")], "dispatched": dispatched}
+    plan, report, scores = _outcome(calib, req, done, batches, dispatched)
     if keep_grams:
-        report["stats"] = stats_of(grams, batches, calib, seconds)
-    scores = Scores(errs, {"kind": "local", "multiple_of": p["multiple_of"]}, params_out,
-                    compensation={"ridge": p["ridge"], "readout_mix": 0.0}, seed=calib.seed)
-    log.info("layer-wise (%s): removed %d of %d FFN neurons (%.1f%%) in %.1f s", mode, plan.neurons_removed,
-             sum(widths), 100 * plan.sparsity, seconds)
+        report["stats"] = stats_of(done.grams, batches, calib, seconds)
+    log.info("layer-wise (%s): removed %d of %d FFN neurons (%.1f%%) in %.1f s", req.layerwise, plan.neurons_removed,
+             sum(plan.widths), 100 * plan.sparsity, seconds)
     return PruneResult(work, plan, report, seconds, scores)
+
+
+@dataclass
+class _Done:
+    """What the blocks pruned so far gave: kept ids, error scores, report entries, Gram matrices (keep_grams)."""
+
+    keep: list = field(default_factory=list)
+    errs: list = field(default_factory=list)
+    entries: list = field(default_factory=list)
+    grams: list = field(default_factory=list)
+
+    def add(self, keep: list[int], err: Tensor, entry: dict, gram: Tensor | None) -> None:
+        self.keep.append(keep)
+        self.errs.append(err)
+        self.entries.append(entry)
+        if gram is not None:
+            self.grams.append(gram)
+
+
+def _prune_block(work: Loaded, site, batches: list, hidden: list[Tensor], p: dict, req: PruneRequest) -> tuple:
+    """One block on its execution device: statistics, scores, keep, compensation, slicing, its pruned outputs.
+    Returns (keep, err [d_ff], entry, gram (None unless p["keep_grams"]), dense outputs, pruned outputs)."""
+    base, width = base_model(work.model), ffn_widths(work.model)[site.layer]
+    t0 = time.perf_counter()
+    with onloaded(work.model, site.layer, req.offload_folder):
+        t1 = time.perf_counter()
+        gram, dense_out = block_ffn_stats(work, site.layer, batches, hidden)       # the dense block's pass
+        down = get_module(base, site.down)
+        check_width(down, gram, site.layer)
+        gram = gram.cpu()
+        t2 = time.perf_counter()
+        err = layer_removal_error(down, gram, p["rebuilt"], p["ridge"])            # [d_ff]
+        count = keep_counts([err], req.sparsity, {"kind": "local", "multiple_of": p["multiple_of"]})[0]
+        count = max(count, min(width, math.ceil(p["floor"] * width)))
+        keep = select([err], [count])[0]
+        kept = set(keep)
+        removed = [j for j in range(width) if j not in kept]
+        t3 = time.perf_counter()
+        entry, new_down, new_bias = compensate_layer(down, gram, keep, removed, ridge=p["ridge"],
+                                                     layer=site.layer, inplace=False)
+        gram = gram if p["keep_grams"] else None   # one FFN's Gram matrix at a time
+        t4 = time.perf_counter()
+        dense_weights = [get_module(base, path).weight for path in (*site.up, site.down)]
+        slice_block_ffn(work.model, site.layer, keep, new_down, new_bias)
+        entry["released_bytes"] = release_mapped_pages(dense_weights)  # pages of a mapped checkpoint
+        del dense_weights, down, new_down, new_bias
+        pruned_out = run_block(work, get_module(base, site.block), batches, hidden)
+        t5 = time.perf_counter()
+    t6 = time.perf_counter()
+    entry["width"] = width
+    entry["seconds"] = t6 - t0
+    entry["stage_s"] = {"onload": t1 - t0, "stats": t2 - t1, "score": t3 - t2, "compensate": t4 - t3,
+                        "slice_and_run": t5 - t4, "offload": t6 - t5}
+    return keep, err, entry, gram, dense_out, pruned_out
+
+
+def _outcome(calib: Calibration, req: PruneRequest, done: _Done, batches: list, dispatched: bool) -> tuple:
+    """The plan, the report and the scores of a finished layer-wise run."""
+    p, blocks = req.layerwise_settings(), done.entries
+    n_tokens = int(sum(int(b.mask.sum()) for b in batches))
+    params = dict(score="removal_error", rebuilt=p["rebuilt"], layerwise=req.layerwise, calib_inputs=len(calib.texts),
+                  calib_tokens=n_tokens, calib_max_length=calib.max_length, allocation="local",
+                  floor=p["floor"], compensate=True, ridge=p["ridge"], readout_mix=0.0)
+    if p["multiple_of"] > 1:
+        params["multiple_of"] = p["multiple_of"]
+    plan = PruningPlan(keep=done.keep, widths=[b["width"] for b in blocks], base_model=calib.loaded.base_spec,
+                       method=METHOD, params=params, seed=calib.seed)
+    mean = lambda k: sum(b[k] for b in blocks) / max(1, len(blocks))  # noqa: E731
+    report = {"layerwise": req.layerwise, "blocks": blocks, "ridge": p["ridge"], "readout_mix": 0.0,
+              "n_tokens": n_tokens, "mean_rel_err_removed": mean("rel_err_removed"),
+              "mean_rel_err_compensated": mean("rel_err_compensated"), "mean_block_rel_err": mean("block_rel_err"),
+              "ill_posed_layers": [b["layer"] for b in blocks if b.get("ill_posed")], "dispatched": dispatched}
+    scores = Scores(done.errs, {"kind": "local", "multiple_of": p["multiple_of"]}, params,
+                    compensation={"ridge": p["ridge"], "readout_mix": 0.0}, seed=calib.seed)
+    return plan, report, scores
 
 
 def _progress(sites, progress: bool):

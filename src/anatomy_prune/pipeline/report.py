@@ -30,9 +30,6 @@ def write_report(sweep_dir: str | Path, out_md: str | Path | None, title: str = 
     base = Path(out_md).parent if out_md is not None else Path(relative_to or d)
     rel = Path(os.path.relpath(d, base))
 
-    def pct(x: float) -> str:
-        return f"{100 * x:.1f}"
-
     lines = [f"# {title}", ""]
     if settings:
         rt = settings.get("runtime") or {}
@@ -41,37 +38,10 @@ def write_report(sweep_dir: str | Path, out_md: str | Path | None, title: str = 
                   f"{settings.get('calib_max_length')} tokens, seed {settings.get('seed')}; "
                   f"{rt.get('device')} ({rt.get('device_name')}, {rt.get('threads')} threads), {settings.get('created')}.",
                   ""]
-    head = "accuracy % [95% interval]" if metric == "accuracy" else "perplexity"
-    delta = "vs dense (pts)" if metric == "accuracy" else "vs dense (x)"
-    lines += [f"| method | sparsity | {head} | {delta} | latency s | params M | FLOPs/token M | prune s |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        name = r["method"] + (f" ({r['label']})" if r.get("label") else "") + \
-            (f", seed {r['seed']}" if r.get("seed") is not None else "")
-        if metric == "accuracy":
-            iv = r.get("accuracy_interval")
-            val = pct(r[metric]) + (f" [{pct(iv[0])}-{pct(iv[1])}]" if iv else "")
-            dv = f"{100 * (r[metric] - dense[metric]):+.1f}" if dense else ""
-        else:
-            val = f"{r[metric]:.2f}"
-            dv = f"{r[metric] / dense[metric]:.2f}" if dense else ""
-        lines.append(f"| {name} | {r['sparsity']:.2f} | {val} | {dv} | {r['latency_s']:.2f} | "
-                     f"{r['params'] / 1e6:.2f} | {r['flops_per_token'] / 1e6:.1f} | {r['prune_s']:.2f} |")
+    lines += _rows_table(rows, metric, dense)
     if metric == "accuracy" and (d / "predictions.json").is_file():
         lines += ["", compare_methods(d)["markdown"]]
-    ref = settings.get("reference")
-    points = (ref or {}).get("points", [])
-    ours_at = [[r for r in rows if r["method"] == p["method"] and not r.get("label")
-                and abs(r["sparsity"] - p["sparsity"]) < 1e-6] for p in points]   # our rows at each paper point
-    if ref and dense and metric == "accuracy" and any(ours_at):
-        lines += ["", f"The paper ({ref['label']}, dense {pct(ref['dense'])}%) beside ours "
-                  f"(dense {pct(dense[metric])}%), points lost:", "",
-                  "| method | sparsity | paper | ours |", "|---|---|---|---|"]
-        for p, ours in zip(points, ours_at):
-            mean = sum(r[metric] for r in ours) / len(ours) if ours else None
-            mine = (f"{100 * (mean - dense[metric]):+.1f}" + (f" (mean of {len(ours)} seeds)" if len(ours) > 1 else "")
-                    if ours else "not run")
-            lines.append(f"| {p['method']} | {p['sparsity']:.0%} | {100 * (p['accuracy'] - ref['dense']):+.1f} | {mine} |")
+    lines += _paper_beside(settings.get("reference"), rows, dense, metric)
     figs = sorted((d / "figures").glob("*.png")) if (d / "figures").is_dir() else []
     if figs:
         lines += ["", "Figures:", ""] + [f"![{f.stem}]({(rel / 'figures' / f.name).as_posix()})" for f in figs]
@@ -82,6 +52,48 @@ def write_report(sweep_dir: str | Path, out_md: str | Path | None, title: str = 
         return text
     write_text(out_md, text)
     return Path(out_md)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _rows_table(rows: list[dict], metric: str, dense: dict | None) -> list[str]:
+    """The sweep's table: one line per row, the metric with its interval and its difference from dense."""
+    head = "accuracy % [95% interval]" if metric == "accuracy" else "perplexity"
+    delta = "vs dense (pts)" if metric == "accuracy" else "vs dense (x)"
+    lines = [f"| method | sparsity | {head} | {delta} | latency s | params M | FLOPs/token M | prune s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["method"] + (f" ({r['label']})" if r.get("label") else "") + \
+            (f", seed {r['seed']}" if r.get("seed") is not None else "")
+        if metric == "accuracy":
+            iv = r.get("accuracy_interval")
+            val = _pct(r[metric]) + (f" [{_pct(iv[0])}-{_pct(iv[1])}]" if iv else "")
+            dv = f"{100 * (r[metric] - dense[metric]):+.1f}" if dense else ""
+        else:
+            val = f"{r[metric]:.2f}"
+            dv = f"{r[metric] / dense[metric]:.2f}" if dense else ""
+        lines.append(f"| {name} | {r['sparsity']:.2f} | {val} | {dv} | {r['latency_s']:.2f} | "
+                     f"{r['params'] / 1e6:.2f} | {r['flops_per_token'] / 1e6:.1f} | {r['prune_s']:.2f} |")
+    return lines
+
+
+def _paper_beside(ref: dict | None, rows: list[dict], dense: dict | None, metric: str) -> list[str]:
+    """The paper's points lost beside ours at the same method and sparsity (accuracy only)."""
+    points = (ref or {}).get("points", [])
+    ours_at = [[r for r in rows if r["method"] == p["method"] and not r.get("label")
+                and abs(r["sparsity"] - p["sparsity"]) < 1e-6] for p in points]   # our rows at each paper point
+    if not (ref and dense and metric == "accuracy" and any(ours_at)):
+        return []
+    lines = ["", f"The paper ({ref['label']}, dense {_pct(ref['dense'])}%) beside ours "
+             f"(dense {_pct(dense[metric])}%), points lost:", "", "| method | sparsity | paper | ours |", "|---|---|---|---|"]
+    for p, ours in zip(points, ours_at):
+        mean = sum(r[metric] for r in ours) / len(ours) if ours else None
+        mine = (f"{100 * (mean - dense[metric]):+.1f}" + (f" (mean of {len(ours)} seeds)" if len(ours) > 1 else "")
+                if ours else "not run")
+        lines.append(f"| {p['method']} | {p['sparsity']:.0%} | {100 * (p['accuracy'] - ref['dense']):+.1f} | {mine} |")
+    return lines
 
 
 def _fmt_params(n: int) -> str:

@@ -17,17 +17,17 @@ from ..plan.plan import PruningPlan
 from ..scores.calibration import CALIB_MAX_LENGTH, DEFAULT_RIDGE
 from ..scores.registry import check_params, get_scorer
 from ..validate import finite, fraction, known_keys, one_of, optional, positive_int, seed32, text, whole
+from .allocation import ALLOCATION_KEYS, Allocation
+from .sweep_schema import load_grid, sweep_from_toml
 
 MAX_TEXTS = 10_000_000     # bounds of sizes, lengths and batches: far above any real job, below absurd
 MAX_TOKENS = 1 << 20
 MAX_BATCH = 1 << 16
-MAX_MULTIPLE = 1 << 16
 MAX_SEEDS = 100
 MAX_TASK_RESOURCES = 1024  # CPUs / GPUs one Ray task may ask for
 
 SPLITS = ("test", "validation", "heldout")
 MODES = ("mask", "physical")
-SCOPES = ("local", "global")
 QUANTIZE = ("int8",)
 LAYERWISE = ("sequential", "dense")
 EXECUTORS = ("local", "ray")
@@ -35,7 +35,6 @@ TARGET_METHODS = ("calibrated",)   # scorers that score neurons and heads on one
 TARGET_KEYS = ("flops", "speedup", "batch_size", "seq_len", "floor")
 LAYERWISE_METHOD = "calibrated"    # the recipe the layer-wise path follows (without Fisher)
 LAYERWISE_PARAMS = ("ridge", "rebuilt")
-ALLOCATION_KEYS = ("allocation", "floor", "multiple_of")   # their names as method parameters (old API, TOML rows)
 
 
 def _set(obj, **values) -> None:
@@ -88,43 +87,6 @@ class CalibSpec:
     def source(self, eval_data: str) -> str:
         """The calibration data: the one given, else the evaluation's IMDB source, else imdb."""
         return self.data or (eval_data if eval_data in ("imdb", "hf") else "imdb")
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """How scores become a plan: local or global ranking, the least fraction a layer keeps, rounding.
-    None: the method's own choice (local for most, global with an automatic floor for calibrated)."""
-
-    scope: str | None = None
-    floor: float | None = None
-    multiple_of: int = 1
-
-    def __post_init__(self) -> None:
-        _set(self, scope=optional(one_of, self.scope, SCOPES, "--allocation"),
-             floor=optional(fraction, self.floor, "--floor", closed=True),
-             multiple_of=positive_int(self.multiple_of, "--multiple-of", MAX_MULTIPLE))
-
-    @classmethod
-    def split_params(cls, params: Mapping) -> tuple[dict, "Allocation | None"]:
-        """Method parameters that carry allocation options (a TOML row, the old keyword API) -> (the
-        method's own parameters, the Allocation they name, or None)."""
-        own = {k: v for k, v in params.items() if k not in ALLOCATION_KEYS}
-        given = {k: params[k] for k in ALLOCATION_KEYS if k in params}
-        if not given:
-            return own, None
-        return own, cls(scope=given.get("allocation"), floor=given.get("floor"),
-                        multiple_of=given.get("multiple_of", 1))
-
-    def as_params(self, method: str) -> dict:
-        """The options given, as the method's parameters (the scorer hands them to the allocator)."""
-        given = {"allocation": self.scope, "floor": self.floor, "multiple_of": self.multiple_of}
-        given = {k: v for k, v in given.items() if v is not None and not (k == "multiple_of" and v == 1)}
-        taken = get_scorer(method).params
-        refused = sorted(k for k in given if k not in taken)
-        if refused:
-            flags = ", ".join("--" + k.replace("_", "-") for k in refused)
-            raise UserError(f"method '{method}' takes no {flags} (its allocation is its own)")
-        return given
 
 
 def check_target(target: Mapping, floor: float | None = None) -> dict:
@@ -226,6 +188,7 @@ class PruneRequest:
             return
         get_scorer(self.method)
         if not self.layerwise:
+            self.allocation.check_for(self.method)
             check_params(self.method, self.scorer_params())
         if self.sparsity is None and not self.target and get_scorer(self.method).needs_sparsity:
             raise UserError(f"method '{self.method}' needs --sparsity (the fraction of FFN neurons to remove, "
@@ -256,9 +219,16 @@ class PruneRequest:
             parse_size(self.max_shard_size, "--max-shard-size")
 
     def scorer_params(self, heads: bool = False) -> dict:
-        """The method's parameters with the allocation options it takes (a target keeps its floor itself)."""
-        alloc = Allocation(self.allocation.scope, None, self.allocation.multiple_of) if self.target else self.allocation
-        return {**self.params, **alloc.as_params(self.method), **({"heads": True} if heads else {})}
+        """The method's parameters, with the allocation options of a method that allocates itself (a target
+        keeps its floor in the target)."""
+        own = {} if get_scorer(self.method).request_allocates else self.allocation.given()
+        if self.target:
+            own.pop("floor", None)
+        return {**self.params, **own, **({"heads": True} if heads else {})}
+
+    def allocation_override(self) -> dict | None:
+        """The allocation the request sets over the method's scores (None: the method allocates itself)."""
+        return self.allocation.override() if get_scorer(self.method).request_allocates else None
 
     def layerwise_settings(self) -> dict:
         """The layer-wise path's ridge, rebuilt, floor and multiple_of, defaults filled."""
@@ -319,8 +289,6 @@ class SweepConfig:
     grid: Mapping | None = field(default=None, compare=False)   # the config file, read and checked
 
     def __post_init__(self) -> None:
-        from .sweep_schema import load_grid
-
         text(self.model, "--model")
         one_of(self.mode, MODES, "--mode")
         methods, sparsities, targets = (_tuple(self.methods, "--methods"), _tuple(self.sparsities, "--sparsities"),
@@ -331,7 +299,10 @@ class SweepConfig:
             raise UserError("params must map a method name to its parameters, e.g. {'strategy': {'beta': 0.0}}")
         params = {name: dict(p) for name, p in self.params.items()}
         for name, p in params.items():
-            check_params(name, p)
+            own, alloc = Allocation.split_params(p)
+            check_params(name, own)
+            if alloc is not None:
+                alloc.check_for(name)
         _set(self, methods=methods, sparsities=tuple(fraction(s, "--sparsities") for s in sparsities),
              targets=tuple(check_target(t) for t in targets), params=params,
              eval=_spec(self.eval, EvalSpec, "eval"), calib=_spec(self.calib, CalibSpec, "calib"),
@@ -363,8 +334,6 @@ class SweepConfig:
     def from_toml(cls, path: str | Path, **overrides: Any) -> "SweepConfig":
         """A sweep described by a TOML file (its keys are this class's fields; [eval], [calib] and
         [allocation] tables; [[row]] tables make it its own grid); `overrides` win over the file."""
-        from .sweep_schema import sweep_from_toml
-
         return sweep_from_toml(cls, path, overrides)
 
     def point_request(self, point: Mapping) -> PruneRequest:
@@ -373,7 +342,7 @@ class SweepConfig:
         alloc = alloc or self.allocation
         method = point["method"]
         if not point.get("target") and alloc != Allocation():   # each method takes the options it has
-            taken = get_scorer(method).params
+            taken = get_scorer(method).allocation_options
             alloc = Allocation(alloc.scope if "allocation" in taken else None,
                                alloc.floor if "floor" in taken else None,
                                alloc.multiple_of if "multiple_of" in taken else 1)

@@ -67,7 +67,7 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
             plan, cost_model = _plan_for_target(loaded, scores, target, method, calib.seed)
         elif plan is None:
             scores = score(method, calib, req.sparsity, **req.scorer_params())
-            plan = plan_from_scores(scores, req.sparsity, base_model=loaded.base_spec,
+            plan = plan_from_scores(scores, req.sparsity, allocation=req.allocation_override(), base_model=loaded.base_spec,
                                     method=method, seed=calib.seed if scores.seed is None else scores.seed)
         plan.check_fits(loaded.model)
         recipe = compensation_recipe(plan, req.compensate)
@@ -101,6 +101,7 @@ def _plan_for_target(loaded: Loaded, scores, target: dict, method: str, seed: in
         cm = latency_cost(loaded, batch_size=target["batch_size"], seq_len=target["seq_len"])
         budget, what = cm.dense / float(target["speedup"]), f"--target-speedup {target['speedup']}"
     plan = plan_under_budget(scores, {"neurons": cm.per_neuron, "heads": cm.per_head}, cm.base, budget,
-                             floor=float(target["floor"]), base_model=loaded.base_spec, method=method, seed=seed,
-                             what=what, params={"target": target, "cost_kind": cm.kind})
+                             floor=float(target["floor"]), what=what,
+                             fields={"base_model": loaded.base_spec, "method": method, "seed": seed,
+                                     "params": {"target": target, "cost_kind": cm.kind}})
     return plan, {**cm.to_dict(), "budget": budget, "predicted": cm.predict(plan.kept_widths, plan.kept_heads)}

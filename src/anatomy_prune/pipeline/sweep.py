@@ -1,9 +1,8 @@
 """`anatomy-prune sweep`: every (method, sparsity), a grid's rows and targets on the same evaluation texts.
 
-The driver turns a SweepConfig into points, an executor (pipeline.executors) runs `run_point` for each,
-and the driver collects the rows as they finish (each written to the resume file at once), then writes
-results.json (dense baseline first), aggregate.json, predictions.json, sweep.json, plans/ and figures/.
-A point that fails is reported and the others go on; a stopped sweep with the same settings resumes.
+A SweepConfig becomes points; an executor runs `run_point` for each; rows are collected as they finish (each
+written to the resume file at once), then results.json, aggregate.json, predictions.json, sweep.json, plans/
+and figures/. A failing point is reported and the others go on; a stopped sweep resumes.
 """
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
-"""The one allocator: scores (one per neuron and layer, higher = keep) -> how many neurons each layer keeps
--> which ones -> a PruningPlan.
+"""The one allocator: scores (higher = keep) -> how many units each layer keeps -> which -> a PruningPlan.
 
-Allocation kinds (a scorer asks for one in `Scores.allocation`; the user may override):
-  local      every layer loses the same fraction (the paper's baselines)
-  global     one ranking of all neurons above each layer's floor; `normalize` "mean" divides each layer's
-             scores by their mean |score| first (scores in arbitrary units), "none" ranks them raw (scores
-             that compare across layers, like Fisher information in units of the loss)
-  threshold  keep the neurons whose score is >= 0 (a rule that decides by itself, like the paper's
-             strategy with a given alpha); the sparsity is whatever the rule gives
-Then each count is rounded up to a multiple of `multiple_of` (faster kernels), and neurons a scorer must
-keep (`must_keep`) are kept even if a layer then keeps more. Ties are broken by index.
+Kinds: local (the same fraction per layer), global (one ranking above each layer's floor; `normalize` "mean"
+for scores in arbitrary units, "none" for scores that compare across layers), threshold (keep scores >= 0);
+then rounding up to `multiple_of`, must-keep units kept, ties broken by index.
 """
 from __future__ import annotations
 
@@ -22,12 +15,14 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..scores.registry import Scores
+from ..validate import fraction, positive_int
 from .plan import PruningPlan, check_sparsity, round_up
 
 log = logging.getLogger(__name__)
 
 KINDS = ("local", "global", "threshold")
 NORMALIZE = ("none", "mean")
+MAX_MULTIPLE = 1 << 16
 
 
 def check_allocation(allocation: dict) -> dict:
@@ -37,16 +32,8 @@ def check_allocation(allocation: dict) -> dict:
         raise UserError(f"unknown allocation '{a['kind']}'; choose one of {', '.join(KINDS)}")
     if a["normalize"] not in NORMALIZE:
         raise UserError(f"unknown normalize '{a['normalize']}'; choose one of {', '.join(NORMALIZE)}")
-    try:
-        floor = float(a["floor"])
-    except (TypeError, ValueError):
-        raise UserError(f"floor must be a number in [0, 1], got {a['floor']!r}") from None
-    if isinstance(a["floor"], bool) or not 0.0 <= floor <= 1.0:  # also false for NaN
-        raise UserError(f"floor must be in [0, 1], got {a['floor']}")
-    m = a["multiple_of"]
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 1 << 16:
-        raise UserError(f"--multiple-of must be a whole number >= 1, got {m}")
-    a["floor"] = floor
+    a["floor"] = fraction(a["floor"], "floor", closed=True)
+    a["multiple_of"] = positive_int(a["multiple_of"], "--multiple-of", MAX_MULTIPLE)
     return a
 
 
@@ -121,8 +108,6 @@ def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, 
     counts = keep_counts(scores.values, sparsity, a)
     keep = select(scores.values, counts, scores.must_keep)
     params = dict(scores.params)
-    if sparsity is not None:
-        params["sparsity"] = float(sparsity)
     params["allocation"] = a["kind"]
     if a["kind"] == "global":
         params.update(floor=a["floor"], normalize=a["normalize"])
@@ -130,7 +115,6 @@ def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, 
         params["multiple_of"] = a["multiple_of"]
     if scores.compensation is not None:
         params.update(compensate=True, **scores.compensation)
-    params["target_sparsity"] = sparsity
     heads = head_widths = None
     if scores.head_values is not None and scores.head_sparsity is not None:
         hs = check_sparsity(scores.head_sparsity, "head_sparsity")
@@ -144,33 +128,31 @@ def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, 
 
 
 def plan_under_budget(scores: Scores, costs: dict, base: float, budget: float, *, floor: float = 0.0,
-                      base_model: str = "", method: str = "", seed: int | None = None, what: str = "the target",
-                      params: dict | None = None) -> PruningPlan:
+                      what: str = "the target", fields: dict | None = None) -> PruningPlan:
     """A plan whose cost (base + per-unit costs of what it keeps) is within `budget`: FFN neurons and, where
     the scores have them, head units compete in one ranking by score per cost (keep_under_budget).
-    costs: {"neurons": [per layer], "heads": [per layer]}."""
+    costs: {"neurons": [per layer], "heads": [per layer]}; fields: base_model, method, seed, params."""
+    f = {"base_model": "", "method": "", "seed": None, "params": None, **(fields or {})}
     values = {"neurons": scores.values}
     if scores.head_values is not None:
         values["heads"] = scores.head_values
     kept = keep_under_budget(values, {k: costs[k] for k in values}, base, budget, floor=floor, what=what)
     keep = select(scores.values, kept["neurons"])
     heads = select(scores.head_values, kept["heads"]) if "heads" in kept else None
-    p = {**scores.params, **(params or {}), "allocation": "budget", "floor": floor, "budget": budget, "base_cost": base}
+    p = {**scores.params, **(f["params"] or {}), "allocation": "budget", "floor": floor, "budget": budget, "base_cost": base}
     if scores.compensation is not None:
         p.update(compensate=True, **scores.compensation)
-    return PruningPlan(keep=keep, widths=[int(v.numel()) for v in scores.values], base_model=base_model, method=method,
-                       params=p, seed=scores.seed if seed is None else seed, heads=heads,
+    return PruningPlan(keep=keep, widths=[int(v.numel()) for v in scores.values], base_model=f["base_model"],
+                       method=f["method"], params=p, seed=scores.seed if f["seed"] is None else f["seed"], heads=heads,
                        head_widths=[int(v.numel()) for v in scores.head_values] if heads is not None else None)
 
 
 def keep_under_budget(values: dict[str, Sequence[Tensor]], costs: dict[str, Sequence[float]], base: float,
                       budget: float, floor: float = 0.0, what: str = "the target") -> dict[str, list[int]]:
-    """How many units of each kind (e.g. "neurons", "heads") each layer keeps so that
-    base + sum(cost x kept) <= budget: units are removed lowest score-per-cost first, greedily (the
-    constraint-driven search of Kwon et al. 2022, with their Fisher scores, which are in loss units for
-    neurons and heads alike, so they compare across kinds). Every layer keeps at least `floor` of each
-    kind's units. A budget below what the floors (and `base`) leave is a UserError that names the best
-    reachable cost."""
+    """How many units of each kind ("neurons", "heads") each layer keeps so that base + sum(cost x kept) <=
+    budget: lowest score-per-cost removed first, greedily (Kwon et al. 2022's constraint-driven search; their
+    Fisher scores compare across kinds). Every layer keeps `floor` of each kind; a budget below what the
+    floors leave is a UserError naming the best reachable cost."""
     pool_r, pool_k, pool_l = [], [], []
     kinds = list(values)
     counts = {k: [int(v.numel()) for v in values[k]] for k in kinds}

@@ -1,13 +1,6 @@
-"""PruningPlan: which FFN neurons, and optionally which attention heads, each layer keeps. Plain, immutable
-data, JSON in and out, independent of how it is applied (masked, or physically removed) and of how the units
-were scored. No step changes a plan: applying, compensating or saving it leaves it as it was made.
-
-Heads are counted in *head units* (models.families.AttentionSite): one head, or under grouped-query
-attention (the Llama family) one key/value group with all its query heads. A plan without `heads` leaves
-attention alone; a plan that keeps every FFN neuron and some heads prunes heads only.
-
-A plan read from a file is untrusted: every field is checked (types, ranges, sizes) before anything is
-built from it, and any fault is a one-line UserError naming the file and the field.
+"""PruningPlan: which FFN neurons, and optionally which attention head units (a head, or a key/value group
+under GQA), each layer keeps. Immutable data, JSON in and out; it records one sparsity, the one it reaches.
+A plan read from a file is untrusted: every field is checked before anything is built from it.
 """
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""Three scorers: the paper's random baseline, weight magnitude, and mean |activation|.
-
-  random      the paper's baseline: random scores, the same fraction per layer, but the anatomy's important
-              neurons (signed similarity above 0.35 with the final readout state, for any calibration input)
-              are always kept (`protect=False` switches that off).
-  magnitude   ||input rows|| x ||output column|| of each neuron's weights (no data). The one magnitude
-              score of the toolkit: fine-pruning's magnitude method recomputes it every step.
-  activation  mean |activation| of each neuron over the real (non-padding) tokens of the calibration texts.
+"""Three scorers: the paper's random baseline (the anatomy's important neurons kept unless protect=False),
+weight magnitude (||input rows|| x ||output column||, no data; fine-pruning's magnitude method uses it too)
+and mean |activation| over the calibration texts' real tokens.
 """
 from __future__ import annotations
 
@@ -15,10 +10,6 @@ from torch import Tensor, nn
 from ..models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from .calibration import PROTECT_THRESHOLD, Calibration, activation_stats, important_neurons, similarity_stats
 from .registry import Scores, register
-
-
-def _allocation(allocation: str, floor: float, multiple_of: int) -> dict:
-    return {"kind": allocation, "floor": floor, "multiple_of": multiple_of}
 
 
 @torch.no_grad()
@@ -36,10 +27,9 @@ def magnitude_scores(model: nn.Module) -> list[Tensor]:
 
 @register("random", "random neurons (the paper's baseline), same fraction per layer, keeping the anatomy's "
           "important neurons (similarity > 0.35 for any calibration input) unless protect=False",
-          stochastic=True, protect=True, threshold=PROTECT_THRESHOLD, allocation="local", floor=0.0, multiple_of=1,
-          seed=None)
+          stochastic=True, request_allocates=True, protect=True, threshold=PROTECT_THRESHOLD, seed=None)
 def random_scores(calib: Calibration, sparsity: float, protect: bool = True, threshold: float = PROTECT_THRESHOLD,
-                  allocation: str = "local", floor: float = 0.0, multiple_of: int = 1, seed: int | None = None) -> Scores:
+                  seed: int | None = None) -> Scores:
     """seed: the random draw's seed (default: the calibration's), so a sweep can repeat the baseline."""
     seed = calib.seed if seed is None else int(seed)
     g = torch.Generator().manual_seed(seed)
@@ -49,20 +39,17 @@ def random_scores(calib: Calibration, sparsity: float, protect: bool = True, thr
     if protect:
         params.update(threshold=threshold, protected_per_layer=[len(k) for k in keep],
                       calib_inputs=similarity_stats(calib)["n_inputs"])
-    return Scores(values, _allocation(allocation, floor, multiple_of), params, must_keep=keep, seed=seed)
+    return Scores(values, params=params, must_keep=keep, seed=seed)
 
 
 @register("magnitude", "weight norm of each neuron (input rows x output column); no data",
-          needs_data=False, allocation="local", floor=0.0, multiple_of=1)
-def magnitude(calib: Calibration, sparsity: float, allocation: str = "local", floor: float = 0.0,
-              multiple_of: int = 1) -> Scores:
+          needs_data=False, request_allocates=True)
+def magnitude(calib: Calibration, sparsity: float) -> Scores:
     values = calib.cached("magnitude", lambda: [s.cpu() for s in magnitude_scores(calib.loaded.model)])
-    return Scores(values, _allocation(allocation, floor, multiple_of), seed=calib.seed)
+    return Scores(values, seed=calib.seed)
 
 
 @register("activation", "mean |activation| of each neuron over the calibration reviews' real tokens",
-          allocation="local", floor=0.0, multiple_of=1)
-def activation(calib: Calibration, sparsity: float, allocation: str = "local", floor: float = 0.0,
-               multiple_of: int = 1) -> Scores:
-    return Scores(activation_stats(calib), _allocation(allocation, floor, multiple_of),
-                  {"calib_inputs": len(calib.texts)}, seed=calib.seed)
+          request_allocates=True)
+def activation(calib: Calibration, sparsity: float) -> Scores:
+    return Scores(activation_stats(calib), params={"calib_inputs": len(calib.texts)}, seed=calib.seed)

@@ -1,11 +1,7 @@
 """The scorer registry: a method turns calibration data into one score per prunable unit (higher = keep).
 
-A scorer only scores. It returns `Scores`: the values per layer, the allocation it asks for (plain data:
-local or global, floor, normalisation, rounding to a multiple), neurons it wants kept whatever their score,
-its parameters and diagnostics for the plan, and, for `calibrated`, its compensation recipe. The allocator
-in `plan.allocate` turns Scores into a PruningPlan (Torch-Pruning's split between importance and
-allocation). The CLI's choices come from this registry; the package's __init__ imports the built-in scorers,
-which register themselves here.
+A scorer returns `Scores` (values per layer, units it must keep, parameters for the plan); `plan.allocate`
+turns them into a plan. The built-in scorers register themselves here when the package is imported.
 """
 from __future__ import annotations
 
@@ -16,15 +12,13 @@ from torch import Tensor
 
 from ..errors import UserError
 
-ALLOCATION_PARAMS = ("allocation", "floor", "multiple_of")
-
-
 @dataclass(frozen=True)
 class Scores:
     """One scorer's verdict on every FFN neuron."""
 
     values: list[Tensor]                        # per layer [d_ff]; higher = keep
-    allocation: dict                            # {"kind": local|global|threshold, "floor", "normalize", "multiple_of"}
+    allocation: dict = field(default_factory=lambda: {"kind": "local"})  # a rule of the method's own (strategy,
+                                                # calibrated); the request's Allocation is applied over it
     params: dict = field(default_factory=dict)  # the method's parameters and diagnostics (go into plan.params)
     must_keep: list[list[int]] | None = None    # per layer, ids kept whatever their score (protected neurons)
     compensation: dict | None = None            # recipe for least-squares compensation ({"ridge", "readout_mix"})
@@ -45,15 +39,24 @@ class Scorer:
     params: dict = field(default_factory=dict)  # parameter name -> default
     needs_sparsity: bool = True                 # False: its own parameters can set the sparsity (strategy)
     stochastic: bool = False                    # True: its scores are random draws (its `seed` parameter)
+    request_allocates: bool = False             # True: the request's Allocation (scope, floor, multiple_of)
+                                                # decides how its scores become a plan; False: the method's own
+
+
+    @property
+    def allocation_options(self) -> tuple[str, ...]:
+        """The allocation options a request may give this method (as `allocation`, `floor`, `multiple_of`)."""
+        keys = ("allocation", "floor", "multiple_of")
+        return keys if self.request_allocates else tuple(k for k in keys if k in self.params)
 
 
 SCORERS: dict[str, Scorer] = {}
 
 
 def register(name: str, help: str, needs_data: bool = True, needs_sparsity: bool = True, stochastic: bool = False,
-             **params) -> Callable[[ScoreFn], ScoreFn]:
+             request_allocates: bool = False, **params) -> Callable[[ScoreFn], ScoreFn]:
     def add(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity, stochastic)
+        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity, stochastic, request_allocates)
         return fn
     return add
 
