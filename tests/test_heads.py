@@ -313,11 +313,11 @@ def test_a_damaged_mpnet_head_index_is_a_user_error(pruned, tmp_path):
 # --- head statistics: removal error, joint scores, compensation ----------------------------------------
 
 def head_calibration(alias: str):
-    from anatomy_prune.scores.calibration import Calibration, head_stats
+    from anatomy_prune.scores.calibration import Calibration, calibration_pass
 
     loaded = load_model(alias, device="cpu")
     cal = Calibration(loaded, TEXTS * 2, max_length=24, batch_size=3)
-    return loaded, cal, head_stats(cal, progress=False)
+    return loaded, cal, calibration_pass(cal, grads=True, heads=True, progress=False).heads
 
 
 def contexts(loaded: Loaded, cal) -> list[torch.Tensor]:

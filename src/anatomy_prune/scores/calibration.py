@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CALIB_MAX_LENGTH", "DEFAULT_RIDGE", "PROTECT_THRESHOLD", "Calibration", "CalibrationPass", "FFNStats",
            "HeadStats", "PassKey", "activation_stats", "calibration_pass", "ffn_input_stats", "forward_stats",
-           "head_stats", "important_neurons", "make_calibration", "similarity_stats"]
+           "important_neurons", "make_calibration", "similarity_stats"]
 
 CALIB_MAX_LENGTH = 128  # tokens per calibration review (the model maximum would blow up memory)
 PROTECT_THRESHOLD = 0.35  # the paper's "high cosine similarity": such neurons are the anatomy's important ones
@@ -242,11 +242,6 @@ def ffn_input_stats(calib: Calibration, *, grads: bool | None = None, progress: 
                     cache: bool = True) -> FFNStats:
     """The FFN statistics of `calibration_pass` (what least-squares compensation and the scores need)."""
     return calibration_pass(calib, grads=grads, progress=progress, cache=cache).ffn
-
-
-def head_stats(calib: Calibration, *, progress: bool = True, cache: bool = True) -> HeadStats:
-    """The attention heads' statistics of `calibration_pass` (taken with gradients)."""
-    return calibration_pass(calib, grads=True, heads=True, progress=progress, cache=cache).heads
 
 
 def _loss(loaded: Loaded, batch: dict) -> Tensor:
