@@ -431,3 +431,24 @@ def test_warnings_before_an_error_do_not_reach_the_user(capsys, monkeypatch, ver
         assert err[-1] == "anatomy-prune evaluate: error: the one line\\nthat stays one line"
     else:
         assert err == ["anatomy-prune evaluate: error: the one line\\nthat stays one line"]
+
+
+def test_offloaded_weights_live_in_the_staging_folder_and_go_with_it(tmp_path):
+    """Disk offload inside a run: the offload folder is the run's scratch (removed with the staging folder),
+    never an offload-XXXX beside the user's files, even with --offload-folder given."""
+    from anatomy_prune.models.loading import load_model
+    from anatomy_prune.runfolder import RunFolder
+    src = load_model("tiny-llama", device="cpu")
+    src.model.save_pretrained(tmp_path / "dense")
+    src.tokenizer.save_pretrained(tmp_path / "dense")
+    sizes = [sum(p.numel() * 4 for p in m.parameters()) for m in (src.model.model.embed_tokens, src.model.model.layers[0])]
+    user = tmp_path / "user"
+    user.mkdir()
+    with RunFolder(tmp_path / "out", "probe", {}) as rf:
+        big = load_model(str(tmp_path / "dense"), device_map="auto", max_memory=f"cpu:{sizes[0] + 2 * sizes[1]}",
+                         offload_folder=str(user))
+        assert "disk" in set(big.model.hf_device_map.values())
+        assert (rf.staging / ".scratch" / "offload").is_dir()
+        rf.write_json("done.json", {})
+    assert list(user.iterdir()) == []
+    assert not (tmp_path / "out" / ".anatomy-prune-staging").exists()
