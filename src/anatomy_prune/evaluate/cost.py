@@ -90,6 +90,7 @@ def flops_cost(loaded: Loaded, seq_len: int = 128) -> CostModel:
 
 
 HELD_BACK = ((0.75, 0.75), (0.4, 0.5))  # (FFN, head) fractions timed beside the fitted shapes but not fitted
+HELD_BACK_WARN = 0.1                    # a larger prediction error on them is logged as a warning
 
 
 def _pruned_copy(model: nn.Module, neurons: list[int], units: list[int], f_ffn: float, f_heads: float
@@ -158,4 +159,8 @@ def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repea
     log.info("latency cost model: base %.4f s, %.2e s per neuron, %.2e s per head; max residual %.1f%%, "
              "held-back shapes predicted within %.1f%%", cm.base, a_n, a_h, 100 * cm.info["max_rel_residual"],
              100 * cm.info["held_back_max_rel_error"])
+    if cm.info["held_back_max_rel_error"] > HELD_BACK_WARN:
+        log.warning("the latency fit is off by %.0f%% on shapes it was not fitted on: a target may be missed "
+                    "(a busy machine, or costs that do not scale linearly with width)",
+                    100 * cm.info["held_back_max_rel_error"])
     return cm
