@@ -207,8 +207,6 @@ def _from_pretrained(where: str, is_local: bool, placement: Placement | None = N
                             "anatomy-prune loads safetensors only (convert with save_pretrained(safe_serialization=True))")
     weights = None
     if is_local:
-        if needs_custom_code(Path(where)):
-            raise custom_code_error(Path(where))
         check_config_values(read_json(Path(where) / "config.json", "model config"), f"'{Path(where) / 'config.json'}'",
                             set(supported_model_types()))
         weights = declared_weights(Path(where))

@@ -178,8 +178,6 @@ def load_saved(folder: Path, spec: str) -> Loaded:
     kind = meta["kind"]
     if not (folder / "config.json").is_file():
         raise _bad(folder, "config.json is missing")
-    if needs_custom_code(folder):
-        raise custom_code_error(folder)
     check_config_values(read_json(folder / "config.json", "model config"), f"'{folder / 'config.json'}'",
                         set(supported_model_types()))
     try:
