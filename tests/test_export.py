@@ -143,6 +143,24 @@ def test_runs_without_this_package_and_int8_is_onnx_runtimes(tmp_path, tmp_path_
     assert 0 < meta["check"]["int8"]["max_abs"] and meta["bytes"] < 0.6 * meta["float32_bytes"]
 
 
+@pytest.mark.parametrize("alias", ["tiny-bert", "tiny-llama"])
+def test_a_layer_without_ffn_neurons_exports_and_quantizes(tmp_path, alias):
+    """A 2x target can remove every neuron of a layer: the empty MatMul stays float, the rest goes int8."""
+    from anatomy_prune.data.texts import load_probes
+    from anatomy_prune.export.onnx import check_batches, export_onnx, max_difference, quantize_onnx
+    from anatomy_prune.models.surgery import keep_ffn_neurons
+
+    loaded = make_classifier(alias)
+    keep_ffn_neurons(loaded.model, [range(5), [], range(7)])
+    path, q = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    export_onnx(loaded, path)
+    info = quantize_onnx(path, q)
+    batches = check_batches(loaded, [p["text"] for p in load_probes()], 48)
+    assert max_difference(loaded, session(path), batches)["max_rel"] <= FLOAT_TOL
+    diff = max_difference(loaded, session(q), batches)
+    assert 0 < diff["max_abs"] and diff["max_rel_to_batch"] <= INT8_TOL and info["quantized_ops"]["MatMulInteger"] > 0
+
+
 def _fails(capsys, argv, *needles) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

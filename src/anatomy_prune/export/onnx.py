@@ -144,9 +144,11 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> dict:
     root = logging.getLogger()
     level = root.level
     t0 = time.perf_counter()
+    empty = _empty_weight_nodes(onnx.load(str(src), load_external_data=False))
     try:
         root.setLevel(logging.ERROR)  # its advice to pre-process is printed through the root logger
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         nodes_to_exclude=empty)
     finally:
         root.setLevel(level)
     seconds = time.perf_counter() - t0
@@ -156,6 +158,13 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> dict:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True,
             "reduce_range": True, "quantized_ops": ops, "seconds": seconds}
+
+
+def _empty_weight_nodes(model) -> list[str]:
+    """Nodes that multiply by an empty weight (a layer whose FFN neurons were all removed): the quantizer
+    cannot scale an empty tensor, and there is nothing to quantize."""
+    empty = {t.name for t in model.graph.initializer if 0 in t.dims}
+    return [n.name for n in model.graph.node if n.name and empty.intersection(n.input)]
 
 
 def session(path: str | Path, threads: int = 0, spinning: bool = True):
