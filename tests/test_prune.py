@@ -152,10 +152,23 @@ def test_out_folder_rules_and_force(tmp_path, clf_dir, tiny_csv, calib_txt, caps
 
 
 def test_compensate_option(tmp_path, clf_dir, tiny_csv, calib_txt):
-    out = tmp_path / "comp"
-    assert main(["prune", "--model", str(clf_dir), "--method", "magnitude", "--sparsity", "0.5", "--compensate",
-                 "--mode", "physical", "--out", str(out), *_fast(tiny_csv, calib_txt)]) == 0
-    assert json.loads((out / "metrics.json").read_text())["compensated"] is True
+    """--compensate keeps the plan, refits the kept neurons' down projection (the saved weights differ from
+    plain removal's) and reports the reconstruction error it removed on the calibration tokens."""
+    runs = {}
+    for name, extra in (("comp", ["--compensate"]), ("plain", [])):
+        out = tmp_path / name
+        assert main(["prune", "--model", str(clf_dir), "--method", "magnitude", "--sparsity", "0.5", *extra,
+                     "--mode", "physical", "--out", str(out), *_fast(tiny_csv, calib_txt)]) == 0
+        runs[name] = (json.loads((out / "metrics.json").read_text()), load_model(str(out), device="cpu"))
+    (comp, comp_model), (plain, plain_model) = runs["comp"], runs["plain"]
+    assert comp["compensated"] is True and plain["compensated"] is False and plain["compensation"] is None
+    assert comp["neurons_removed_per_layer"] == plain["neurons_removed_per_layer"]
+    report = comp["compensation"]
+    assert 0 <= report["mean_rel_err_compensated"] < report["mean_rel_err_removed"]
+    down = [n for n, _ in comp_model.model.named_parameters() if "output.dense.weight" in n and "attention" not in n]
+    weights = dict(comp_model.model.named_parameters()), dict(plain_model.model.named_parameters())
+    assert down and all(weights[0][n].shape == weights[1][n].shape for n in down)
+    assert any(not torch.equal(weights[0][n], weights[1][n]) for n in down)
 
 
 def test_imdb_calibration_is_pinned_training_reviews():

@@ -16,6 +16,7 @@ from ..models.offload import parse_size
 from ..models.saved import save_model
 from ..runfolder import RunFolder, now_iso
 from ..scores.calibration import Calibration, make_calibration
+from ..validate import text
 from .layerwise import prune_layerwise
 from .requests import PruneRequest
 from .step import PruneResult, copy_loaded, needs_calibration, prune_step
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 def prune(req: PruneRequest, out: str | Path, *, progress: bool = True, force: bool = False) -> dict:
     """Prune as `req` asks and write the run folder `out`; returns the metrics written to out/metrics.json.
     The request was checked when built; the folder is made (and checked writable) before the model loads."""
+    text(req.model, "--model")  # a request for prune_step alone may leave the model out; a job names it
     with RunFolder(out, "prune", req.settings(), force=force) as rf:
         loaded = load_model(req.model, device=req.device, dtype=req.dtype, device_map=req.device_map,
                             max_memory=req.max_memory, offload_folder=req.offload_folder,

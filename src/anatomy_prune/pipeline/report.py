@@ -227,15 +227,8 @@ def compare_methods(sweep_dir: str | Path, level: float = 0.95) -> dict:
             tests.append((entry, "vs_dense_p"))
             if vs_best:
                 tests.append((entry, "vs_best_p"))
-    # Holm's step-down correction over every test in the table
-    order = sorted(range(len(tests)), key=lambda i: tests[i][0][tests[i][1]])
-    alpha, running, n = 1 - level, 0.0, len(tests)
-    for rank, i in enumerate(order):
-        entry, key = tests[i]
-        adjusted = min(1.0, max(running, (n - rank) * entry[key]))
-        running = adjusted
-        entry[key.replace("_p", "_p_holm")] = adjusted
-        entry[key.replace("_p", "_supported")] = adjusted < alpha
+    _holm(tests, 1 - level)
+    n = len(tests)
     lines = [f"Paired comparisons on the same {len(dense_ok)} reviews (McNemar's exact test, Holm-corrected over "
              f"{n} tests, {int(level * 100)}% level). A seeded method counts as different only if every seed is: "
              "its p-value is the largest over its seeds. 'indistinguishable' = not supported by the test.", "",
@@ -249,3 +242,16 @@ def compare_methods(sweep_dir: str | Path, level: float = 0.95) -> dict:
         lines.append(f"| {e['sparsity']:.0%} | {name} | {100 * e['accuracy']:.1f} | {100 * e['vs_dense_diff']:+.1f} | "
                      f"{vd} | {vb} |")
     return {"level": level, "n_tests": n, "rows": out, "markdown": "\n".join(lines) + "\n"}
+
+
+def _holm(tests: list[tuple[dict, str]], alpha: float) -> None:
+    """Holm's step-down correction over every (entry, p-value key) of a table: adds `*_p_holm` and
+    `*_supported` to each entry."""
+    order = sorted(range(len(tests)), key=lambda i: tests[i][0][tests[i][1]])
+    running, n = 0.0, len(tests)
+    for rank, i in enumerate(order):
+        entry, key = tests[i]
+        adjusted = min(1.0, max(running, (n - rank) * entry[key]))
+        running = adjusted
+        entry[key.replace("_p", "_p_holm")] = adjusted
+        entry[key.replace("_p", "_supported")] = adjusted < alpha

@@ -5,7 +5,7 @@ them and check only what needs the model. Every fault is a one-line UserError (t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -244,19 +244,13 @@ class PruneRequest:
 
     def settings(self) -> dict:
         """What a run folder records (and digests) for this request."""
-        params = {**self.params, **({} if self.method is None or self.layerwise
-                                    else self.allocation_given())}
+        params = {**self.params, **self.allocation.given()}
         return dict(model=self.model, method=self.method, sparsity=self.sparsity, params=params, mode=self.mode,
                     plan=self.plan.to_dict() if self.plan is not None else None, compensate=self.compensate,
                     calib_size=self.calib.size, calib_max_length=self.calib.max_length,
                     calib_data=self.calib.source(self.eval.data), data=self.eval.data, eval_size=self.eval.size,
                     split=self.eval.split, batch_size=self.eval.batch_size, max_length=self.eval.max_length,
                     seed=self.calib.seed, quantize=self.quantize, target=self.target, **self.big_options())
-
-    def allocation_given(self) -> dict:
-        a = self.allocation
-        given = {"allocation": a.scope, "floor": a.floor, "multiple_of": a.multiple_of if a.multiple_of != 1 else None}
-        return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -350,11 +344,6 @@ class SweepConfig:
                             mode="physical" if point.get("target") else self.mode, compensate=self.compensate,
                             allocation=alloc, target=point.get("target"), quantize=self.quantize, eval=self.eval,
                             calib=self.calib, device=self.device, dtype=self.dtype)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("grid")
-        return d
 
 
 def _tuple(value, what: str) -> tuple:
