@@ -13,7 +13,8 @@ issue's size), with a Wilson interval and McNemar against dense PyTorch float32.
     make deploy-bench
     .venv/bin/python benchmarks/deploy.py --model runs/demo/finetune --out runs/deploy [--eval-size 1000]
 
-Writes --out/deploy.json, --out/table.md, the pruned runs (--out/pruned/) and the exported folders (--out/onnx/).
+Writes --out/deploy.json, --out/table.md and the exported folders (--out/onnx/); the pruned models go to their
+own run folders, --out-pruned/TARGETx (kept if a later step fails, and reused by a rerun with the same settings).
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def parse_args(argv):
     p.add_argument("--split", default="heldout")
     p.add_argument("--calib-size", type=int, default=128)
     p.add_argument("--shapes", nargs="+", default=["1x128", "32x128"], help="BATCHxTOKENS (default: 1x128 32x128)")
-    p.add_argument("--repeats", type=int, nargs="+", default=[20, 5],
-                   help="timed rounds per shape, in the order of --shapes (default: 20 5)")
+    p.add_argument("--repeats", type=int, nargs="+", default=[10, 5],
+                   help="timed rounds per shape, in the order of --shapes (default: 10 5)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="threads of both runtimes (default: 2)")
     return p.parse_args(argv)
@@ -96,6 +97,7 @@ def prune_targets(args, rf) -> dict:
     from anatomy_prune.models.saved import save_model
     from anatomy_prune.pipeline.requests import PruneRequest
     from anatomy_prune.pipeline.step import prune_step
+    from anatomy_prune.runfolder import read_json
     from anatomy_prune.scores.calibration import make_calibration
 
     runs = {"dense": {"spec": args.model, "info": {"target": None}}}
@@ -106,25 +108,36 @@ def prune_targets(args, rf) -> dict:
         for s, spec in zip(args.targets, given):
             runs[f"pruned-{s:g}x"] = {"spec": spec, "info": {"target": s, "given": spec}}
         return runs
-    dense = load_model(args.model, device="cpu")
-    if dense.kind != "classifier":
-        raise UserError(f"--model must be a fine-tuned classifier, not a {dense.kind}")
-    t0 = time.perf_counter()
-    held_out = evaluation_set(dense, "imdb", args.eval_size, args.split)
-    calib = make_calibration(dense, args.calib_size, exclude=held_out.texts)
-    calib_s = time.perf_counter() - t0
-    folder = rf.stage_dir("pruned")
+    from anatomy_prune.runfolder import RunFolder
+
+    calib, calib_s = None, 0.0
     for s in args.targets:
         tgt = {"speedup": s} if args.target_kind == "speedup" else {"flops": 1.0 / s}
-        res = prune_step(calib, PruneRequest(method="calibrated", target={**tgt, "batch_size": 32, "seq_len": 128}))
-        spec = str(save_model(res.loaded, folder / f"{s:g}x", plan=res.plan.to_dict(),
-                              pruned={"method": "calibrated", "target": tgt}))
-        print(f"pruned to target {s}x: widths {res.plan.kept_widths}, heads {res.plan.kept_heads}, "
-              f"{res.prune_s:.0f} s", flush=True)
-        runs[f"pruned-{s:g}x"] = {"spec": spec, "info": {
-            "target": s, "target_kind": args.target_kind, "prune_s": res.prune_s, "calibration_s": calib_s,
-            "params": count_params(res.loaded.model), "ffn_widths": res.plan.kept_widths,
-            "heads": res.plan.kept_heads, "cost_model": res.cost_model}}
+        spec = f"{args.out}-pruned/{s:g}x"  # its own run folder: kept if the benchmark stops later, reused
+        settings = {"model": args.model, "target": tgt, "calib_size": args.calib_size, "split": args.split,
+                    "eval_size": args.eval_size}
+        with RunFolder(spec, "deploy-prune", settings, force=args.force) as prf:
+            if prf.same_as_before:
+                print(f"reusing {spec}", flush=True)
+                runs[f"pruned-{s:g}x"] = {"spec": spec, "info": read_json(Path(spec) / "info.json", "info")}
+                continue
+            if calib is None:
+                t0 = time.perf_counter()
+                dense = load_model(args.model, device="cpu")
+                if dense.kind != "classifier":
+                    raise UserError(f"--model must be a fine-tuned classifier, not a {dense.kind}")
+                held_out = evaluation_set(dense, "imdb", args.eval_size, args.split)
+                calib = make_calibration(dense, args.calib_size, exclude=held_out.texts)
+                calib_s = time.perf_counter() - t0
+            res = prune_step(calib, PruneRequest(method="calibrated", target={**tgt, "batch_size": 32, "seq_len": 128}))
+            save_model(res.loaded, prf.stage("model"), plan=res.plan.to_dict(), pruned={"method": "calibrated", "target": tgt})
+            print(f"pruned to target {s}x: widths {res.plan.kept_widths}, heads {res.plan.kept_heads}, "
+                  f"{res.prune_s:.0f} s", flush=True)
+            info = {"target": s, "target_kind": args.target_kind, "prune_s": res.prune_s, "calibration_s": calib_s,
+                    "params": count_params(res.loaded.model), "ffn_widths": res.plan.kept_widths,
+                    "heads": res.plan.kept_heads, "cost_model": res.cost_model}
+            prf.write_json("info.json", info)
+            runs[f"pruned-{s:g}x"] = {"spec": spec, "info": info}
     return runs
 
 

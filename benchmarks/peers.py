@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
 
-            def point(name: str, loaded, seconds: float, extra: dict) -> dict:
+            def point(name: str, loaded, seconds: float, extra: dict, float_model=None) -> dict:
                 ev = evaluate_classifier(loaded, data, 64, progress=False)
-                sp = measure_speedup(clf, loaded, 32, 128, repeats=args.repeats)
+                sp = measure_speedup(clf, loaded, 32, 128, repeats=args.repeats) if float_model is None else \
+                    int8_speedup(clf, float_model, loaded, args.repeats)
                 from anatomy_prune.evaluate.counts import count_params
                 row = {"method": name, **extra, "accuracy": ev["accuracy"], "accuracy_interval": ev["accuracy_interval"],
                        "params": count_params(loaded.model), "prune_s": seconds, **sp, "correct": ev["correct"]}
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     q = copy_loaded(res.loaded)
                     t1 = time.perf_counter()
                     q.model = quantize_int8(q.model)
-                    point("ours + int8", q, secs + time.perf_counter() - t1, {"target_speedup": s})
+                    point("ours + int8", q, secs + time.perf_counter() - t1, {"target_speedup": s}, res.loaded)
             for peer in args.peers:
                 for ffn, heads in grid:
                     work = copy_loaded(clf)
@@ -132,6 +133,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(result))
     return 0
+
+
+def int8_speedup(dense, flt, q, repeats: int) -> dict:
+    """An int8 point timed in the same rounds as dense and its own float model (two warm-up calls each), so
+    its speedup and what int8 adds over the float model come from one interleaved run (issue 25, item 4)."""
+    from anatomy_prune.evaluate.timing import fixed_inputs, forward_fn, paired_speedup, time_interleaved
+    from anatomy_prune.models.families import base_model
+
+    vocab = int(base_model(dense.model).get_input_embeddings().num_embeddings)
+    inputs = fixed_inputs(vocab, 32, 128)
+    t = time_interleaved({k: forward_fn(m.model, inputs) for k, m in (("dense", dense), ("float", flt), ("int8", q))},
+                         warmup=2, repeats=repeats)
+    sp, over = paired_speedup(t["dense"], t["int8"]), paired_speedup(t["float"], t["int8"])
+    return {"measured_speedup": sp["speedup"], "speedup_paired_q1": sp["paired_q1"], "speedup_paired_q3": sp["paired_q3"],
+            "speedup_shape": [32, 128], "dense_forward_s": t["dense"].median, "pruned_forward_s": t["int8"].median,
+            "int8_over_float": over["speedup"], "int8_over_float_q1": over["paired_q1"],
+            "int8_over_float_q3": over["paired_q3"]}
 
 
 def table(result: dict) -> str:
