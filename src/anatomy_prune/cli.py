@@ -80,7 +80,7 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> int:
     from .data.splits import eval_set
     from .evaluate.counts import size_report
-    from .evaluate.metrics import evaluate, evaluate_classifier, evaluation_set
+    from .evaluate.metrics import evaluate
     from .models.loading import load_model
     from .runfolder import check_output_file, now_iso, write_json
 
@@ -88,11 +88,7 @@ def _run_evaluate(args) -> int:
         check_output_file(args.json, "--json")
     data = eval_set(args.data, args.eval_size, args.split)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    if loaded.kind == "causal-lm":  # a language model: perplexity of held-out text, with its interval
-        metrics = evaluate(loaded, evaluation_set(loaded, args.data, args.eval_size, args.split), args.batch_size,
-                           args.max_length)
-    else:
-        metrics = evaluate_classifier(loaded, data, args.batch_size, args.max_length)
+    metrics = evaluate(loaded, data, args.batch_size, args.max_length)  # accuracy, or a causal LM's perplexity
     metrics.update(size_report(loaded), model=args.model, data=args.data, created=now_iso())
     if args.json:
         write_json(args.json, metrics)

@@ -37,7 +37,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, device: str | None = None, fo
              progress: bool = True, dtype: str | None = None) -> FinetuneResult:
     """Fine-tune `cfg.model` with a binary head; write `out/model/` and `out/finetune.json`."""
     cfg.validate()
-    settings = asdict(cfg) if dtype in (None, "auto", "float32") else {**asdict(cfg), "dtype": dtype}
+    settings = cfg.settings() if dtype in (None, "auto", "float32") else {**cfg.settings(), "dtype": dtype}
     with RunFolder(out, "finetune", settings, force=force) as rf:
         run_dir = rf.path
         if rf.same_as_before and not force and rf.existing("model") and rf.existing("finetune.json"):

@@ -110,12 +110,13 @@ def plot_metric(rows: Sequence[dict], reference: dict | None = None, model: str 
         for i, p in enumerate(reference["points"]):
             kw = dict(marker="x", color="black", s=60, zorder=5, label=reference["label"] if i == 0 else None)
             ax.scatter(100 * p["sparsity"], 100 * p["accuracy"], **kw)
-            if two:
+            if two and reference.get("dense") is not None:
                 axes[0][1].scatter(100 * p["sparsity"], 100 * (p["accuracy"] - reference["dense"]), **kw)
             ax.annotate(p["method"], (100 * p["sparsity"], 100 * p["accuracy"]), textcoords="offset points",
                         xytext=(5, -10), fontsize=7)
-        ax.axhline(100 * reference["dense"], color="black", linestyle=":", linewidth=0.8,
-                   label=f"{reference['label']}: dense")
+        if reference.get("dense") is not None:  # a paper may quote pruned points only (GPT-2's)
+            ax.axhline(100 * reference["dense"], color="black", linestyle=":", linewidth=0.8,
+                       label=f"{reference['label']}: dense")
     if metric == "accuracy":
         ax.axhline(50, color="grey", linestyle="-.", linewidth=0.8, label="chance: 50")
         ax.set_ylabel("accuracy (%)")
@@ -221,7 +222,7 @@ def neurons_per_layer(rows: Sequence[dict], folder: str | Path, name: str = "neu
 
 def plot_removed_by_depth(ours: dict[str, Sequence[int]], widths: Sequence[int],
                           paper: dict[str, Sequence[int]] | None = None, paper_width: int = 3072,
-                          model: str = "") -> plt.Figure:
+                          model: str = "", paper_model: str = "BERT-base") -> plt.Figure:
     """Figure 4a across depths: the share of each block's FFN neurons a rule removes, ours (one line per
     setting) beside the paper's (12 blocks of `paper_width`), block i of n drawn at depth (i + 0.5) / n so
     that models of different depths line up."""
@@ -233,7 +234,7 @@ def plot_removed_by_depth(ours: dict[str, Sequence[int]], widths: Sequence[int],
     for label, removed in (paper or {}).items():
         m = len(removed)
         ax.plot([(i + 0.5) / m for i in range(m)], [100 * r / paper_width for r in removed], marker="x",
-                color="black", ls="--", label=f"paper, BERT-base: {label}")
+                color="black", ls="--", label=f"paper, {paper_model}: {label}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 100)
     ax.set_xlabel("relative depth of the block (block i of n at (i + 0.5) / n)")

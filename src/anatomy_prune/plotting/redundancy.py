@@ -1,15 +1,18 @@
 """Fine-pruning and redundancy figures, drawn from saved results (results.json / redundancy.json), never
-from a model.
+from a model. Each `*_figure` function returns the matplotlib Figure (restyle it in a notebook); the `plot_*`
+functions save one as PNG and PDF and return the PNG's path.
 
-plot_per_layer:  per layer, what each method leaves behind: kept neurons, sensitivity (sum over the layer's
-                 neurons) and the unique fraction (the second paper's analysis, per layer)
-plot_training:   one run's schedule: kept fraction and training loss against the step
-plot_methods:    the benchmark's summary: metric and overall unique fraction / sensitivity per method
+per_layer_figure:  per layer, what each method leaves behind: kept neurons, sensitivity (sum over the layer's
+                   neurons) and the unique fraction (the second paper's analysis, per layer)
+training_figure:   the runs' schedules: training loss (smoothed) and kept fraction against the step
+methods_figure:    perplexity (or accuracy) per method with its interval, beside the references a reader needs:
+                   the dense model, each method's one-shot value (pruned, not trained) and, for a language
+                   model, the uniform guess over the vocabulary (perplexity = vocabulary size)
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 
@@ -17,13 +20,15 @@ from . import save
 
 COLORS = {"dense": "black", "random": "tab:gray", "magnitude": "tab:orange", "movement": "tab:blue",
           "gum": "tab:red"}
+NAMES = {"gum": "GUM (global movement + uniqueness)", "movement": "movement (local)", "magnitude": "magnitude",
+         "random": "random"}
 
 
 def _color(name: str):
     return COLORS.get(name.split()[0], None)
 
 
-def plot_per_layer(runs: Mapping[str, dict], folder: str | Path, name: str = "redundancy_per_layer") -> Path:
+def per_layer_figure(runs: Mapping[str, dict], model: str = "") -> plt.Figure:
     """`runs`: label -> a results dict with `redundancy` (redundancy.summary) and `kept_widths`."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for label, r in runs.items():
@@ -37,38 +42,84 @@ def plot_per_layer(runs: Mapping[str, dict], folder: str | Path, name: str = "re
     axes[0].set_ylabel("FFN neurons kept")
     axes[1].set_ylabel("sensitivity (sum over the layer)")
     axes[1].set_yscale("log")
-    axes[2].set_ylabel("unique neurons (%)  [no j>i with cos >= 0.8]")
+    axes[2].set_ylabel("unique neurons (%)\n(no later neuron with activation cosine >= 0.8)")
     for ax in axes:
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("What each method leaves behind, per layer")
+    fig.suptitle(f"{model + ': ' if model else ''}what each method leaves behind, per layer")
     fig.tight_layout()
-    return save(fig, folder, name)
+    return fig
+
+
+def plot_per_layer(runs: Mapping[str, dict], folder: str | Path, name: str = "redundancy_per_layer") -> Path:
+    return save(per_layer_figure(runs), folder, name)
+
+
+def _smooth(values: Sequence[float], k: int) -> list[float]:
+    return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+
+
+def training_figure(runs: Mapping[str, dict], model: str = "", k: int = 5) -> plt.Figure:
+    """Training loss (mean of the last `k` steps) per run, and the kept fraction of the cubic schedule."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2, 1]})
+    for label, r in runs.items():
+        h = r["history"]
+        ax.plot(h["step"], _smooth(h["loss"], k), color=_color(label), label=NAMES.get(label, label))
+    first = next(iter(runs.values()))["history"]
+    ax2.plot(first["step"], [100 * v for v in first["keep"]], color="black")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (mean of the last {k} steps)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("FFN neurons kept (%)")
+    ax2.set_ylim(0, 105)
+    ax2.set_title("the cubic schedule (all methods)", fontsize=9)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"{model + ': ' if model else ''}training loss while pruning", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def plot_training(results: dict, folder: str | Path, name: str = "training") -> Path:
-    """Kept fraction (the cubic schedule) and training loss against the step, for one run."""
-    h = results["history"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    ax.plot(h["step"], h["loss"], color="tab:blue", alpha=0.35, label="loss")
-    k = 10
-    smooth = [sum(h["loss"][max(0, i - k + 1):i + 1]) / len(h["loss"][max(0, i - k + 1):i + 1])
-              for i in range(len(h["loss"]))]
-    ax.plot(h["step"], smooth, color="tab:blue", label=f"loss (mean of {k})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("task loss")
-    ax2 = ax.twinx()
-    ax2.plot(h["step"], [100 * v for v in h["keep"]], color="tab:red", label="neurons kept (%)")
-    ax2.set_ylabel("FFN neurons kept (%)", color="tab:red")
-    ax2.set_ylim(0, 105)
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower left")
-    ax.set_title(f"{results['method']} ({results['selection']}) on {results['model']}: "
-                 f"{results['metric']} {results[results['metric']]:.4g}", fontsize=9)
+    """One run's training figure, saved."""
+    return save(training_figure({results["method"]: results}, results["model"]), folder, name)
+
+
+def methods_figure(rows: Sequence[dict], dense: dict | None = None, vocab_size: int | None = None,
+                   model: str = "") -> plt.Figure:
+    """One point per method: `rows` of {label, value, low, high, one_shot (optional)}; the metric is perplexity
+    (log scale) unless rows carry metric="accuracy". `dense`: {value, low, high}; `vocab_size`: the uniform
+    guess's perplexity, drawn as a line (a model above it predicts worse than not knowing the language)."""
+    metric = rows[0].get("metric", "perplexity")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = list(range(len(rows)))
+    for i, r in enumerate(rows):
+        yerr = [[r["value"] - r["low"]], [r["high"] - r["value"]]] if r.get("low") is not None else None
+        ax.errorbar([i], [r["value"]], yerr=yerr, fmt="o", capsize=4, markersize=7, color=_color(r["label"]),
+                    label="fine-pruned (95% interval)" if i == 0 else None)
+        if r.get("one_shot") is not None:
+            ax.scatter([i], [r["one_shot"]], marker="v", color=_color(r["label"]), s=50, alpha=0.6,
+                       label="pruned at once, not trained" if i == 0 else None)
+    if dense is not None:
+        ax.axhline(dense["value"], color="black", linestyle="--", linewidth=1,
+                   label=f"dense: {dense['value']:.3g}" + (f" [{dense['low']:.3g}-{dense['high']:.3g}]"
+                                                          if dense.get("low") is not None else ""))
+    if vocab_size and metric == "perplexity":
+        ax.axhline(vocab_size, color="tab:purple", linestyle=":", linewidth=1.2,
+                   label=f"uniform guess over {vocab_size:,} tokens")
+    ax.set_xticks(x, [NAMES.get(r["label"], r["label"]).replace(" (", "\n(") for r in rows], fontsize=8)
+    if metric == "perplexity":
+        ax.set_yscale("log")
+        ax.set_ylabel("held-out perplexity (log scale, lower is better)")
+    else:
+        ax.set_ylabel("accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{model + ': ' if model else ''}the second paper's four methods", fontsize=10)
     fig.tight_layout()
-    return save(fig, folder, name)
+    return fig
 
 
 def plot_methods(rows: list[dict], folder: str | Path, name: str = "finepruning_methods") -> Path:
@@ -87,6 +138,8 @@ def plot_methods(rows: list[dict], folder: str | Path, name: str = "finepruning_
     if metric == "accuracy":
         lo = min(scale * r[metric] for r in rows + ([{metric: dense}] if dense else []))
         axes[0].set_ylim(max(0, lo - 5), 100)
+    else:
+        axes[0].set_yscale("log")
     axes[1].bar(labels, [100 * r["redundancy"]["unique"] for r in rows], color=colors)
     axes[1].set_ylabel("unique neurons (%)")
     axes[1].set_ylim(max(0, min(100 * r["redundancy"]["unique"] for r in rows) - 3), 100)
