@@ -315,3 +315,30 @@ def test_minilm_imdb_finepruning_runs(tmp_path):
     r = finepruning(cfg, tmp_path / "run", progress=False, figures=False)
     assert r.plan.kept_widths == [768] * 6 and 0 <= r.results["accuracy"] <= 1
     assert len(r.results["redundancy"]["layers"]) == 6
+
+
+def test_finetune_of_the_top_blocks_only_moves_them_and_the_head(tiny_csv):
+    """train_layers=N (the offline GPT-2 recipe's CPU saving) trains the top N blocks, the final norm and the
+    head; every lower block and the embeddings stay as they were, and requires_grad is restored after."""
+    from anatomy_prune.data.splits import load_splits
+    from anatomy_prune.models.classifier import BinaryClassifier
+    from anatomy_prune.models.loading import Loaded
+    from anatomy_prune.train.finetune import FinetuneConfig, train_classifier
+
+    base = load_model("tiny-gpt2", device="cpu")
+    torch.manual_seed(0)
+    model = BinaryClassifier(base.model)
+    loaded = Loaded(model=model, tokenizer=base.tokenizer, kind="classifier", spec="x", info={}, dtype=base.dtype)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    cfg = FinetuneConfig(model="tiny-gpt2", data=str(tiny_csv), train_size=16, val_size=0, test_size=4,
+                         max_length=16, batch_size=8, lr=1e-2, train_layers=1)
+    train_classifier(loaded, load_splits(str(tiny_csv), (16, 0, 4), 0).train, cfg, progress=False)
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    last = len(model.backbone.h) - 1
+    assert moved and all(k.startswith((f"backbone.h.{last}.", "backbone.ln_f.", "dense.")) for k in moved)
+    assert any(k.startswith(f"backbone.h.{last}.") for k in moved) and "dense.weight" in moved
+    assert all(p.requires_grad for p in model.parameters())
+    # the digest of a recipe without train_layers is what it was before the field existed (run folders reused)
+    assert "train_layers" not in FinetuneConfig().settings() and cfg.settings()["train_layers"] == 1
+    with pytest.raises(UserError, match="train_layers"):
+        FinetuneConfig(train_layers=-1).validate()
