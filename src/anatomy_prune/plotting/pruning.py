@@ -21,7 +21,7 @@ from . import save
 
 MARKERS = {"random": "o", "magnitude": "s", "strategy": "^", "activation": "D", "calibrated": "*"}
 COLORS = {"random": "C0", "magnitude": "C1", "strategy": "C2", "activation": "C3", "calibrated": "C4"}
-EXTRA_COLORS = ("C5", "C6", "C8", "C9", "C7", "tab:olive", "tab:cyan", "navy", "maroon")  # config series
+EXTRA_COLORS = ("C6", "C9", "C7", "C8", "C5", "navy", "maroon", "darkorange", "teal")  # config series
 
 
 def _style(label: str, k: int) -> dict:
@@ -96,8 +96,9 @@ def plot_metric(rows: Sequence[dict], reference: dict | None = None, model: str 
     scale = 100 if metric == "accuracy" else 1
     for k, (label, rs) in enumerate(series.items()):
         style = _style(label, k)
-        if ":" in label and len(rs) <= 2:  # one config point: no line from the dense model
+        if ":" in label and len(rs) <= 2:  # one config point: no line from the dense model, no dense marker
             style.update(linestyle="none")
+            rs = [r for r in rs if r["method"] != "dense"]
         xs = [100 * r["sparsity"] for r in rs]
         ax.errorbar(xs, [scale * r[metric] for r in rs], yerr=_yerr(rs, metric, scale), capsize=2, **style)
         if two:
