@@ -62,8 +62,9 @@ def ray_local(tmp_path_factory):
 
 
 def _cfg(files, **extra) -> SweepConfig:
+    opts = {"figures": False, "mode": "mask", **extra}
     return SweepConfig(model=str(files.clf), eval=EvalSpec(data=str(files.csv), size=24),
-                       calib=CalibSpec(data=str(files.calib)), figures=False, mode="mask", **extra)
+                       calib=CalibSpec(data=str(files.calib)), **opts)
 
 
 def _plans(out: Path) -> dict:
