@@ -91,7 +91,7 @@ def test_fresh_install_with_the_extra_runs_a_notebook_online(wheel, tmp_path, em
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     shown = "".join("".join(o.get("data", {}).get("text/markdown", "")) for c in nb.cells if c.cell_type == "code"
                     for o in c.outputs)  # the settings table the notebook displays
-    assert "| online |" in shown or "online" in text
+    assert "| mode | online" in shown or "online" in text
     kernel_line = next(line for line in text.splitlines() if line.startswith("KERNEL"))
     assert kernel_line.count(str(venv)) == 2  # the fresh environment's python and its installed package
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
