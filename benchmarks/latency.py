@@ -34,6 +34,7 @@ from anatomy_prune.errors import UserError  # noqa: E402
 from anatomy_prune.evaluate.timing import load_average, machine_info  # noqa: E402
 from anatomy_prune.models.loading import DEFAULT_ENCODER, load_model  # noqa: E402
 from anatomy_prune.pipeline.latency import latency_sweep, profile_variants  # noqa: E402
+from anatomy_prune.pipeline.requests import TimingSpec  # noqa: E402
 from anatomy_prune.pipeline.report import markdown_table  # noqa: E402
 from anatomy_prune.runfolder import RESUME, RunFolder, read_json  # noqa: E402
 
@@ -112,8 +113,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                 rf.write_resume({**out, "results": out["results"] + [res], "load_now": load_average()})
 
             res = latency_sweep(loaded, settings["sparsities"], settings["batch_sizes"], settings["lengths"],
-                                repeats=settings["repeats"], warmup=settings["warmup"],
-                                multiples=settings["multiples"], strided=settings["strided"], seed=settings["seed"],
+                                repeats=settings["repeats"],
+                                timing=TimingSpec(warmup=settings["warmup"], multiples=settings["multiples"],
+                                                  strided=settings["strided"], seed=settings["seed"]),
                                 progress=not args.no_progress, on_sparsity=save_partial)
             if args.profile and dev == "cpu":
                 b, n = settings["batch_sizes"][0], settings["lengths"][0]

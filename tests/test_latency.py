@@ -14,6 +14,7 @@ from anatomy_prune.evaluate.timing import fixed_inputs, noncontiguous_params
 from anatomy_prune.models.families import base_model, ffn_widths
 from anatomy_prune.models.loading import TINY
 from anatomy_prune.pipeline.latency import build_variants, latency_sweep, make_strided
+from anatomy_prune.pipeline.requests import TimingSpec
 from anatomy_prune.pipeline.report import markdown_table
 from anatomy_prune.plan import plan_from_scores
 from anatomy_prune.scores.calibration import Calibration
@@ -64,7 +65,8 @@ def test_variants_are_pruned_copies_of_one_plan(tiny_bert):
 
 
 def test_latency_sweep_rows_and_bound(tiny_bert):
-    res = latency_sweep(tiny_bert, [0.5], [1], [8, 16], repeats=2, warmup=0, multiples=[8], progress=False)
+    res = latency_sweep(tiny_bert, [0.5], [1], [8, 16], repeats=2, timing=TimingSpec(warmup=0, multiples=[8]),
+                        progress=False)
     rows = res["rows"]
     assert {r["variant"] for r in rows} == {"dense", "mask", "physical", "physical-x8"}
     assert len(rows) == 4 * 2

@@ -19,7 +19,7 @@ from ..models.families import base_model, ffn_sites, ffn_widths, get_module
 from ..models.loading import Loaded
 from ..plan.plan import PruningPlan, check_sparsity
 from ..scores.calibration import Calibration
-from .requests import Allocation, PruneRequest
+from .requests import Allocation, PruneRequest, TimingSpec
 from .step import prune_step
 
 log = logging.getLogger(__name__)
@@ -63,76 +63,83 @@ def _check_shapes(loaded: Loaded, lengths: Sequence[int], batch_sizes: Sequence[
         raise UserError("lengths and batch sizes must be >= 1")
 
 
+def _dense_info(dense: nn.Module, lengths: Sequence[int]) -> dict:
+    return {"params": count_params(dense), "embedding_params": embedding_params(dense), "ffn_widths": ffn_widths(dense),
+            "ffn_flops_per_token": ffn_flops_per_token(dense),
+            "flops_per_token": {str(n): flops_per_token(dense, n) for n in lengths}}
+
+
+def _variant_row(name: str, m: nn.Module, variants: dict[str, nn.Module], plan: PruningPlan | None, dense: dict,
+                 at: dict, timings: dict) -> dict:
+    """One variant's row at `at` (device, sparsity, batch_size, seq_len): its timing and its bounds."""
+    n = at["seq_len"]
+    # a masked model does dense FLOPs; it is held to the bound of its plan's physical model
+    twin = variants["physical"] if name == "mask" else m
+    full, dense_params, emb = dense["ffn_widths"], dense["params"], dense["embedding_params"]
+    kept = plan.kept_widths if plan is not None else full
+    row = {**at, "variant": name,
+           "multiple_of": plan.params.get("multiple_of", 1) if plan is not None else 1,
+           "actual_sparsity": 1 - sum(kept) / sum(full), "ffn_widths": kept,
+           "params": count_params(m), "flops_per_token": flops_per_token(m, n),
+           "plan_flops_per_token": flops_per_token(twin, n),
+           "ideal_speedup": model_ideal_speedup(variants["dense"], twin, n),
+           "param_reduction": 1 - count_params(twin) / dense_params,
+           **timings[name].to_dict(), **paired_speedup(timings["dense"], timings[name])}
+    row["nonembedding_param_reduction"] = row["param_reduction"] * dense_params / max(1, dense_params - emb)
+    row["efficiency"] = row["speedup"] / row["ideal_speedup"]  # measured / ideal
+    return row
+
+
+def _time_sparsity(loaded: Loaded, variants: dict[str, nn.Module], plans: dict[str, PruningPlan], s: float,
+                   shapes: list[tuple[int, int]], dense: dict, repeats: int, timing: TimingSpec, bar) -> list[dict]:
+    """The rows of one sparsity: every variant timed interleaved at each shape."""
+    vocab = int(base_model(loaded.model).get_input_embeddings().num_embeddings)
+    bad = {name: noncontiguous_params(m) for name, m in variants.items() if name != "physical-strided"}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        log.warning("non-contiguous parameters after pruning: %s", bad)
+    rows: list[dict] = []
+    for b, n in shapes:
+        inputs = fixed_inputs(vocab, b, n, loaded.device, timing.seed)
+        timings = time_interleaved({k: forward_fn(m, inputs) for k, m in variants.items()},
+                                   warmup=timing.warmup, repeats=repeats, device=loaded.device)
+        at = {"device": loaded.device.type, "sparsity": s, "batch_size": b, "seq_len": n}
+        rows += [_variant_row(name, m, variants, plans.get(name), dense, at, timings)
+                 for name, m in variants.items()]
+        ph = next(r for r in rows[::-1] if r["variant"] == "physical")
+        bar.set_postfix_str(f"s={s} b={b} n={n} physical {ph['speedup']:.2f}x of ideal {ph['ideal_speedup']:.2f}x")
+        bar.update(1)
+    return rows
+
+
 @torch.no_grad()
 def latency_sweep(loaded: Loaded, sparsities: Sequence[float], batch_sizes: Sequence[int],
-                  lengths: Sequence[int], *, repeats: int = 5, warmup: int = 1, multiples: Sequence[int] = (1,),
-                  strided: bool = False, seed: int = 0, progress: bool = True,
-                  on_sparsity: Callable[[dict], None] | None = None) -> dict:
+                  lengths: Sequence[int], *, repeats: int = 5, timing: TimingSpec | None = None,
+                  progress: bool = True, on_sparsity: Callable[[dict], None] | None = None) -> dict:
     """Time dense vs masked vs physically pruned copies of `loaded.model` on its device at each FFN
-    sparsity (magnitude plan, same fraction per layer), batch size and length; one row per variant.
-
-    Each row: timing stats, speedup over the dense model timed in the same interleaved rounds (ratio of
-    medians and paired quartiles), the FLOP bound (ideal speedup) and measured / ideal, parameters, widths.
-    `on_sparsity(partial_result)` is called after each sparsity (to save progress of a long run).
-    """
+    sparsity (magnitude plan, same fraction per layer), batch size and length; one row per variant, with
+    its speedup over the dense model timed in the same rounds and the FLOP bound. `timing`: warm-up,
+    rounding multiples, strided control, seed. `on_sparsity(partial_result)` runs after each sparsity."""
     sparsities = [check_sparsity(s) for s in sparsities]
     if not sparsities:
         raise UserError("give at least one sparsity")
-    multiples = sorted(set(int(k) for k in multiples) | {1})
-    if multiples[0] < 1:
-        raise UserError(f"rounding multiples must be >= 1, got {multiples}")
+    timing = timing or TimingSpec()
     _check_shapes(loaded, lengths, batch_sizes)
     dense = loaded.model.eval()
-    device = loaded.device
-    vocab = int(base_model(dense).get_input_embeddings().num_embeddings)
-    calib = Calibration(loaded, [], seed=seed)
-    full = ffn_widths(dense)
-    emb = embedding_params(dense)
-    dense_params = count_params(dense)
+    calib = Calibration(loaded, [], seed=timing.seed)
     shapes = [(b, n) for n in lengths for b in batch_sizes]
     rows: list[dict] = []
-    result = {"device": device.type, "dense": {"params": dense_params, "embedding_params": emb, "ffn_widths": full,
-                                               "ffn_flops_per_token": ffn_flops_per_token(dense),
-                                               "flops_per_token": {str(n): flops_per_token(dense, n) for n in lengths}},
-              "rows": rows}
-    bar = tqdm(total=len(sparsities) * len(shapes), desc=f"latency {device.type}", disable=not progress)
+    result = {"device": loaded.device.type, "dense": _dense_info(dense, lengths), "rows": rows}
+    bar = tqdm(total=len(sparsities) * len(shapes), desc=f"latency {loaded.device.type}", disable=not progress)
     for s in sparsities:
-        variants, plans = build_variants(loaded, calib, s, multiples, strided)
-        bad = {name: noncontiguous_params(m) for name, m in variants.items() if name != "physical-strided"}
-        bad = {k: v for k, v in bad.items() if v}
-        if bad:
-            log.warning("non-contiguous parameters after pruning: %s", bad)
-        for b, n in shapes:
-            inputs = fixed_inputs(vocab, b, n, device, seed)
-            timings = time_interleaved({k: forward_fn(m, inputs) for k, m in variants.items()},
-                                       warmup=warmup, repeats=repeats, device=device)
-            for name, m in variants.items():
-                plan = plans.get(name)
-                # a masked model does dense FLOPs; it is held to the bound of its plan's physical model
-                twin = variants["physical"] if name == "mask" else m
-                kept = plan.kept_widths if plan is not None else full
-                row = {"device": device.type, "sparsity": s, "batch_size": b, "seq_len": n, "variant": name,
-                       "multiple_of": plan.params.get("multiple_of", 1) if plan is not None else 1,
-                       "actual_sparsity": 1 - sum(kept) / sum(full), "ffn_widths": kept,
-                       "params": count_params(m), "flops_per_token": flops_per_token(m, n),
-                       "plan_flops_per_token": flops_per_token(twin, n),
-                       "ideal_speedup": model_ideal_speedup(dense, twin, n),
-                       "param_reduction": 1 - count_params(twin) / dense_params,
-                       **timings[name].to_dict(), **paired_speedup(timings["dense"], timings[name])}
-                row["nonembedding_param_reduction"] = row["param_reduction"] * dense_params / max(1, dense_params - emb)
-                row["efficiency"] = row["speedup"] / row["ideal_speedup"]  # measured / ideal
-                rows.append(row)
-            ph = next(r for r in rows[::-1] if r["variant"] == "physical")
-            bar.set_postfix_str(f"s={s} b={b} n={n} physical {ph['speedup']:.2f}x of ideal {ph['ideal_speedup']:.2f}x")
-            bar.update(1)
+        variants, plans = build_variants(loaded, calib, s, timing.multiples, timing.strided)
+        rows += _time_sparsity(loaded, variants, plans, s, shapes, result["dense"], repeats, timing, bar)
         del variants
         gc.collect()
         if on_sparsity is not None:
             on_sparsity(result)
     bar.close()
     return result
-
-
 
 
 @torch.no_grad()

@@ -89,6 +89,24 @@ class CalibSpec:
         return self.data or (eval_data if eval_data in ("imdb", "hf") else "imdb")
 
 
+@dataclass(frozen=True)
+class TimingSpec:
+    """How the latency benchmark builds and times its variants: untimed warm-up calls per variant, rounding
+    multiples of the kept widths (1 always added), a strided control copy, and the seed of the token ids."""
+
+    warmup: int = 1
+    multiples: tuple[int, ...] = (1,)
+    strided: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        multiples = sorted(set(whole(k, "rounding multiple") for k in _tuple(self.multiples, "multiples")) | {1})
+        if multiples[0] < 1:
+            raise UserError(f"rounding multiples must be >= 1, got {multiples}")
+        _set(self, warmup=whole(self.warmup, "warmup", 0), multiples=tuple(multiples), strided=bool(self.strided),
+             seed=seed32(self.seed, "seed"))
+
+
 def check_target(target: Mapping, floor: float | None = None) -> dict:
     """{"flops": f} (keep at most f of the dense FLOPs per token, 0 < f < 1) or {"speedup": s} (s > 1,
     measured at batch_size x seq_len), with optional batch_size, seq_len, floor; defaults filled."""
