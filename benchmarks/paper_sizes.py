@@ -79,8 +79,8 @@ def run_model(hub_id: str, args, out: Path) -> dict:
     from anatomy_prune.models.loaded import Loaded
     from anatomy_prune.models.loading import load_model
     from anatomy_prune.models.saved import save_model
-    from anatomy_prune.pipeline.anatomy import run_anatomy
-    from anatomy_prune.pipeline.requests import PruneRequest
+    from anatomy_prune.pipeline.anatomy import measure_anatomy
+    from anatomy_prune.pipeline.requests import AnatomySpec, PruneRequest
     from anatomy_prune.pipeline.step import prune_step
     from anatomy_prune.scores.calibration import Calibration
 
@@ -93,7 +93,8 @@ def run_model(hub_id: str, args, out: Path) -> dict:
     steps["load"] = {"seconds": p.seconds, "peak_mb": p.peak}
     probes = eval_set("hf", 16)
     with Peak() as p:
-        run_anatomy(clf, probes.texts, None, out / f"{hub_id}-anatomy", max_length=128, figures=False, progress=False)
+        measure_anatomy(clf, probes.texts, None, out / f"{hub_id}-anatomy", AnatomySpec(max_length=128, figures=False),
+                        progress=False)
     steps["anatomy"] = {"seconds": p.seconds, "peak_mb": p.peak}
     cal = calibration_set(args.calib_size, source="hf")
     calib = Calibration(clf, cal.texts, cal.labels, max_length=128, batch_size=8)

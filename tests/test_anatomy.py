@@ -19,7 +19,8 @@ from anatomy_prune.anatomy.measures import (check_threshold, compute_anatomy, ja
 from anatomy_prune.cli import main
 from anatomy_prune.hooks import final_norm_name, hook_points, run_with_hooks
 from anatomy_prune.models.families import base_model
-from anatomy_prune.pipeline.anatomy import redraw_anatomy_figures, run_anatomy
+from anatomy_prune.pipeline.anatomy import measure_anatomy, redraw_anatomy_figures, run_anatomy
+from anatomy_prune.pipeline.requests import AnatomyRequest, AnatomySpec
 
 from conftest import TEXTS, capture_ffn_hidden, make_classifier
 
@@ -183,7 +184,8 @@ def test_run_anatomy_writes_consistent_files(tmp_path):
     loaded = make_classifier("tiny-gpt2")  # a classifier kind, GPT-2's Conv1D
     names = [f"t{i}" for i in range(len(TEXTS))]
     out = tmp_path / "anat"
-    summary = run_anatomy(loaded, TEXTS, names, out, threshold=0.2, max_length=32, figures=False, progress=False)
+    summary = measure_anatomy(loaded, TEXTS, names, out, AnatomySpec(threshold=0.2, max_length=32, figures=False),
+                              progress=False)
     assert _outputs(out) == FILES
     layer = json.loads((out / "layer_similarity.json").read_text())
     assert layer["names"] == names and layer["inputs"] == TEXTS and layer["model"] == "tiny-gpt2"
@@ -214,7 +216,8 @@ def test_pruned_model_with_per_layer_widths(tmp_path):
     loaded = make_classifier("tiny-llama")
     keep = [list(range(0, 37, 2)), list(range(37)), [3, 7, 30]]
     physical(loaded.model, PruningPlan(keep=keep, widths=[37, 37, 37]))
-    s = run_anatomy(loaded, TEXTS, None, tmp_path / "p", threshold=0.1, max_length=32, figures=False, progress=False)
+    s = measure_anatomy(loaded, TEXTS, None, tmp_path / "p", AnatomySpec(threshold=0.1, max_length=32, figures=False),
+                        progress=False)
     npz = np.load(tmp_path / "p" / "neuron_similarity.npz")
     assert [npz[f"layer_{i}"].shape for i in range(3)] == [(4, 19), (4, 37), (4, 3)]
     assert s["d_ff"] == [19, 37, 3]
@@ -226,7 +229,7 @@ def test_pruned_model_with_per_layer_widths(tmp_path):
 def test_figures_redraw_from_saved_files_without_a_model(tmp_path, monkeypatch):
     loaded = make_classifier("tiny-bert")
     out = tmp_path / "anat"
-    run_anatomy(loaded, TEXTS, None, out, threshold=0.2, max_length=32, figures=False, progress=False)
+    run_anatomy(loaded, TEXTS, None, out, threshold=0.2, figures=False, progress=False, force=True)  # notebooks' form
     assert not (out / "figures").exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     import anatomy_prune.models.loading as loading
@@ -247,7 +250,8 @@ def test_figures_redraw_from_saved_files_without_a_model(tmp_path, monkeypatch):
 
 def test_figures_drawn_by_the_run(tmp_path):
     out = tmp_path / "anat"
-    run_anatomy(make_classifier("tiny-gpt2"), TEXTS, None, out, threshold=0.2, max_length=32, progress=False)
+    measure_anatomy(make_classifier("tiny-gpt2"), TEXTS, None, out, AnatomySpec(threshold=0.2, max_length=32),
+                    progress=False)
     assert _outputs(out) == FILES | {"figures"}
     assert sorted(p.name for p in (out / "figures").glob("*.png")) == sorted(f"{n}.png" for n in FIGURES)
 
@@ -256,7 +260,8 @@ def test_long_inputs_are_truncated_with_a_warning(tmp_path, caplog):
     loaded = make_classifier("tiny-llama")
     texts = [TEXTS[0], " ".join(TEXTS * 5), TEXTS[1]]
     with caplog.at_level(logging.WARNING, logger="anatomy_prune.anatomy.measures"):
-        s = run_anatomy(loaded, texts, None, tmp_path / "a", max_length=12, figures=False, progress=False)
+        s = measure_anatomy(loaded, texts, None, tmp_path / "a", AnatomySpec(max_length=12, figures=False),
+                            progress=False)
     assert "1 of 3 inputs are longer than 12 tokens" in caplog.text
     assert s["n_truncated"] == 1
     assert json.loads((tmp_path / "a" / "layer_similarity.json").read_text())["truncated"] == [1]
@@ -269,15 +274,15 @@ def test_bad_input_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no inputs"):
         run_anatomy(loaded, [], None, tmp_path / "a")
     with pytest.raises(UserError, match="max-length"):
-        run_anatomy(loaded, TEXTS, None, tmp_path / "a", max_length=10_000)
+        measure_anatomy(loaded, TEXTS, None, tmp_path / "a", AnatomySpec(max_length=10_000))
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="current or a parent folder"):
-        run_anatomy(loaded, TEXTS, None, tmp_path / "..", max_length=32, progress=False)
+        measure_anatomy(loaded, TEXTS, None, tmp_path / "..", AnatomySpec(max_length=32), progress=False)
     # a failure half-way (here: while drawing) leaves neither the folder nor a temporary one behind
     import anatomy_prune.plotting.anatomy as plots
     monkeypatch.setattr(plots, "plot_jaccard", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
-        run_anatomy(loaded, TEXTS, None, tmp_path / "a", max_length=32, progress=False)
+        measure_anatomy(loaded, TEXTS, None, tmp_path / "a", AnatomySpec(max_length=32), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -365,7 +370,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, me
 def test_minilm_anatomy_on_the_probes(tmp_path):
     from anatomy_prune.pipeline.anatomy import anatomy_from_spec
 
-    s = anatomy_from_spec("minilm", tmp_path / "m", figures=False)
+    s = anatomy_from_spec(AnatomyRequest("minilm", spec=AnatomySpec(figures=False)), tmp_path / "m")
     assert s["n_inputs"] == 10 and s["n_layers"] == 6
     assert s["layer_similarity"]["mean"][-1] == pytest.approx(1.0)
     assert math.isfinite(s["neurons"]["mean_fraction_above"])

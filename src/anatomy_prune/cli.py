@@ -122,9 +122,11 @@ def _add_anatomy(sub) -> None:
 
 def _run_anatomy(args) -> int:
     from .pipeline.anatomy import anatomy_from_spec
+    from .pipeline.requests import AnatomyRequest, AnatomySpec
 
-    s = anatomy_from_spec(args.model, args.out, args.inputs, args.threshold, args.max_length, args.batch_size,
-                          args.device, figures=not args.no_figures, force=args.force, dtype=args.dtype)
+    spec = AnatomySpec(args.threshold, args.max_length, args.batch_size, figures=not args.no_figures)
+    req = AnatomyRequest(args.model, args.inputs, spec, device=args.device, dtype=args.dtype)
+    s = anatomy_from_spec(req, args.out, force=args.force)
     print(json.dumps({"out": args.out, "n_inputs": s["n_inputs"], "n_truncated": s["n_truncated"],
                       "layer_similarity_mean": s["layer_similarity"]["mean"],
                       "mean_fraction_above": s["neurons"]["mean_fraction_above"],

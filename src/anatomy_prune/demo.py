@@ -16,7 +16,7 @@ from .models.loading import load_model
 from .pipeline.anatomy import anatomy_from_spec
 from .pipeline.finetune import finetune
 from .pipeline.report import write_report
-from .pipeline.requests import CalibSpec, EvalSpec, SweepConfig
+from .pipeline.requests import AnatomyRequest, CalibSpec, EvalSpec, SweepConfig
 from .pipeline.sweep import run_sweep
 from .runfolder import RunFolder, now_iso, read_json
 from .train.finetune import preset
@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, device: str | N
         del model
 
         t0 = time.perf_counter()
-        anatomy = anatomy_from_spec(model_spec, out / "anatomy", inputs="probes", device=device, dtype=dtype)
+        anatomy = anatomy_from_spec(AnatomyRequest(model_spec, "probes", device=device, dtype=dtype), out / "anatomy")
         timings["anatomy_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -15,32 +15,40 @@ from typing import Sequence
 import numpy as np
 
 from ..anatomy.graphs import graph_stats, neuron_graph, read_graph, write_graph
-from ..anatomy.measures import DEFAULT_THRESHOLD, check_threshold, compute_anatomy
+from ..anatomy.measures import DEFAULT_THRESHOLD, compute_anatomy
 from ..data.texts import resolve_inputs
 from ..errors import UserError
 from ..models.loading import Loaded, load_model
 from ..plotting.anatomy import draw_all
 from ..runfolder import RunFolder, now_iso, read_json
-from ..validate import optional, positive_int
+from .requests import AnatomyRequest, AnatomySpec
 
 log = logging.getLogger(__name__)
 
 
 def run_anatomy(loaded: Loaded, texts: Sequence[str], names: Sequence[str] | None, out_dir: str | Path,
-                threshold: float = DEFAULT_THRESHOLD, max_length: int | None = None, batch_size: int = 16,
-                figures: bool = True, progress: bool = True, extra: dict | None = None, force: bool = False) -> dict:
+                threshold: float = DEFAULT_THRESHOLD, figures: bool = True, progress: bool = True,
+                force: bool = False) -> dict:
+    """The notebooks' form of measure_anatomy: the default sizes (max_length by the model's rule, batches of 16)."""
+    return measure_anatomy(loaded, texts, names, out_dir, AnatomySpec(threshold=threshold, figures=figures),
+                           progress=progress, force=force)
+
+
+def measure_anatomy(loaded: Loaded, texts: Sequence[str], names: Sequence[str] | None, out_dir: str | Path,
+                    spec: AnatomySpec | None = None, *, progress: bool = True, force: bool = False) -> dict:
     """Run the anatomy and write `out_dir`; returns summary.json's content."""
-    settings = dict(model=loaded.spec, texts=list(texts), threshold=threshold, max_length=max_length,
-                    batch_size=batch_size)
+    spec = spec or AnatomySpec()
+    settings = dict(model=loaded.spec, texts=list(texts), threshold=spec.threshold, max_length=spec.max_length,
+                    batch_size=spec.batch_size)
     with RunFolder(out_dir, "anatomy", settings, force=force) as rf:
-        return _write_anatomy(rf, loaded, texts, names, threshold, max_length, batch_size, figures, progress, extra)
+        return _write_anatomy(rf, loaded, (texts, names), spec, progress, None)
 
 
-def _write_anatomy(rf: RunFolder, loaded: Loaded, texts: Sequence[str], names: Sequence[str] | None,
-                   threshold: float, max_length: int | None, batch_size: int, figures: bool, progress: bool,
-                   extra: dict | None) -> dict:
+def _write_anatomy(rf: RunFolder, loaded: Loaded, inputs: tuple[Sequence[str], Sequence[str] | None],
+                   spec: AnatomySpec, progress: bool, extra: dict | None) -> dict:
+    texts, names = inputs
     t0 = time.perf_counter()
-    res = compute_anatomy(loaded, texts, names, threshold, max_length, batch_size, progress)
+    res = compute_anatomy(loaded, texts, names, spec.threshold, spec.max_length, spec.batch_size, progress)
     graph = neuron_graph(res["neurons"]["neurons"], res["sims"], threshold=res["summary"]["threshold"])
     summary = res["summary"]
     summary["graph"] = graph_stats(graph)
@@ -50,7 +58,7 @@ def _write_anatomy(rf: RunFolder, loaded: Loaded, texts: Sequence[str], names: S
                         **{f"layer_{i}": s.numpy().astype(np.float32) for i, s in enumerate(res["sims"])})
     rf.write_json("neurons.json", res["neurons"])
     write_graph(graph, rf.stage("neuron_graph.graphml"))
-    if figures:
+    if spec.figures:
         t1 = time.perf_counter()
         draw_all(res["layer"], res["neurons"], summary, graph, rf.stage_dir("figures"))
         summary["figures_s"] = round(time.perf_counter() - t1, 3)
@@ -88,21 +96,18 @@ def redraw_anatomy_figures(run_dir: str | Path, folder: str | Path) -> list[Path
                         "run the anatomy again") from None
 
 
-def anatomy_from_spec(model: str, out_dir: str | Path, inputs: str = "probes", threshold: float = DEFAULT_THRESHOLD,
-                      max_length: int | None = None, batch_size: int = 16, device: str | None = None,
-                      figures: bool = True, force: bool = False, dtype: str | None = None) -> dict:
-    """What `anatomy-prune anatomy` does: check the arguments, read the inputs, load the model, run_anatomy.
+def anatomy_from_spec(req: AnatomyRequest, out_dir: str | Path, force: bool = False) -> dict:
+    """What `anatomy-prune anatomy` does: read the inputs, load the model, measure the anatomy.
 
-    max_length: models.max_length_for's rule (the fine-tune's, else 256, capped at the model's positions).
-    Bad arguments fail before the model is loaded and before anything is written."""
-    threshold = check_threshold(threshold)
-    positive_int(batch_size, "--batch-size")
-    optional(positive_int, max_length, "--max-length")
-    texts, names = resolve_inputs(inputs)
-    settings = dict(model=model, inputs=inputs, threshold=threshold, max_length=max_length, batch_size=batch_size)
+    The request was checked when built, so bad arguments fail before the model is loaded and before anything
+    is written; max_length follows models.max_length_for's rule."""
+    texts, names = resolve_inputs(req.inputs)
+    spec = req.spec
+    settings = dict(model=req.model, inputs=req.inputs, threshold=spec.threshold, max_length=spec.max_length,
+                    batch_size=spec.batch_size)
     with RunFolder(out_dir, "anatomy", settings, force=force) as rf:
         t0 = time.perf_counter()
-        loaded = load_model(model, device=device, dtype=dtype)
+        loaded = load_model(req.model, device=req.device, dtype=req.dtype)
         load_s = time.perf_counter() - t0
-        return _write_anatomy(rf, loaded, texts, names, threshold, max_length, batch_size, figures, True,
-                              {"inputs_spec": inputs, "load_s": round(load_s, 3)})
+        return _write_anatomy(rf, loaded, (texts, names), spec, True,
+                              {"inputs_spec": req.inputs, "load_s": round(load_s, 3)})

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..anatomy.measures import DEFAULT_THRESHOLD, check_threshold
 from ..apply.compensate import check_recipe
 from ..data.splits import CALIB_SIZE
 from ..errors import UserError
@@ -87,6 +88,36 @@ class CalibSpec:
     def source(self, eval_data: str) -> str:
         """The calibration data: the one given, else the evaluation's IMDB source, else imdb."""
         return self.data or (eval_data if eval_data in ("imdb", "hf") else "imdb")
+
+
+@dataclass(frozen=True)
+class AnatomySpec:
+    """How the anatomy is measured: the cosine threshold, tokens per input (None: models.max_length_for's
+    rule), the inference batch size, and whether figures are drawn."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    max_length: int | None = None
+    batch_size: int = 16
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        _set(self, threshold=check_threshold(self.threshold), batch_size=positive_int(self.batch_size, "--batch-size"),
+             max_length=optional(positive_int, self.max_length, "--max-length"), figures=bool(self.figures))
+
+
+@dataclass(frozen=True)
+class AnatomyRequest:
+    """`anatomy-prune anatomy`: a model (loaded with device and dtype), its inputs (probes, a file or a named
+    set, read by data.texts.resolve_inputs) and how they are measured."""
+
+    model: str
+    inputs: str = "probes"
+    spec: AnatomySpec = field(default_factory=AnatomySpec)
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, spec=_spec(self.spec, AnatomySpec, "anatomy"))
 
 
 @dataclass(frozen=True)
