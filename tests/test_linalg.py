@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from anatomy_prune.linalg import (ILL_POSED_RIDGE, add_gram, column_energy, fit_removed, gram, moment_diagonal,
+from anatomy_prune.linalg import (ILL_POSED_RIDGE, FitSpec, add_gram, column_energy, fit_removed, gram, moment_diagonal,
                                   output_energy, quad, refit, second_moment, unexplained_share)
 
 D = torch.float64
@@ -140,7 +140,7 @@ def test_refit_errors_are_the_direct_output_residuals(dependent):
     gen = torch.Generator().manual_seed(6)
     w, b = torch.randn(9, 12, generator=gen, dtype=D), torch.randn(9, generator=gen, dtype=D)
     keep, removed = [0, 1, 3, 6, 8, 10], [2, 4, 5, 7, 9, 11]
-    fit = refit(w, b, full_gram(x), keep, removed, intercept=True, ridge=1e-9)
+    fit = refit(w, b, full_gram(x), keep, removed, FitSpec(intercept=True, ridge=1e-9))
     target = x[:, removed] @ w[:, removed].t()                                 # [tokens, out]: what is lost
     z = with_ones(x[:, keep])
     assert fit.total == pytest.approx(float((x @ w.t() + b).pow(2).sum()), rel=1e-10)
@@ -154,6 +154,6 @@ def test_refit_errors_are_the_direct_output_residuals(dependent):
 def test_refit_with_nothing_removed_changes_nothing():
     x = data()
     w = torch.randn(4, 12, dtype=D, generator=torch.Generator().manual_seed(7))
-    fit = refit(w, None, full_gram(x), list(range(12)), [], intercept=False)
+    fit = refit(w, None, full_gram(x), list(range(12)), [], FitSpec(intercept=False))
     assert fit.delta.shape == (4, 12) and not fit.delta.any()
     assert fit.removed_error == fit.compensated_error == 0.0 and fit.info == {"ridge": 0.0, "ill_posed": False}

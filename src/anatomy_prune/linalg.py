@@ -163,6 +163,17 @@ def fit_removed(g: Tensor, keep: list[int], removed: list[int], *, intercept: bo
     return torch.cholesky_solve(rhs, chol), info
 
 
+@dataclass(frozen=True)
+class FitSpec:
+    """How a refit is solved: with a constant input (`intercept`), the ridge, the token count the ridge and the
+    ill-posed check rest on (None: the Gram's own), and a prefix naming the layer in messages."""
+
+    intercept: bool = True
+    ridge: float = DEFAULT_RIDGE
+    n_samples: float | None = None
+    where: str = ""
+
+
 @dataclass
 class Refit:
     """A refit of one projection: delta [out, |K| (+1)] to add to the kept columns (and, last, the bias),
@@ -175,16 +186,17 @@ class Refit:
     info: dict = field(default_factory=dict)
 
 
-def refit(w: Tensor, b: Tensor | None, g: Tensor, keep: list[int], removed: list[int], *, intercept: bool,
-          ridge: float = DEFAULT_RIDGE, n_samples: float | None = None, where: str = "") -> Refit:
+def refit(w: Tensor, b: Tensor | None, g: Tensor, keep: list[int], removed: list[int],
+          spec: FitSpec = FitSpec()) -> Refit:
     """The least-squares refit of a projection y = W x + b (w [out, d], b [out] or None, float64 CPU) that
-    loses its `removed` inputs: W_R x_R is rebuilt from the kept inputs (and a constant when `intercept`)."""
+    loses its `removed` inputs: W_R x_R is rebuilt from the kept inputs (and a constant when spec.intercept)."""
     d = g.shape[0] - 1
-    cols = list(keep) + ([d] if intercept else [])
+    cols = list(keep) + ([d] if spec.intercept else [])
     total = output_energy(w, b, g)
     if not removed:
         return Refit(w.new_zeros(w.shape[0], len(cols)), total, 0.0, 0.0, {"ridge": 0.0, "ill_posed": False})
-    coef, info = fit_removed(g, keep, removed, intercept=intercept, ridge=ridge, n_samples=n_samples, where=where)
+    coef, info = fit_removed(g, keep, removed, intercept=spec.intercept, ridge=spec.ridge, n_samples=spec.n_samples,
+                             where=spec.where)
     kidx, ridx = torch.tensor(cols, dtype=torch.long), torch.tensor(removed, dtype=torch.long)
     w_r = w.index_select(1, ridx)                                            # [out, |R|]
     g_r = g.index_select(0, ridx)                                            # [|R|, d+1]

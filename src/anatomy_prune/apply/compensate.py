@@ -11,12 +11,13 @@ stays is ThiNet's (Luo et al. 2017) and ZipLM's (Kurtic et al. 2023); FLAP (An e
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..linalg import DEFAULT_RIDGE, refit
+from ..linalg import DEFAULT_RIDGE, FitSpec, refit
 from ..models.families import attention_sites, base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from ..plan.plan import PruningPlan
 from ..validate import finite, fraction
@@ -54,25 +55,24 @@ def layer_gram(stats: FFNStats, layer: int, readout_mix: float = 0.0) -> tuple[T
 
 
 @torch.no_grad()
-def compensate_layer(proj: nn.Module, gram: Tensor, keep: list[int], removed: list[int], *,
-                     ridge: float = DEFAULT_RIDGE, intercept: bool | None = None, n_samples: float | None = None,
-                     layer: int | None = None, inplace: bool = True) -> tuple[dict, Tensor, Tensor | None]:
+def compensate_layer(proj: nn.Module, gram: Tensor, keep: list[int], removed: list[int], spec: FitSpec = FitSpec(),
+                     *, layer: int | None = None, inplace: bool = True) -> tuple[dict, Tensor, Tensor | None]:
     """Fold the least-squares rebuild of a projection's removed inputs (linalg.refit on the Gram of [x; 1])
     into its kept columns and its bias: an FFN's down projection, or an attention's output projection.
-    intercept=None fits the constant where there is a bias. Returns the diagnostics, the kept columns
+    The constant is fitted where spec.intercept and there is a bias. Returns the diagnostics, the kept columns
     [d_out, |K|] and the bias; `inplace` also writes them (else `proj` is not touched)."""
     g = gram.detach().double().cpu()
     w_view = weight_out_in(proj)                                          # [d_out, d_in] (a view)
     bias = getattr(proj, "bias", None)
-    use_c = (bias is not None) if intercept is None else (bool(intercept) and bias is not None)
+    use_c = bool(spec.intercept) and bias is not None
     kept_cols = torch.tensor(list(keep), dtype=torch.long)
     entry = {"layer": layer, "kept": len(keep), "removed": len(removed), "intercept": use_c}
     if not removed:
         entry.update(rel_err_removed=0.0, rel_err_compensated=0.0, ridge=0.0, ill_posed=False)
         return entry, w_view.detach()[:, kept_cols.to(w_view.device)], None if bias is None else bias.detach()
     w = w_view.detach().double().cpu()
-    fit = refit(w, None if bias is None else bias.detach().double().cpu(), g, keep, removed, intercept=use_c,
-                ridge=ridge, n_samples=n_samples, where="" if layer is None else f"layer {layer}: ")
+    fit = refit(w, None if bias is None else bias.detach().double().cpu(), g, keep, removed,
+                replace(spec, intercept=use_c, where="" if layer is None else f"layer {layer}: "))
     new_kept = (w.index_select(1, kept_cols) + fit.delta[:, : len(keep)]).to(w_view.dtype).to(w_view.device)
     new_bias = None if bias is None else bias.detach().clone()
     if use_c:
@@ -102,7 +102,7 @@ def compensate_heads(model: nn.Module, plan: PruningPlan, stats: HeadStats, ridg
         gone = [u for u in range(site.n_units) if u not in set(kept_units)]
         g = stats.gram[site.layer]
         layers.append(compensate_layer(get_module(base, site.o), g, site.q_features(kept_units),
-                                       site.q_features(gone), ridge=ridge, layer=site.layer)[0])
+                                       site.q_features(gone), FitSpec(ridge=ridge), layer=site.layer)[0])
     mean = lambda k: sum(e[k] for e in layers) / max(1, len(layers))  # noqa: E731
     return {"layers": layers, "mean_rel_err_removed": mean("rel_err_removed"),
             "mean_rel_err_compensated": mean("rel_err_compensated")}
@@ -122,9 +122,9 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: FFNStats, ridge: floa
     layers = []
     for site in ffn_sites(model):
         g, n_samples = layer_gram(stats, site.layer, readout_mix)             # [d_ff+1, d_ff+1]
+        fit = FitSpec(intercept=intercept is None or bool(intercept), ridge=ridge, n_samples=n_samples)
         layers.append(compensate_layer(get_module(base, site.down), g, list(plan.keep[site.layer]),
-                                       plan.removed(site.layer), ridge=ridge, intercept=intercept,
-                                       n_samples=n_samples, layer=site.layer)[0])
+                                       plan.removed(site.layer), fit, layer=site.layer)[0])
     mean = lambda k: sum(e[k] for e in layers) / max(1, len(layers))  # noqa: E731
     report = {"layers": layers, "ridge": ridge, "readout_mix": readout_mix, "n_tokens": stats.n_tokens,
               "mean_rel_err_removed": mean("rel_err_removed"),

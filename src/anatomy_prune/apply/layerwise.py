@@ -1,5 +1,5 @@
 """One block at a time: slice one block's FFN physically, with the down projection's kept columns as the
-one compensation (`apply.compensate.compensate_layer`, re-exported here) made them. The all-at-once
+one compensation (`apply.compensate.compensate_layer`) made them. The all-at-once
 `apply.modes.physical` takes a whole-model plan; a layer-wise pass (pipeline.layerwise) has only the block in
 hand, so this uses the same slicing primitives (`models.surgery.slice_out` / `slice_in`) for one layer.
 """
@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from ..models.families import base_model, ffn_sites, get_module, set_module, weight_out_in
 from ..models.surgery import make_projection, slice_in, slice_out
-from .compensate import compensate_layer  # noqa: F401  (one layer's refit, as pipeline.layerwise calls it)
 
 
 def slice_block_ffn(model: nn.Module, layer: int, keep: list[int], down_weight: Tensor | None = None,

@@ -14,7 +14,9 @@ from typing import Callable
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..apply.layerwise import compensate_layer, slice_block_ffn
+from ..apply.compensate import compensate_layer
+from ..linalg import FitSpec
+from ..apply.layerwise import slice_block_ffn
 from ..errors import UserError
 from ..models.families import base_model, ffn_sites, ffn_widths, get_module
 from ..models.loaded import Loaded
@@ -23,7 +25,8 @@ from ..models.surgery import set_config_widths
 from ..plan.allocate import keep_counts, select
 from ..plan.plan import PruningPlan
 from ..scores.calibration import Calibration
-from ..scores.layerwise import block_ffn_stats, block_inputs, check_width, layer_removal_error, run_block, stats_of
+from ..scores.calibrated import layer_removal_error
+from ..scores.layerwise import block_ffn_stats, block_inputs, check_width, run_block, stats_of
 from ..scores.registry import Scores
 from .requests import LAYERWISE_METHOD as METHOD, PruneRequest
 from .step import PruneResult, copy_loaded
@@ -116,7 +119,7 @@ def _prune_block(work: Loaded, site, batches: list, hidden: list[Tensor], p: dic
         kept = set(keep)
         removed = [j for j in range(width) if j not in kept]
         t3 = time.perf_counter()
-        entry, new_down, new_bias = compensate_layer(down, gram, keep, removed, ridge=p["ridge"],
+        entry, new_down, new_bias = compensate_layer(down, gram, keep, removed, FitSpec(ridge=p["ridge"]),
                                                      layer=site.layer, inplace=False)
         gram = gram if p["keep_grams"] else None   # one FFN's Gram matrix at a time
         t4 = time.perf_counter()

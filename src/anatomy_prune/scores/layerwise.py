@@ -19,7 +19,6 @@ from ..errors import UserError
 from ..hooks import ffn_hidden, run_with_cache
 from ..models.families import base_model, family_of, get_module, in_features
 from .accumulators import TokenGram, Tokens
-from .calibrated import layer_removal_error  # noqa: F401  (the one error term, as pipeline.layerwise calls it)
 from .calibration import Calibration, FFNStats
 
 log = logging.getLogger(__name__)
