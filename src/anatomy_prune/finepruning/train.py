@@ -58,7 +58,7 @@ from ..models.saved import save_model
 from ..plan.plan import PruningPlan, check_sparsity
 from ..runfolder import RunFolder, now_iso
 from ..scores.basic import magnitude_scores
-from ..train.loop import Optim, train_loop
+from ..train.loop import LoopHooks, Optim, Precision, train_loop
 from ..train.tasks import ClassifyTask, LMTask, lm_blocks
 from .masks import SELECTIONS, NeuronMasks, RunningSimilarity, gum_regulariser, top_masks
 from .schedule import CubicSchedule
@@ -243,10 +243,9 @@ def train_masked(task, cfg: FinepruneConfig, progress: bool = True) -> tuple[Neu
                   max_grad_norm=cfg.max_grad_norm, freeze_embeddings=cfg.freeze_embeddings)
     extra = [{"params": masks.scores, "lr": cfg.mask_lr, "weight_decay": 0.0}] if learnable else []
     with masks.installed():
-        hist = train_loop(model, cfg.steps, step_loss, optim, extra_groups=extra, after_backward=after_backward,
-                          postfix=lambda t: {"keep": f"{sched.keep(t):.2f}"}, desc=f"fine-prune {method}",
-                          progress=progress, autocast=task.loaded.autocast,
-                          scale_loss=task.loaded.dtype == "float16")
+        hooks = LoopHooks(extra, after_backward, postfix=lambda t: {"keep": f"{sched.keep(t):.2f}"})
+        hist = train_loop(model, cfg.steps, step_loss, optim, hooks=hooks, precision=Precision.of(task.loaded),
+                          desc=f"fine-prune {method}", progress=progress)
     hist.update(step=list(range(cfg.steps)), keep=state["keep"], kept=state["kept"])
     masks.set(top_masks(_scores_now(method, model, masks, frozen), sched.keep_final, selection))
     if sim is not None:

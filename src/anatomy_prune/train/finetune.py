@@ -17,7 +17,7 @@ from ..data.splits import DEFAULT_SIZES
 from ..errors import UserError
 from ..models.families import base_model, family_of
 from ..models.loading import Loaded
-from .loop import Optim, train_loop
+from .loop import Optim, Precision, train_loop
 from .tasks import ClassifyTask
 
 
@@ -143,8 +143,8 @@ def train_classifier(loaded: Loaded, train: TextSet, cfg: FinetuneConfig, progre
                   freeze_embeddings=cfg.freeze_embeddings)
     with only_top_blocks(loaded.model, cfg.train_layers):
         hist = train_loop(loaded.model, task.steps, lambda t: {"loss": task.loss(loaded.model, task.batch(t)).float()},
-                          optim, desc="fine-tune", progress=progress, autocast=loaded.autocast,
-                          scale_loss=loaded.dtype == "float16")
+                          optim, precision=Precision.of(loaded), desc="fine-tune",
+                          progress=progress)
     recent = hist["loss"][-20:]
     return {"train_s": hist["train_s"], "steps": task.steps, "examples_seen": n_total,
             "final_loss": sum(recent) / len(recent)}

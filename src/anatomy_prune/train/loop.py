@@ -54,16 +54,37 @@ def frozen_embeddings(model: nn.Module, freeze: bool = True) -> Iterator[list[nn
 StepLoss = Callable[[int], dict[str, Tensor]]  # step -> {"loss": ..., optional others added to it ("reg")}
 
 
-def train_loop(model: nn.Module, steps: int, step_loss: StepLoss, optim: Optim, *,
-               extra_groups: Sequence[dict] = (), after_backward: Callable[[int], None] | None = None,
-               postfix: Callable[[int], dict] | None = None, desc: str = "train", progress: bool = True,
-               autocast: Callable[[], AbstractContextManager] | None = None, scale_loss: bool = False
-               ) -> dict[str, list]:
+@dataclass(frozen=True)
+class LoopHooks:
+    """What a caller adds to the loop: parameter groups (e.g. learnable mask scores), a callable run after
+    each backward pass, and one that returns extra progress-bar fields for step t."""
+
+    extra_groups: Sequence[dict] = ()
+    after_backward: Callable[[int], None] | None = None
+    postfix: Callable[[int], dict] | None = None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Mixed precision: `autocast` wraps each step's forward pass (weights and optimiser stay float32);
+    `scale_loss` scales the loss against float16 underflow (torch.amp.GradScaler, CUDA float16)."""
+
+    autocast: Callable[[], AbstractContextManager] | None = None
+    scale_loss: bool = False
+
+    @classmethod
+    def of(cls, loaded) -> "Precision":
+        """A loaded model's: its autocast, and loss scaling when its weights are float16."""
+        return cls(loaded.autocast, loaded.dtype == "float16")
+
+
+def train_loop(model: nn.Module, steps: int, step_loss: StepLoss, optim: Optim, *, hooks: LoopHooks = LoopHooks(),
+               precision: Precision = Precision(), desc: str = "train", progress: bool = True) -> dict[str, list]:
     """Train `model` in place for `steps` steps; returns the history (loss and any other terms per step)
     with `train_s`. `step_loss(t)` builds step t's batch and returns its loss terms; their sum is
-    back-propagated. `extra_groups` adds parameter groups (e.g. learnable mask scores). `autocast` wraps each
-    step's forward pass (mixed precision; weights and optimiser stay float32); `scale_loss` scales the loss
-    against float16 underflow (torch.amp.GradScaler, CUDA float16)."""
+    back-propagated."""
+    extra_groups, after_backward, postfix = hooks.extra_groups, hooks.after_backward, hooks.postfix
+    autocast, scale_loss = precision.autocast, precision.scale_loss
     hist: dict[str, list] = {"loss": []}
     was_training = model.training
     with frozen_embeddings(model, optim.freeze_embeddings):
