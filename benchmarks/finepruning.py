@@ -74,7 +74,7 @@ def run(args) -> dict:
         FinepruneConfig(**{**asdict(base), "method": m}).validate()
     started, load_before, t0 = datetime.now(timezone.utc), _load(), time.perf_counter()
     with RunFolder(out, "finepruning-benchmark", {**vars(args), "out": None}, force=args.force) as rf:
-        dense = redundancy_job(args.model, out / "dense", base, progress=False)
+        dense = redundancy_job(out / "dense", base, progress=False)
         rows, dense_metric = [], None
         for i, m in enumerate(methods):
             cfg = FinepruneConfig(**{**asdict(base), "method": m, "eval_dense": i == 0})

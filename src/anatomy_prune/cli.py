@@ -337,7 +337,7 @@ def _run_redundancy(args) -> int:
     cfg = FinepruneConfig(model=args.model, task=args.task, text=args.text, data=args.data, steps=100,
                           batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
                           eval_size=args.eval_size, analysis_size=args.analysis_size, seed=args.seed)
-    red = redundancy_job(args.model, args.out, cfg, plan_file=args.plan, device=args.device,
+    red = redundancy_job(args.out, cfg, plan_file=args.plan, device=args.device,
                          figures=not args.no_figures, force=args.force, dtype=args.dtype)
     print(json.dumps({"out": args.out, "neurons": red["neurons"], "sens_sum": red["sens_sum"],
                       "unique": red["unique"], "n_sequences": red["n_sequences"]}, indent=1))

@@ -12,11 +12,12 @@ from ..plan.plan import PruningPlan
 from ..runfolder import RunFolder, now_iso
 
 
-def redundancy_job(spec: str, out: str | Path, cfg: FinepruneConfig, plan_file: str | None = None,
-                   device: str | None = None, progress: bool = True, figures: bool = True,
-                   force: bool = False, dtype: str | None = None) -> dict:
-    """Sensitivity and uniqueness on the task's analysis examples; writes DIR/redundancy.json and a figure."""
+def redundancy_job(out: str | Path, cfg: FinepruneConfig, plan_file: str | None = None, device: str | None = None,
+                   progress: bool = True, figures: bool = True, force: bool = False, dtype: str | None = None) -> dict:
+    """Sensitivity and uniqueness of cfg.model's neurons on the task's analysis examples; writes
+    DIR/redundancy.json and a figure."""
     cfg.validate()
+    spec = cfg.model
     plan = PruningPlan.load(plan_file) if plan_file else None
     settings = {"model": spec, "plan": plan.to_dict() if plan else None, "task": cfg.task, "text": cfg.text,
                 "data": cfg.data, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
