@@ -63,7 +63,7 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
     scores = cost_model = None
     with calib.charged() as cost:
         if plan is None and target is not None:
-            scores = get_scorer(method).fn(calib, None, **check_params(method, req.scorer_params(heads=True)))
+            scores = get_scorer(method).run(calib, None, check_params(method, req.scorer_params(heads=True)))
             plan, cost_model = _plan_for_target(loaded, scores, target, method, calib.seed)
         elif plan is None:
             scores = score(method, calib, req.sparsity, **req.scorer_params())

@@ -4,6 +4,8 @@ and mean |activation| over the calibration texts' real tokens.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -25,13 +27,23 @@ def magnitude_scores(model: nn.Module) -> list[Tensor]:
     return scores
 
 
+@dataclass(frozen=True)
+class RandomOptions:
+    """The random baseline's options: keep the anatomy's important neurons (similarity above `threshold`),
+    and the draw's seed (None: the calibration's), so a sweep can repeat the baseline."""
+
+    protect: bool = True
+    threshold: float = PROTECT_THRESHOLD
+    seed: int | None = None
+
+
 @register("random", "random neurons (the paper's baseline), same fraction per layer, keeping the anatomy's "
           "important neurons (similarity > 0.35 for any calibration input) unless protect=False",
-          stochastic=True, request_allocates=True, protect=True, threshold=PROTECT_THRESHOLD, seed=None)
-def random_scores(calib: Calibration, sparsity: float, protect: bool = True, threshold: float = PROTECT_THRESHOLD,
-                  seed: int | None = None) -> Scores:
-    """seed: the random draw's seed (default: the calibration's), so a sweep can repeat the baseline."""
-    seed = calib.seed if seed is None else int(seed)
+          stochastic=True, request_allocates=True, options=RandomOptions)
+def random_scores(calib: Calibration, sparsity: float, opts: RandomOptions = RandomOptions()) -> Scores:
+    """Uniform random scores, the protected neurons kept whatever their score."""
+    protect, threshold = opts.protect, opts.threshold
+    seed = calib.seed if opts.seed is None else int(opts.seed)
     g = torch.Generator().manual_seed(seed)
     values = [torch.rand(w, generator=g) for w in ffn_widths(calib.loaded.model)]
     keep = important_neurons(calib, threshold) if protect else None

@@ -12,6 +12,7 @@ neurons that barely move the loss on the calibration examples but shift the resi
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -121,21 +122,39 @@ def joint_scores(ffn: FFNStats, heads: HeadStats, model, score: str = "fisher", 
     return neurons, units
 
 
+@dataclass(frozen=True)
+class CalibratedOptions:
+    """The calibrated scorer's options: the sensitivity (fisher | taylor) and beta x the removal error (after a
+    refit when `rebuilt`), the global allocation's floor and normalisation, the refit's ridge and readout_mix,
+    and whether (or at which fraction) attention head units are scored too."""
+
+    floor: float | None = None
+    score: str = "fisher"
+    beta: float = DEFAULT_BETA
+    rebuilt: bool = True
+    normalize: str = "none"
+    ridge: float = DEFAULT_RIDGE
+    readout_mix: float = DEFAULT_READOUT_MIX
+    heads: bool = False
+    head_sparsity: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta", finite(self.beta, "beta", 0.0))
+        object.__setattr__(self, "ridge", finite(self.ridge, "ridge", 0.0))
+        object.__setattr__(self, "readout_mix", fraction(self.readout_mix, "readout_mix", closed=True))
+
+
 @register("calibrated", "Fisher sensitivity of each neuron on the calibration set plus the error its removal "
           "leaves after compensation, per-layer budgets from one global ranking with a floor per layer, and "
           "least-squares compensation folded into the down projection (prune applies it)",
-          floor=None, score="fisher", beta=DEFAULT_BETA, rebuilt=True, normalize="none", ridge=DEFAULT_RIDGE,
-          readout_mix=DEFAULT_READOUT_MIX, heads=False, head_sparsity=None)
-def calibrated_scores(calib: Calibration, sparsity: float, floor: float | None = None, score: str = "fisher",
-                      beta: float = DEFAULT_BETA, rebuilt: bool = True, normalize: str = "none",
-                      ridge: float = DEFAULT_RIDGE, readout_mix: float = DEFAULT_READOUT_MIX, heads: bool = False,
-                      head_sparsity: float | None = None) -> Scores:
+          options=CalibratedOptions)
+def calibrated_scores(calib: Calibration, sparsity: float, opts: CalibratedOptions = CalibratedOptions()) -> Scores:
     """Scores, a global allocation with a floor (None: auto_floor(sparsity)), and the compensation recipe.
     heads=True (or a head_sparsity, the fraction of head units removed) also scores the attention head units
     on the neurons' scale (joint_scores), for a cost target or a head sparsity."""
-    beta, ridge = finite(beta, "beta", 0.0), finite(ridge, "ridge", 0.0)
-    readout_mix = fraction(readout_mix, "readout_mix", closed=True)
-    heads = bool(heads) or head_sparsity is not None
+    floor, score, beta, rebuilt, ridge = opts.floor, opts.score, opts.beta, opts.rebuilt, opts.ridge
+    readout_mix, head_sparsity = opts.readout_mix, opts.head_sparsity
+    heads = bool(opts.heads) or head_sparsity is not None
     collected = calibration_pass(calib, grads=True, heads=heads)
     stats = collected.ffn
     if stats.readout_gram is None:
@@ -148,7 +167,7 @@ def calibrated_scores(calib: Calibration, sparsity: float, floor: float | None =
         values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge)
     params = dict(score=score, beta=beta, rebuilt=rebuilt, floor_auto=floor is None, calib_inputs=stats.n_examples,
                   calib_tokens=stats.n_tokens, calib_max_length=stats.info.get("max_length"))
-    return Scores(values, {"kind": "global", "floor": floor_used, "normalize": normalize}, params,
+    return Scores(values, {"kind": "global", "floor": floor_used, "normalize": opts.normalize}, params,
                   compensation={"ridge": ridge, "readout_mix": readout_mix}, seed=calib.seed, head_values=head_values,
                   head_sparsity=head_sparsity)
 

@@ -5,7 +5,7 @@ turns them into a plan. The built-in scorers register themselves here when the p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Callable
 
 from torch import Tensor
@@ -27,7 +27,7 @@ class Scores:
     head_sparsity: float | None = None          # the fraction of head units to remove (None: heads are kept)
 
 
-ScoreFn = Callable[..., Scores]  # (calib: Calibration, sparsity: float | None, **params) -> Scores
+ScoreFn = Callable[..., Scores]  # (calib: Calibration, sparsity: float | None[, options]) -> Scores
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,11 @@ class Scorer:
     stochastic: bool = False                    # True: its scores are random draws (its `seed` parameter)
     request_allocates: bool = False             # True: the request's Allocation (scope, floor, multiple_of)
                                                 # decides how its scores become a plan; False: the method's own
+    options: type | None = None                 # the frozen dataclass of its parameters (None: it takes none)
 
+    def run(self, calib, sparsity: float | None, params: dict) -> Scores:
+        """Score with `params` (checked by check_params) as the method's options object."""
+        return self.fn(calib, sparsity) if self.options is None else self.fn(calib, sparsity, self.options(**params))
 
     @property
     def allocation_options(self) -> tuple[str, ...]:
@@ -54,9 +58,15 @@ SCORERS: dict[str, Scorer] = {}
 
 
 def register(name: str, help: str, needs_data: bool = True, needs_sparsity: bool = True, stochastic: bool = False,
-             request_allocates: bool = False, **params) -> Callable[[ScoreFn], ScoreFn]:
+             request_allocates: bool = False, options: type | None = None) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a scorer; its parameters and their defaults are the fields of `options` (a frozen dataclass)."""
+    params = {} if options is None else {f.name: f.default for f in fields(options)}
+    if any(v is MISSING for v in params.values()):
+        raise TypeError(f"scorer '{name}': every option needs a default")
+
     def add(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity, stochastic, request_allocates)
+        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity, stochastic, request_allocates,
+                               options)
         return fn
     return add
 
@@ -85,4 +95,4 @@ def score(name: str, calib, sparsity: float | None, **params) -> Scores:
     scorer = get_scorer(name)
     if sparsity is None and scorer.needs_sparsity:
         raise UserError(f"method '{name}' needs a target sparsity (--sparsity F, F in [0, 1))")
-    return scorer.fn(calib, sparsity, **check_params(name, params))
+    return scorer.run(calib, sparsity, check_params(name, params))

@@ -13,6 +13,7 @@ final readout state (CLS / last real token), and its absolute value is averaged 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -109,17 +110,32 @@ def solve_alpha(m: list[Tensor], layer_sim: Tensor, n_remove: int, beta: float, 
     return hi
 
 
+@dataclass(frozen=True)
+class StrategyOptions:
+    """The strategy's options: alpha (None: solved for the target sparsity), beta and focus (None: the paper's),
+    the rounding multiple, and the ablations (rule, focus_mapping, signed; see strategy_scores)."""
+
+    alpha: float | None = None
+    beta: float | None = None
+    focus: Sequence[int] | None = None
+    multiple_of: int = 1
+    rule: str = "paper"
+    focus_mapping: str = "depth"
+    signed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("paper", "uniform"):
+            raise UserError(f"unknown strategy rule '{self.rule}'; choose paper or uniform")
+
+
 @register("strategy", "the paper's threshold rule on mean |neuron similarity| (alpha solved for the "
-          "target sparsity, or given with beta and focus)", needs_sparsity=False,
-          alpha=None, beta=None, focus=None, multiple_of=1, rule="paper", focus_mapping="depth", signed=False)
-def strategy_scores(calib: Calibration, sparsity: float | None, alpha: float | None = None,
-                    beta: float | None = None, focus: Sequence[int] | None = None, multiple_of: int = 1,
-                    rule: str = "paper", focus_mapping: str = "depth", signed: bool = False) -> Scores:
+          "target sparsity, or given with beta and focus)", needs_sparsity=False, options=StrategyOptions)
+def strategy_scores(calib: Calibration, sparsity: float | None, opts: StrategyOptions = StrategyOptions()) -> Scores:
     """Scores |sim| - t (double) and the allocation that reproduces the paper's rule (see the module doc).
     Ablations: rule="uniform" keeps the score but removes the same fraction of every layer; focus=[] drops the
     focusing layers; focus_mapping="coverage" maps them by depth covered; signed=True drops the decoder's abs()."""
-    if rule not in ("paper", "uniform"):
-        raise UserError(f"unknown strategy rule '{rule}'; choose paper or uniform")
+    alpha, beta, focus, multiple_of = opts.alpha, opts.beta, opts.focus, opts.multiple_of
+    rule, focus_mapping, signed = opts.rule, opts.focus_mapping, opts.signed
     decoder = calib.loaded.family.decoder
     stats = similarity_stats(calib)
     m, layer_sim = stats["neuron_abs"], stats["layer_sim"]
