@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 from ..runfolder import now_iso, read_json, write_json
@@ -166,16 +167,10 @@ def _shaped(net, kind: str, widths, heads):
     return net
 
 
-def load_saved(folder: Path, spec: str) -> Loaded:
-    """Rebuild a model saved by save_model: from its config, FFNs resized to the saved widths, then the
-    weights, everything checked first."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def _read_config(folder: Path):
+    """config.json, its values checked, read by transformers, of a supported model type."""
+    from transformers import AutoConfig
 
-    from .classifier import BinaryClassifier
-
-    meta = validate_meta(read_json(folder / SAVED_META, "model metadata"), folder)
-    kind = meta["kind"]
     if not (folder / "config.json").is_file():
         raise _bad(folder, "config.json is missing")
     check_config_values(read_json(folder / "config.json", "model config"), f"'{folder / 'config.json'}'",
@@ -188,16 +183,23 @@ def load_saved(folder: Path, spec: str) -> Loaded:
         raise _bad(folder, f"config.json cannot be read ({type(exc).__name__})") from None
     if getattr(cfg, "model_type", None) not in supported_model_types():
         raise _bad(folder, f"model type {getattr(cfg, 'model_type', None)!r} is not supported")
-    weights = declared_weights(folder, saved=True)
-    headers = read_headers(weights)
-    check_float_weights(folder, headers)
+    return cfg
+
+
+def _read_tokenizer(folder: Path, cfg):
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(folder, **SAFE)
     except Exception as exc:
         raise _bad(folder, f"its tokenizer cannot be read ({type(exc).__name__})") from None
     check_tokenizer_fits(tok, getattr(cfg, "vocab_size", None), f"'{folder}'")
-    builder = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    # check the widths against the config before building anything big from them
+    return tok
+
+
+def _check_saved_sizes(folder: Path, meta: dict, cfg) -> int:
+    """The metadata's FFN widths and head counts against the config, before anything big is built from them;
+    returns the config's number of layers."""
     widths = meta.get("ffn_widths")
     n_layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)) or 0)
     full = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or \
@@ -217,6 +219,15 @@ def load_saved(folder: Path, spec: str) -> Loaded:
             raise _bad(folder, "config.json has no usable attention head count") from None
         if len(heads) != n_layers or max(heads, default=0) > units:
             raise _bad(folder, f"{SAVED_META} 'attn_heads' must give {n_layers} head counts of at most {units}")
+    return n_layers
+
+
+def _build_net(folder: Path, cfg, meta: dict, headers) -> nn.Module:
+    """The network its config builds (its size checked first), resized to the saved widths and heads."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    kind, widths, heads = meta["kind"], meta.get("ffn_widths"), meta.get("attn_heads")
+    builder = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     kw = {} if kind == "causal-lm" else base_model_kwargs(cfg.model_type)
     refuse_oversized_config(folder, headers,
                             lambda: _shaped(builder.from_config(cfg, **kw, **SAFE), kind, widths, heads))
@@ -236,6 +247,13 @@ def load_saved(folder: Path, spec: str) -> Loaded:
             resize_heads(net, heads)
         except ValueError:
             raise _bad(folder, f"{SAVED_META} 'attn_heads' do not fit the model its config builds") from None
+    return net
+
+
+def _load_weights(folder: Path, net: nn.Module, weights: list[Path], headers, heads) -> None:
+    """The saved weights into `net`, their shapes and dtypes checked first; tied heads tied again."""
+    from safetensors.torch import load_file
+
     _check_shapes(folder, headers, {k: v.shape for k, v in net.state_dict().items()})
     check_dtypes(folder, headers, net.state_dict())
     state = {}
@@ -256,20 +274,43 @@ def load_saved(folder: Path, spec: str) -> Loaded:
             check_head_indices(net)
         except ValueError as exc:
             raise _bad(folder, str(exc)) from None
-    if kind == "classifier":
-        model = BinaryClassifier(net, dropout=float(meta.get("dropout", 0.1)))
-        head = folder / "head.safetensors"
-        if not head.is_file():
-            raise _bad(folder, "it is a classifier without head.safetensors")
-        head_header = safetensors_header(head)
-        _check_shapes(folder, head_header, {k: v.shape for k, v in model.dense.state_dict().items()})
-        check_dtypes(folder, head_header, model.dense.state_dict())
-        hstate = load_file(head)
-        if set(hstate) != set(model.dense.state_dict()):
-            raise _bad(folder, "head.safetensors does not hold the classifier head")
-        model.dense.load_state_dict(hstate)
-    else:
-        model = net
+
+
+def _with_head(folder: Path, net: nn.Module, meta: dict) -> nn.Module:
+    """A classifier's binary head from head.safetensors on top of `net`; other kinds as they are."""
+    from safetensors.torch import load_file
+
+    from .classifier import BinaryClassifier
+
+    if meta["kind"] != "classifier":
+        return net
+    model = BinaryClassifier(net, dropout=float(meta.get("dropout", 0.1)))
+    head = folder / "head.safetensors"
+    if not head.is_file():
+        raise _bad(folder, "it is a classifier without head.safetensors")
+    head_header = safetensors_header(head)
+    _check_shapes(folder, head_header, {k: v.shape for k, v in model.dense.state_dict().items()})
+    check_dtypes(folder, head_header, model.dense.state_dict())
+    hstate = load_file(head)
+    if set(hstate) != set(model.dense.state_dict()):
+        raise _bad(folder, "head.safetensors does not hold the classifier head")
+    model.dense.load_state_dict(hstate)
+    return model
+
+
+def load_saved(folder: Path, spec: str) -> Loaded:
+    """Rebuild a model saved by save_model: from its config, FFNs resized to the saved widths, then the
+    weights, everything checked first."""
+    meta = validate_meta(read_json(folder / SAVED_META, "model metadata"), folder)
+    cfg = _read_config(folder)
+    weights = declared_weights(folder, saved=True)
+    headers = read_headers(weights)
+    check_float_weights(folder, headers)
+    tok = _read_tokenizer(folder, cfg)
+    n_layers = _check_saved_sizes(folder, meta, cfg)
+    net = _build_net(folder, cfg, meta, headers)
+    _load_weights(folder, net, weights, headers, meta.get("attn_heads"))
+    model = _with_head(folder, net, meta)
     finish_tokenizer(tok, model)
     model.eval()
     if len(ffn_sites(model)) != n_layers and n_layers:
@@ -279,4 +320,4 @@ def load_saved(folder: Path, spec: str) -> Loaded:
             raise _bad(folder, f"{SAVED_META} asks for quantize {meta['quantize']!r}; only int8 is known")
         from .quantize import quantize_int8
         model = quantize_int8(model)
-    return Loaded(model=model, tokenizer=tok, kind=kind, spec=spec, info=meta)
+    return Loaded(model=model, tokenizer=tok, kind=meta["kind"], spec=spec, info=meta)
