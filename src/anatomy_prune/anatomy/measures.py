@@ -251,6 +251,46 @@ def _check_inputs(texts: Sequence[str], names: Sequence[str] | None) -> list[str
 
 # --- the whole anatomy, in memory ------------------------------------------------------------------
 
+def _layer_doc(loaded: Loaded, inputs: tuple, states: Tensor, pre: Tensor | None, layer: Tensor,
+               reading: tuple) -> dict:
+    """layer_similarity.json: the curve per input, and (with a final norm) the same against the pre-norm state."""
+    (texts, names), (max_length, side, truncated) = inputs, reading
+    doc = {
+        "model": loaded.spec, "base_model": loaded.base_spec, "kind": loaded.kind, "family": loaded.family.name,
+        "readout": loaded.family.readout, "n_layers": len(ffn_widths(loaded.model)), "max_length": max_length,
+        "truncation_side": side, "truncated": truncated, "names": names, "inputs": list(texts),
+        "similarity": layer.tolist(),
+        "final_norm": final_norm_name(loaded.model),
+    }
+    if pre is not None:
+        # the same curve against the last block's state before the final norm, and what the norm alone does
+        target = pre[:, None, :].expand_as(states)
+        pre_curve = F.cosine_similarity(states, target, dim=-1)
+        pre_curve[:, -1] = 1.0
+        doc["prenorm_similarity"] = pre_curve.tolist()
+        doc["final_norm_similarity"] = F.cosine_similarity(pre, states[:, -1], dim=-1).tolist()
+    return doc
+
+
+def _summary(loaded: Loaded, layer_doc: dict, layer: Tensor, sims: list[Tensor], sets: list, final: Tensor,
+             threshold: float) -> dict:
+    """summary.json's statistics over inputs: layer similarity, neuron sets' randomness, the final state."""
+    widths = ffn_widths(loaded.model)
+    lay = layer.numpy()
+    neuron_max = np.stack([s.max(dim=1).values.numpy() for s in sims], axis=1)  # [n, L]
+    abs_frac = np.stack([(s.abs() > abs(threshold)).float().mean(dim=1).numpy() for s in sims], axis=1)  # [n, L]
+    return {
+        "model": loaded.spec, "kind": loaded.kind, "family": loaded.family.name, "threshold": threshold,
+        "n_inputs": len(layer_doc["inputs"]), "n_layers": len(widths), "d_ff": widths,
+        "max_length": layer_doc["max_length"], "n_truncated": len(layer_doc["truncated"]),
+        "layer_similarity": _stats(lay),
+        "neurons": randomness(sets, widths),
+        "max_neuron_similarity": _stats(neuron_max),
+        "fraction_abs_above": _stats(abs_frac),
+        "final_state": final_state_report(loaded, final, threshold),
+    }
+
+
 def compute_anatomy(loaded: Loaded, texts: Sequence[str], names: Sequence[str] | None = None,
                     threshold: float = DEFAULT_THRESHOLD, max_length: int = 128, batch_size: int = 16,
                     progress: bool = True) -> dict:
@@ -273,42 +313,16 @@ def compute_anatomy(loaded: Loaded, texts: Sequence[str], names: Sequence[str] |
     sets = neurons_above(sims, threshold)  # [input][layer] -> ids
     widths = ffn_widths(loaded.model)
 
-    layer_doc = {
-        "model": loaded.spec, "base_model": loaded.base_spec, "kind": loaded.kind, "family": loaded.family.name,
-        "readout": loaded.family.readout, "n_layers": len(widths), "max_length": max_length,
-        "truncation_side": side, "truncated": truncated, "names": names, "inputs": list(texts),
-        "similarity": layer.tolist(),
-        "final_norm": final_norm_name(loaded.model),
-    }
-    if pre is not None:
-        # the same curve against the last block's state before the final norm, and what the norm alone does
-        target = pre[:, None, :].expand_as(states)
-        pre_curve = F.cosine_similarity(states, target, dim=-1)
-        pre_curve[:, -1] = 1.0
-        layer_doc["prenorm_similarity"] = pre_curve.tolist()
-        layer_doc["final_norm_similarity"] = F.cosine_similarity(pre, states[:, -1], dim=-1).tolist()
-
+    layer_doc = _layer_doc(loaded, (texts, names), states, pre, layer, (max_length, side, truncated))
     neurons_doc = {
         "model": loaded.spec, "threshold": threshold, "names": names, "d_ff": widths,
         "neurons": sets,
         "similarity": [[[round(float(sims[i][k, j]), 4) for j in sets[k][i]] for i in range(len(widths))]
                        for k in range(len(texts))],
     }
-    lay = layer.numpy()
-    neuron_max = np.stack([s.max(dim=1).values.numpy() for s in sims], axis=1)  # [n, L]
-    abs_frac = np.stack([(s.abs() > abs(threshold)).float().mean(dim=1).numpy() for s in sims], axis=1)  # [n, L]
-    summary = {
-        "model": loaded.spec, "kind": loaded.kind, "family": loaded.family.name, "threshold": threshold,
-        "n_inputs": len(texts), "n_layers": len(widths), "d_ff": widths, "max_length": max_length,
-        "n_truncated": len(truncated),
-        "layer_similarity": _stats(lay),
-        "neurons": randomness(sets, widths),
-        "max_neuron_similarity": _stats(neuron_max),
-        "fraction_abs_above": _stats(abs_frac),
-        "final_state": final_state_report(loaded, states[:, -1], threshold),
-        "forward_s": round(forward_s, 3),
-        "device": str(loaded.device),
-    }
+    summary = _summary(loaded, layer_doc, layer, sims, sets, states[:, -1], threshold)
+    summary["forward_s"] = round(forward_s, 3)
+    summary["device"] = str(loaded.device)
     if pre is not None:
         summary["prenorm_layer_similarity"] = _stats(np.asarray(layer_doc["prenorm_similarity"]))
         summary["final_norm_similarity"] = _stats(np.asarray(layer_doc["final_norm_similarity"]))

@@ -100,19 +100,8 @@ def plot_layer_similarity_spread(summary: dict, layer_doc: dict | None = None):
     return fig
 
 
-def plot_neuron_graph(g, title: str = ""):
-    """Figures 2 / 3: above-threshold neurons laid out by layer (first layer on top), edges between
-    consecutive layers. Only layers with a neuron get a row; the empty ones are named under the title. Dense
-    gaps are drawn as one band with the edge count; colour = share of inputs for which the neuron is above
-    the threshold; ids are written when a layer has few nodes."""
-    from ..anatomy.graphs import layers_of
-
-    per_layer = layers_of(g)
-    shown = [layer for layer, nodes in per_layer.items() if nodes]
-    empty = [layer for layer, nodes in per_layer.items() if not nodes]
-    row = {layer: r for r, layer in enumerate(shown)}
-    n_rows = max(1, len(shown))
-    fig, ax = plt.subplots(figsize=(10, max(2.8, min(0.42 * n_rows, 0.26 * n_rows + 2.5) + 1.2)))
+def _node_positions(per_layer: dict, shown: list[int], row: dict[int, int]) -> dict[str, tuple[float, float]]:
+    """Each shown layer's nodes spread across its row, centred (narrower for few nodes)."""
     pos: dict[str, tuple[float, float]] = {}
     for layer in shown:
         nodes = per_layer[layer]
@@ -120,7 +109,11 @@ def plot_neuron_graph(g, title: str = ""):
         xs = np.linspace(0.5 - 0.45 * min(1, k / 12), 0.5 + 0.45 * min(1, k / 12), k) if k > 1 else [0.5] * k
         for node, x in zip(nodes, xs):
             pos[node] = (float(x), -float(row[layer]))
-    cmap = plt.get_cmap("viridis")
+    return pos
+
+
+def _draw_edges(ax, per_layer: dict, shown: list[int], row: dict[int, int], pos: dict) -> None:
+    """Edges between consecutive layers: drawn one by one, or as one band with their count when dense."""
     for layer in shown:
         a, b = per_layer[layer], per_layer.get(layer + 1, [])
         if not b:
@@ -137,6 +130,10 @@ def plot_neuron_graph(g, title: str = ""):
                                  color="0.75", alpha=0.35, lw=0))
             ax.text(0.985, (ya + yb) / 2, f"{len(a)}x{len(b)} edges", fontsize=6, ha="right", va="center",
                     color="0.35", transform=ax.get_yaxis_transform())
+
+
+def _draw_nodes(ax, g, per_layer: dict, shown: list[int], pos: dict, cmap) -> None:
+    """Nodes coloured by the share of inputs they are above the threshold for; ids when a layer has few."""
     for layer in shown:
         nodes = per_layer[layer]
         frac = [float(g.nodes[u].get("fraction_inputs", 1.0)) for u in nodes]
@@ -148,6 +145,25 @@ def plot_neuron_graph(g, title: str = ""):
             for u, (x, y) in zip(nodes, xy):
                 ax.annotate(str(g.nodes[u]["neuron"]), (x, y), xytext=(0, 5), textcoords="offset points",
                             fontsize=6, ha="center")
+
+
+def plot_neuron_graph(g, title: str = ""):
+    """Figures 2 / 3: above-threshold neurons laid out by layer (first layer on top), edges between
+    consecutive layers. Only layers with a neuron get a row; the empty ones are named under the title. Dense
+    gaps are drawn as one band with the edge count; colour = share of inputs for which the neuron is above
+    the threshold; ids are written when a layer has few nodes."""
+    from ..anatomy.graphs import layers_of
+
+    per_layer = layers_of(g)
+    shown = [layer for layer, nodes in per_layer.items() if nodes]
+    empty = [layer for layer, nodes in per_layer.items() if not nodes]
+    row = {layer: r for r, layer in enumerate(shown)}
+    n_rows = max(1, len(shown))
+    fig, ax = plt.subplots(figsize=(10, max(2.8, min(0.42 * n_rows, 0.26 * n_rows + 2.5) + 1.2)))
+    pos = _node_positions(per_layer, shown, row)
+    cmap = plt.get_cmap("viridis")
+    _draw_edges(ax, per_layer, shown, row, pos)
+    _draw_nodes(ax, g, per_layer, shown, pos, cmap)
     ax.set_yticks([-r for r in range(len(shown))])
     ax.set_yticklabels([f"layer {i} ({len(per_layer[i])})" for i in shown], fontsize=7)
     ax.set_xticks([])
