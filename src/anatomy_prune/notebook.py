@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .train.finetune import FinetuneConfig, preset
+from .validate import finite, fraction, optional, positive_int, whole
 
 QUIET_LOGGERS = ("transformers", "datasets", "huggingface_hub", "accelerate", "torch", "anatomy_prune", "matplotlib")
 
@@ -61,40 +62,46 @@ def quiet() -> None:
         shell.set_custom_exc((UserError,), one_line)
 
 
+def _retold(check, message: str):
+    """check() with its fault told in the notebook's words (what to set), as one line."""
+    try:
+        return check()
+    except UserError:
+        raise UserError(message) from None
+
+
+def _open_fraction(v, what: str) -> float:
+    if fraction(v, what) == 0.0:
+        raise UserError(f"{what} must be > 0, got {v}")
+    return float(v)
+
+
 def check_fractions(values, what: str) -> list[float]:
     """Each value a fraction strictly between 0 and 1 (a share of neurons removed)."""
     values = [values] if isinstance(values, (int, float)) else list(values)
     if not values:
         raise UserError(f"{what} is empty; set it to fractions such as [0.1, 0.3, 0.5]")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            raise UserError(f"{what} holds {v!r}; set fractions strictly between 0 and 1, such as 0.5 (= 50%)")
-    return [float(v) for v in values]
+    return [_retold(lambda: _open_fraction(v, what),
+                    f"{what} holds {v!r}; set fractions strictly between 0 and 1, such as 0.5 (= 50%)") for v in values]
 
 
 def check_positive(value, what: str, example: int) -> int:
     """A whole number >= 1 (a size, a count of steps or seeds)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{what} is {value!r}; set a whole number of at least 1, such as {example}")
-    return value
+    return _retold(lambda: positive_int(value, what),
+                   f"{what} is {value!r}; set a whole number of at least 1, such as {example}")
 
 
 def check_block(value, n_blocks: int, what: str) -> int | None:
     """A block number of the model (0 .. n_blocks - 1), or None."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_blocks:
-        raise UserError(f"{what} is {value!r}; set a block number from 0 to {n_blocks - 1}, or None")
-    return value
+    return optional(lambda v: _retold(lambda: whole(v, what, 0, n_blocks - 1),
+                                      f"{what} is {v!r}; set a block number from 0 to {n_blocks - 1}, or None"), value)
 
 
 def check_numbers(values, what: str, example: str) -> list[float]:
     """Non-negative finite numbers (alpha, beta)."""
     values = [values] if isinstance(values, (int, float)) else list(values)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-            raise UserError(f"{what} holds {v!r}; set non-negative numbers such as {example}")
-    return [float(v) for v in values]
+    return [_retold(lambda: finite(v, what, 0.0), f"{what} holds {v!r}; set non-negative numbers such as {example}")
+            for v in values]
 
 
 def check_model(spec: str | None, online: bool) -> str | None:

@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Sequence
 
 from ..errors import UserError
+from ..validate import optional, positive_int, whole
 from .reviews import Splits, TextSet, read_imdb_hub, read_imdb_offline, read_labelled_file, read_texts
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,7 @@ def take(data: str, split_name: str, n: int | None = None) -> TextSet:
     s = named_splits(data)[split_name]
     if n is None:
         return s
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise UserError(f"a split size must be a whole number >= 0, got {n}")
+    whole(n, "a split size", 0)
     if n > len(s):
         raise UserError(f"{n} reviews were asked of the '{split_name}' split of {data}, which holds {len(s)} after "
                         f"deduplication; ask for at most {len(s)}" + (" (or use --data hf online for the paper's "
@@ -124,9 +124,7 @@ def take(data: str, split_name: str, n: int | None = None) -> TextSet:
 
 def split(data: TextSet, sizes: Sequence[int], seed: int, source: str) -> Splits:
     """A user file: shuffle by seed, then take test first, validation next and train from the rest."""
-    n_train, n_val, n_test = (int(s) for s in sizes)
-    if min(n_train, n_val, n_test) < 0:
-        raise UserError(f"split sizes must be non-negative, got {tuple(sizes)}")
+    n_train, n_val, n_test = (whole(int(s), "split sizes", 0) for s in sizes)
     if n_train + n_val + n_test > len(data):
         raise UserError(f"split sizes {tuple(sizes)} need {n_train + n_val + n_test} examples but "
                         f"{source} has {len(data)} (after removing repeated texts); choose smaller sizes")
@@ -152,8 +150,7 @@ def load_splits(data: str = "imdb", sizes: Sequence[int] = (4000, 500, 1000), se
 def eval_set(data: str = "imdb", eval_size: int | None = 1000, split_name: str = "test") -> TextSet:
     """The reviews a classifier is evaluated on: the first eval_size of a named IMDB split (test, or heldout
     for larger comparisons), or a user's whole file (capped at eval_size)."""
-    if eval_size is not None and (isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size <= 0):
-        raise UserError(f"--eval-size must be a positive whole number, got {eval_size}")
+    optional(positive_int, eval_size, "--eval-size")
     if data in ("imdb", "hf"):
         return take(data, split_name, eval_size)
     full, _ = dedup(read_labelled_file(data))
@@ -164,8 +161,7 @@ def calibration_set(n: int = CALIB_SIZE, seed: int = 0, source: str = "imdb",
                     exclude: Sequence[str] = ()) -> TextSet:
     """`n` calibration texts: a seeded sample of the IMDB calibration split (with labels), or the first lines
     of a text file (labels unknown, set to -1). Texts in `exclude` (the evaluation set) are left out."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise UserError(f"--calib-size must be a positive whole number, got {n}")
+    positive_int(n, "--calib-size")
     banned = set(exclude)
     if source in ("imdb", "hf"):
         pool = take(source, "calibration")

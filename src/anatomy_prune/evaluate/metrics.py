@@ -15,6 +15,7 @@ from ..data.batches import batches, to_device
 from ..data.reviews import TextSet
 from ..errors import UserError
 from ..models.loading import Loaded, max_length_for
+from ..validate import optional, positive_int
 from .stats import check_level, classification_report
 from .timing import runtime_info, sync
 
@@ -161,8 +162,7 @@ def evaluation_set(loaded: Loaded, data: str = "imdb", eval_size: int | None = 1
     from ..data.splits import eval_set
     from ..data.texts import lm_texts
 
-    if eval_size is not None and (isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size <= 0):
-        raise UserError(f"--eval-size must be a positive whole number, got {eval_size}")
+    optional(positive_int, eval_size, "--eval-size")
     if loaded.kind == "classifier":
         return eval_set(data, eval_size, split)
     if loaded.kind == "causal-lm":

@@ -17,6 +17,7 @@ from ..data.splits import DEFAULT_SIZES
 from ..errors import UserError
 from ..models.families import base_model, family_of
 from ..models.loading import Loaded
+from ..validate import fraction, positive_int, whole
 from .loop import Optim, Precision, train_loop
 from .tasks import ClassifyTask
 
@@ -52,25 +53,18 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         for name in ("train_size", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive whole number, got {v}")
+            positive_int(getattr(self, name), f"--{name.replace('_', '-')}")
         for name in ("val_size", "test_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a whole number >= 0, got {v}")
+            whole(getattr(self, name), f"--{name.replace('_', '-')}", 0)
         if not self.epochs > 0 or self.epochs > 1000:
             raise UserError(f"--epochs must be in (0, 1000], got {self.epochs}")
         if not 0 < self.lr < 1:
             raise UserError(f"--lr must be in (0, 1), got {self.lr}")
         if self.truncation not in ("head", "tail"):
             raise UserError(f"--truncation must be head or tail, got {self.truncation}")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.warmup < 1:
-            raise UserError(f"--warmup must be in [0, 1), got {self.warmup}")
-        if isinstance(self.train_layers, bool) or not isinstance(self.train_layers, int) or self.train_layers < 0:
-            raise UserError(f"train_layers must be a whole number >= 0 (0: all blocks), got {self.train_layers}")
+        fraction(self.dropout, "--dropout")
+        fraction(self.warmup, "--warmup")
+        whole(self.train_layers, "train_layers (0: all blocks)", 0)
 
 
 # Named recipes. The paper states the data (IMDB: 20,000 training and 5,000 validation reviews, 1,000 test
