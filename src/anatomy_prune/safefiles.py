@@ -11,7 +11,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UserError
 
@@ -141,21 +141,29 @@ def _link_unnamed(fd: int, path: Path, data: bytes) -> Path:
     return path
 
 
+def read_document(path: Path, parse: Callable[[str], Any], what: str, fmt: str, hint: str = "",
+                  detail: Callable[[ValueError], str] = str) -> Any:
+    """Parse a UTF-8 text file with `parse` (json.loads, tomllib.loads); an unreadable, non-UTF-8, malformed or
+    too deeply nested file is a one-line UserError. `hint` ends the lines about content the user should replace."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{what} '{path}' is not UTF-8 text{hint}") from None
+    except RecursionError:
+        raise UserError(f"{what} '{path}' is nested too deeply{hint}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} '{path}' ({exc.strerror})") from None
+    except ValueError as exc:  # json.JSONDecodeError, tomllib.TOMLDecodeError
+        raise UserError(f"{what} '{path}' is not valid {fmt} ({detail(exc)})") from None
+
+
 def read_json(path: str | Path, what: str = "file") -> Any:
     """Parse a JSON file; a missing, unreadable, non-UTF-8 or malformed file is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{what} '{path}' is not UTF-8 text; give the JSON file anatomy-prune wrote") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except RecursionError:
-        raise UserError(f"{what} '{path}' is nested too deeply; give the JSON file anatomy-prune wrote") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {what} '{path}' ({exc.strerror})") from None
+    return read_document(path, json.loads, what, "JSON", "; give the JSON file anatomy-prune wrote",
+                         lambda exc: f"{exc.msg}, line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(exc))
 
 
 NAME_MAX = 255   # bytes in one path component (Linux and macOS)

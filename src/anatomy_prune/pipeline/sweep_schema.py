@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..models.families import ffn_sites
 from ..models.loading import Loaded
 from ..resources import config_path
+from ..safefiles import read_document
 from ..scores.registry import check_params, get_scorer
 from ..scores.strategy import map_focus
 from ..validate import fraction, known_keys, one_of, whole
@@ -38,12 +39,7 @@ def read_toml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         p = config_path(p.name)
-    try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"config file '{path}' is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file '{path}' is not valid TOML ({exc})") from None
+    return read_document(p, tomllib.loads, "config file", "TOML")
 
 
 def load_grid(path: str | Path) -> dict:
