@@ -39,7 +39,11 @@ def check_allocation(allocation: dict) -> dict:
 
 def keep_counts(values: Sequence[Tensor], sparsity: float | None, allocation: dict) -> list[int]:
     """How many neurons each layer keeps for a target fraction of all neurons removed."""
-    a = check_allocation(allocation)
+    return _counts(values, sparsity, check_allocation(allocation))
+
+
+def _counts(values: Sequence[Tensor], sparsity: float | None, a: dict) -> list[int]:
+    """keep_counts for an allocation already checked (check_allocation); the sparsity is checked here, once."""
     widths = [int(s.numel()) for s in values]
     total = sum(widths)
     if a["kind"] == "threshold":
@@ -105,7 +109,7 @@ def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, 
     if not isinstance(scores, Scores):
         scores = Scores(values=list(scores), allocation={"kind": "local"})
     a = check_allocation({**scores.allocation, **(allocation or {})})
-    counts = keep_counts(scores.values, sparsity, a)
+    counts = _counts(scores.values, sparsity, a)
     keep = select(scores.values, counts, scores.must_keep)
     params = dict(scores.params)
     params["allocation"] = a["kind"]
