@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m anatomy_prune demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadgroup --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest tests -m slow

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random models of every family (sizes asserted), no network, two threads."""
+"""Shared fixtures: tiny random models of every family (sizes asserted), no network, two threads (one per
+worker under `make test`'s two pytest-xdist workers, for this process and the kernels and CLIs it starts:
+two workers of two threads each would oversubscribe two cores, and OpenMP threads then spin)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 from anatomy_prune.models.classifier import BinaryClassifier  # noqa: E402
 from anatomy_prune.models.loading import TINY, Loaded, load_model  # noqa: E402
@@ -81,6 +85,27 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# --- scheduling: the longest tests start first --------------------------------------------------------
+
+# Seconds each took alone on 2 quiet cores (pytest --durations); under `make test`'s two xdist workers
+# (`--dist loadgroup`, one test at a time per worker) starting the long ones first keeps one worker from being
+# left with them at the end. Tests not named keep their order.
+LONG_FIRST = [("test_notebook_runs_online_on_the_emulated_hub[GPT_finepruning]", 97),
+              ("test_fresh_install_with_the_extra_runs_a_notebook_online", 83),
+              ("test_notebook_runs_online_on_the_emulated_hub[GPT2_pruning_strategy]", 66),
+              ("test_notebook_runs_online_on_the_emulated_hub", 40),
+              ("test_ray.py", 37),
+              ("test_notebook_runs_offline_in_smoke_mode", 14),
+              ("test_benchmark_scripts_run_at_tiny_sizes", 13)]
+
+
+def pytest_collection_modifyitems(config, items):
+    def cost(item):
+        return next((s for key, s in LONG_FIRST if key in item.nodeid), 0)
+
+    items.sort(key=cost, reverse=True)  # stable: the rest keep pytest's order
 
 
 # --- emulated Hugging Face Hub (tests/emulated_hub.py) -------------------------------------------

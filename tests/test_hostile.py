@@ -732,7 +732,7 @@ def case_env(c: Ctx, case: Case) -> dict:
 def run_subprocess(argv: list[str], cwd: Path, env: dict, src: Path | None = None, prefix: list[str] = (),
                    timeout: float = 300) -> Result:
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "2", "PYTHONDONTWRITEBYTECODE": "1", **env}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONDONTWRITEBYTECODE": "1", **env}
     if src is not None:
         full["PYTHONPATH"] = str(src)
     t0 = time.perf_counter()
@@ -964,7 +964,7 @@ def test_enough_cases() -> None:
 
 def _spawn(argv: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "2", "XDG_CACHE_HOME": REAL_CACHE}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "XDG_CACHE_HOME": REAL_CACHE}
     return subprocess.Popen([sys.executable, "-m", "anatomy_prune", *map(str, argv)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "anatomy_prune"
 
 # The stages in order; a module may import from its own stage or any stage before it.
 STAGES = [
-    ("leaves", ["errors", "safefiles", "runfolder", "resources", "validate", "linalg"]),
+    ("leaves", ["errors", "safefiles", "runfolder", "resources", "validate", "linalg", "progress"]),
     ("models", ["models"]),
     ("data", ["data"]),
     ("hooks", ["hooks"]),

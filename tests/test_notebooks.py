@@ -37,10 +37,11 @@ def test_notebook_is_small_parameterised_and_installs_from_one_place(path):
     assert not errors, f"{path.name} was committed with an error output"
 
 
-BERT = [p for p in NOTEBOOKS if p.name.startswith("BERT_")]
+# the model each family studies offline and the paper's model it stands in for, named in the first cell
+NAMED = {"BERT_": ("MiniLM", "bert-base-uncased"), "GPT": ("SmolLM2", "gpt2")}
 
 
-@pytest.mark.parametrize("path", BERT, ids=[p.stem for p in BERT])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_committed_notebook_is_executed_clean_and_introduced(path):
     """The committed file: a real run's outputs in every code cell after the install cell, no noise, a
     Colab badge and a first cell naming the model of each mode."""
@@ -52,7 +53,8 @@ def test_committed_notebook_is_executed_clean_and_introduced(path):
     assert sum(bool(c.outputs) for c in code) >= len(code) // 2, f"{path.name} carries too few outputs"
     assert noise_in(nb) == [], f"{path.name} has {noise_in(nb)} in its committed outputs"
     first = nb.cells[0].source
-    assert "colab.research.google.com/github/" in first and "MiniLM" in first and "bert-base-uncased" in first
+    offline, paper = next(v for k, v in NAMED.items() if path.name.startswith(k))
+    assert "colab.research.google.com/github/" in first and offline in first and paper in first
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert images, f"{path.name} shows no figure"
 
@@ -76,9 +78,9 @@ def _run(path: Path, runs: Path, monkeypatch, online: bool) -> None:
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert ("online" if online else "offline") in text
-    if path in BERT:  # clean by construction, not by luck: the smoke run is as clean as the committed one
-        stderr = [o.get("text", "") for o in outputs if o.get("name") == "stderr"]
-        assert noise_in(nb) == [], f"{path.name} in smoke mode printed {noise_in(nb)}: {stderr[:2]}"
+    # clean by construction, not by luck: the smoke run is as clean as the committed one
+    stderr = [o.get("text", "") for o in outputs if o.get("name") == "stderr"]
+    assert noise_in(nb) == [], f"{path.name} in smoke mode printed {noise_in(nb)}: {stderr[:2]}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -12,7 +12,6 @@ from anatomy_prune.errors import UserError
 from anatomy_prune.evaluate.metrics import paired_perplexity, perplexity, perplexity_interval
 from anatomy_prune.models.loading import load_model
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture

@@ -24,6 +24,8 @@ from anatomy_prune.pipeline.sweep import run_sweep
 
 from conftest import TEXTS, make_classifier
 
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray instance, on one pytest-xdist worker
+
 CALIB = ["Not bad at all.", "The worst film of the year, by far and away.", "Meh.",
          "A quiet, tender story; I loved every minute of it.", "Two hours of noise and nothing else."]
 SAME = ("method", "sparsity", "target_sparsity", "achieved_sparsity", "seed", "label", "accuracy",

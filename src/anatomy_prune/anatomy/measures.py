@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..data.batches import batches, to_device
 from ..errors import UserError

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..hooks import layer_of, run_with_hooks
 from ..models.families import Conv1D, base_model, ffn_sites, get_module, weight_out_in

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..data.batches import batches, to_device
 from ..data.reviews import TextSet

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..errors import UserError
 from ..evaluate.counts import count_params, embedding_params, ffn_flops_per_token, flops_per_token, model_ideal_speedup

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..apply.compensate import compensate_layer
 from ..linalg import FitSpec

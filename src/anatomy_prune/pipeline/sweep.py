@@ -12,7 +12,7 @@ from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..data.reviews import TextSet
 from ..errors import UserError

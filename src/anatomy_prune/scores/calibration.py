@@ -18,7 +18,7 @@ from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..anatomy.measures import layer_similarity, neuron_similarity, readout_states
 from ..data.batches import batches, to_device

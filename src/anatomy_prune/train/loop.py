@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..errors import UserError
 
