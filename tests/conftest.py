@@ -90,12 +90,13 @@ def text_file(tmp_path):
 # --- scheduling: the longest tests start first --------------------------------------------------------
 
 # Seconds each took alone on 2 quiet cores (pytest --durations); under `make test`'s two xdist workers
-# (`--dist loadgroup`, one test at a time per worker) starting the long ones first keeps one worker from being
-# left with them at the end. Tests not named keep their order.
+# (`--dist loadgroup`: one test or xdist group at a time per worker, a group placed where its first test is)
+# starting the long ones first keeps one worker from being left with them at the end. The fresh-install test
+# comes after BERT's online notebooks, in their group, to reuse their fine-tune. The rest keep their order.
 LONG_FIRST = [("test_notebook_runs_online_on_the_emulated_hub[GPT_finepruning]", 97),
-              ("test_fresh_install_with_the_extra_runs_a_notebook_online", 83),
               ("test_notebook_runs_online_on_the_emulated_hub[GPT2_pruning_strategy]", 66),
               ("test_notebook_runs_online_on_the_emulated_hub", 40),
+              ("test_fresh_install_with_the_extra_runs_a_notebook_online", 39),  # after BERT's online runs
               ("test_ray.py", 37),
               ("test_notebook_runs_offline_in_smoke_mode", 14),
               ("test_benchmark_scripts_run_at_tiny_sizes", 13)]

@@ -83,12 +83,19 @@ def _run(path: Path, runs: Path, monkeypatch, online: bool) -> None:
     assert noise_in(nb) == [], f"{path.name} in smoke mode printed {noise_in(nb)}: {stderr[:2]}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def _grouped(mode: str) -> list:
+    """The notebooks as parameters, each family's in one pytest-xdist group per mode: the first notebook of a
+    family fine-tunes and the others reuse its run folder, as beside a checkout (and the work is done once)."""
+    return [pytest.param(p, id=p.stem, marks=pytest.mark.xdist_group(f"{mode}-{p.name.split('_')[0].lower()}"))
+            for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", _grouped("offline"))
 def test_notebook_runs_offline_in_smoke_mode(path, notebook_runs, monkeypatch):
     _run(path, notebook_runs[False], monkeypatch, online=False)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", _grouped("online"))
 def test_notebook_runs_online_on_the_emulated_hub(path, notebook_runs, monkeypatch, hub_offline):
     if hub_offline.imdb_sizes is None or importlib.util.find_spec("datasets") is None:
         pytest.skip("the emulated hub has no IMDB (datasets is not installed)")

@@ -44,6 +44,7 @@ def test_the_wheel_ships_configs_and_probes(wheel):
                          for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra" not in line]
 
 
+@pytest.mark.xdist_group("online-bert")  # after the BERT notebooks' online runs, whose fine-tune it reuses
 def test_fresh_install_with_the_extra_runs_a_notebook_online(wheel, tmp_path, emulated_hub, notebook_runs):
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)], timeout=300)

@@ -206,7 +206,7 @@ def setup(family: str, online: bool | None = None, smoke: bool | None = None, ru
     online = _flag(online, "ANATOMY_PRUNE_ONLINE", "google.colab" in sys.modules)
     smoke = _flag(smoke, "ANATOMY_PRUNE_SMOKE", False)
     runs = Path(runs or os.environ.get("ANATOMY_PRUNE_RUNS") or "../runs")
-    small = dict(train_size=16, val_size=8, test_size=16, max_length=64, batch_size=8)
+    small = dict(train_size=16, val_size=8, test_size=16, max_length=32, batch_size=8)  # online smoke: full-size models
     notes = []
     if family == "bert":
         if online:

@@ -12,9 +12,11 @@ Aliases work offline:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -155,10 +157,33 @@ def _smollm2() -> tuple[nn.Module, object, str]:
     if importlib.util.find_spec("gguf") is None:
         raise UserError("loading smollm2 needs the 'gguf' package: pip install gguf")
     kw = dict(gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw, **SAFE)
+    with _gguf_bar_follows_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw, **SAFE)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw, **SAFE)
     _drop_quantization_config(model)
     return model, tok, "causal-lm"
+
+
+@contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers' GGUF dequantizer draws its own tqdm bar, which neither its progress-bar switch nor
+    TQDM_DISABLE reaches inside Jupyter; while it runs, the bar is off when transformers' bars are off (as
+    notebook.quiet sets)."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another transformers layout: nothing to switch
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _drop_quantization_config(model: nn.Module) -> None:
