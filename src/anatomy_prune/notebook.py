@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .train.finetune import FinetuneConfig, preset
-from .validate import finite, fraction, optional, positive_int, whole
+from .validate import finite, fraction, positive_int, whole
 
 QUIET_LOGGERS = ("transformers", "datasets", "huggingface_hub", "accelerate", "torch", "anatomy_prune", "matplotlib")
 
@@ -93,8 +93,10 @@ def check_positive(value, what: str, example: int) -> int:
 
 def check_block(value, n_blocks: int, what: str) -> int | None:
     """A block number of the model (0 .. n_blocks - 1), or None."""
-    return optional(lambda v: _retold(lambda: whole(v, what, 0, n_blocks - 1),
-                                      f"{what} is {v!r}; set a block number from 0 to {n_blocks - 1}, or None"), value)
+    if value is None:
+        return None
+    return _retold(lambda: whole(value, what, 0, n_blocks - 1),
+                   f"{what} is {value!r}; set a block number from 0 to {n_blocks - 1}, or None")
 
 
 def check_numbers(values, what: str, example: str) -> list[float]:

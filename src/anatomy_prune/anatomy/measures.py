@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from ..progress import tqdm
 
 from ..data.batches import batches, to_device
 from ..errors import UserError
 from ..hooks import final_norm_name, run_with_hooks
 from ..models.families import base_model, ffn_sites, ffn_widths, gather_readout, neuron_output_vectors, readout_index
 from ..models.loading import Loaded, max_length_for
+from ..progress import tqdm
 
 log = logging.getLogger(__name__)
 

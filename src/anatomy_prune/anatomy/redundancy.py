@@ -22,10 +22,10 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from ..progress import tqdm
 
 from ..hooks import layer_of, run_with_hooks
 from ..models.families import Conv1D, base_model, ffn_sites, get_module, weight_out_in
+from ..progress import tqdm
 
 log = logging.getLogger(__name__)
 

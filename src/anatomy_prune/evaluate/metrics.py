@@ -9,12 +9,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from ..progress import tqdm
 
 from ..data.batches import batches, to_device
 from ..data.reviews import TextSet
 from ..errors import UserError
 from ..models.loading import Loaded, max_length_for
+from ..progress import tqdm
 from ..validate import optional, positive_int
 from .stats import check_level, classification_report
 from .timing import runtime_info, sync

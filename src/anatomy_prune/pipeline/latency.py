@@ -10,7 +10,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from ..progress import tqdm
 
 from ..errors import UserError
 from ..evaluate.counts import count_params, embedding_params, ffn_flops_per_token, flops_per_token, model_ideal_speedup
@@ -18,6 +17,7 @@ from ..evaluate.timing import fixed_inputs, forward_fn, noncontiguous_params, op
 from ..models.families import base_model, ffn_sites, ffn_widths, get_module
 from ..models.loading import Loaded
 from ..plan.plan import PruningPlan, check_sparsity
+from ..progress import tqdm
 from ..scores.calibration import Calibration
 from .requests import Allocation, PruneRequest, TimingSpec
 from .step import prune_step

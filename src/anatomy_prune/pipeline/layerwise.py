@@ -12,18 +12,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import Tensor
-from ..progress import tqdm
 
 from ..apply.compensate import compensate_layer
-from ..linalg import FitSpec
 from ..apply.layerwise import slice_block_ffn
 from ..errors import UserError
+from ..linalg import FitSpec
 from ..models.families import base_model, ffn_sites, ffn_widths, get_module
 from ..models.loaded import Loaded
 from ..models.offload import is_dispatched, onloaded, release_mapped_pages
 from ..models.surgery import set_config_widths
 from ..plan.allocate import keep_counts, select
 from ..plan.plan import PruningPlan
+from ..progress import tqdm
 from ..scores.calibration import Calibration
 from ..scores.calibrated import layer_removal_error
 from ..scores.layerwise import block_ffn_stats, block_inputs, check_width, run_block, stats_of

@@ -12,8 +12,6 @@ from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..progress import tqdm
-
 from ..data.reviews import TextSet
 from ..errors import UserError
 from ..evaluate.counts import count_params, ffn_flops_per_token, flops_per_token
@@ -23,6 +21,7 @@ from ..evaluate.timing import peak_mem_mb
 from ..models.families import ffn_sites
 from ..models.loading import ALIASES, Loaded, load_model
 from ..plan.plan import PruningPlan
+from ..progress import tqdm
 from ..runfolder import RunFolder, now_iso
 from ..scores.calibration import Calibration, make_calibration
 from ..scores.registry import get_scorer

@@ -18,7 +18,6 @@ from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from ..progress import tqdm
 
 from ..anatomy.measures import layer_similarity, neuron_similarity, readout_states
 from ..data.batches import batches, to_device
@@ -28,6 +27,7 @@ from ..hooks import attn_heads, ffn_hidden, per_layer, run_with_cache, run_with_
 from ..linalg import DEFAULT_RIDGE
 from ..models.families import attention_sites, ffn_sites, readout_index
 from ..models.loading import Loaded
+from ..progress import tqdm
 from ..validate import positive_int
 from .accumulators import FFN, HEADS, ActivationMagnitude, MaskGradients, ReadoutGram, TokenGram, Tokens
 

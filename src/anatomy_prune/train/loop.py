@@ -12,9 +12,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from ..progress import tqdm
 
 from ..errors import UserError
+from ..progress import tqdm
 
 
 @dataclass(frozen=True)
