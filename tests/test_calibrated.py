@@ -11,9 +11,9 @@ from anatomy_prune.apply.compensate import compensate
 from anatomy_prune.models.families import base_model, ffn_sites, get_module, weight_out_in
 from anatomy_prune.models.loading import load_model
 from anatomy_prune.pipeline.requests import PruneRequest
-from anatomy_prune.pipeline.step import prune_step
+from anatomy_prune.pipeline.step import plan_step, prune_step
 from anatomy_prune.plan import keep_counts, plan_from_scores
-from anatomy_prune.scores import Scores, get_scorer, score
+from anatomy_prune.scores import Scores, get_scorer
 from anatomy_prune.linalg import unexplained_share
 from anatomy_prune.scores.calibrated import auto_floor, sensitivity_scores
 from anatomy_prune.scores.calibration import calibration_pass, ffn_input_stats
@@ -23,20 +23,23 @@ from test_compensate import calib, texts
 
 
 def make_plan(name, cal, sparsity, **params):
-    """Score, then the one allocator (what the old methods.make_plan did)."""
-    return plan_from_scores(score(name, cal, sparsity, **params), sparsity, method=name, seed=cal.seed)
+    """Score, then the one allocator with the request's options over the method's defaults (no compensation
+    applied: the plan records the recipe)."""
+    return plan_step(cal, PruneRequest(method=name, sparsity=sparsity, params=params))[0]
 
 
 def plan_from_stats(stats, sparsity, beta=0.0, model=None, floor=None):
     """The calibrated allocation (global, raw scores, floor) of sensitivity scores from given statistics."""
     values = sensitivity_scores(stats, "fisher", beta=beta, model=model)
     allocation = {"kind": "global", "floor": auto_floor(sparsity) if floor is None else floor, "normalize": "none"}
-    return plan_from_scores(Scores(values, allocation), sparsity)
+    return plan_from_scores(Scores(values), sparsity, allocation=allocation)
 
 
-def test_registered_with_its_recipe():
+def test_registered_with_its_options_only():
+    """The scorer's options are what it measures with; floor, normalize, readout_mix, head_sparsity are the
+    request's (ridge stays: its error term's fit)."""
     m = get_scorer("calibrated")
-    assert m.needs_data and {"floor", "score", "beta", "ridge", "readout_mix"} <= set(m.params)
+    assert m.needs_data and set(m.params) == {"score", "beta", "rebuilt", "ridge", "heads"}
 
 
 @pytest.mark.parametrize("sparsity,floor", [(0.3, 0.1), (0.6, 0.3), (0.75, 0.2)])

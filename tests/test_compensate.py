@@ -13,8 +13,9 @@ from anatomy_prune.linalg import fit_removed
 from anatomy_prune.models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from anatomy_prune.models.loading import load_model
 from anatomy_prune.models.saved import save_model
+from anatomy_prune.pipeline.compensation import Compensation, compensation_recipe
 from anatomy_prune.pipeline.requests import PruneRequest
-from anatomy_prune.pipeline.step import compensation_recipe, prune_step
+from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan import PruningPlan, plan_from_scores
 from anatomy_prune.scores.calibration import Calibration, FFNStats, calibration_pass, ffn_input_stats
 
@@ -307,11 +308,22 @@ def test_compensate_uses_the_explicit_recipe_not_the_plan():
 
 
 def test_compensation_recipe():
+    """A plan's recorded recipe (older plans: compensate / compensated, ridge, readout_mix in params) replays;
+    the request's options go over it; a plain request is least squares without readout weight."""
     plan = PruningPlan(keep=[[0, 1]], widths=[4])
-    assert compensation_recipe(plan, False) is None
-    assert compensation_recipe(plan, True) == {"ridge": 0.01, "readout_mix": 0.0, "own": False}
+    assert compensation_recipe(plan, False) is None and compensation_recipe(plan, None) is None
+    plain = {"kind": "refit", "ridge": 0.01, "readout_mix": 0.0, "own": False}
+    assert compensation_recipe(plan, True) == plain == compensation_recipe(plan, Compensation())
     own = plan.with_info(params={"compensate": True, "ridge": 0.5, "readout_mix": 0.25})
-    assert compensation_recipe(own, False) == {"ridge": 0.5, "readout_mix": 0.25, "own": True}
-    bad = plan.with_info(params={"compensate": True, "ridge": "lots"})
-    with pytest.raises(UserError, match="ridge"):
-        compensation_recipe(bad, False)
+    assert compensation_recipe(own, False) == {"kind": "refit", "ridge": 0.5, "readout_mix": 0.25, "own": True}
+    assert compensation_recipe(own, True) == compensation_recipe(own, False)          # --compensate: the plan's
+    assert compensation_recipe(own, Compensation(ridge=2.0))["ridge"] == 2.0          # an option given wins
+    assert compensation_recipe(own, Compensation(kind="bias"))["kind"] == "bias"
+    older = plan.with_info(params={"compensated": True, "readout_mix": 0.5})
+    assert compensation_recipe(older, False) == {"kind": "refit", "ridge": 0.01, "readout_mix": 0.5, "own": True}
+    bias = plan.with_info(params={"compensate": True, "compensation": "bias"})
+    assert compensation_recipe(bias, False)["kind"] == "bias"
+    for params, msg in (({"compensate": True, "ridge": "lots"}, "ridge"),
+                        ({"compensate": True, "compensation": "magic"}, "compensation")):
+        with pytest.raises(UserError, match=msg):
+            compensation_recipe(plan.with_info(params=params), False)

@@ -5,10 +5,11 @@ import torch
 
 from anatomy_prune import UserError
 from anatomy_prune.models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
+from anatomy_prune.pipeline.allocation import Allocation, resolve
 from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan import plan_from_scores
-from anatomy_prune.scores import SCORERS, Scores, get_scorer, score, scorer_names
+from anatomy_prune.scores import SCORERS, Scores, check_params, get_scorer, score, scorer_names
 from anatomy_prune.scores.basic import magnitude_scores
 from anatomy_prune.scores.calibration import Calibration, activation_stats, important_neurons, similarity_stats
 from anatomy_prune.scores.strategy import default_focus, map_focus, strategy_thresholds
@@ -21,8 +22,10 @@ PAPER_METHODS = ("random", "magnitude", "strategy", "activation")
 
 
 def make_plan(name, calib, sparsity, **params):
-    """What the old methods.make_plan did: score, then the one allocator."""
-    return plan_from_scores(score(name, calib, sparsity, **params), sparsity, base_model=calib.loaded.base_spec,
+    """Score (the registry's refusals), then the one allocator with the method's default allocation."""
+    scores = score(name, calib, sparsity, **params)
+    how = resolve(name, check_params(name, params), sparsity, Allocation(), None)
+    return plan_from_scores(scores, sparsity, allocation=how.allocation, base_model=calib.loaded.base_spec,
                             method=name, seed=calib.seed)
 
 
@@ -109,9 +112,9 @@ def test_random_keeps_the_protected_neurons(calib):
 
 def test_protected_neurons_beyond_the_budget_are_all_kept():
     values = [torch.arange(10, dtype=torch.float)]  # the protected ones have the lowest scores
-    plan = plan_from_scores(Scores(values, {"kind": "local"}, must_keep=[[0, 1, 2, 3, 4]]), 0.8)
+    plan = plan_from_scores(Scores(values, must_keep=[[0, 1, 2, 3, 4]]), 0.8, allocation={"kind": "local"})
     assert plan.to_dict()["keep"] == [[0, 1, 2, 3, 4]]
-    plan = plan_from_scores(Scores(values, {"kind": "local"}, must_keep=[[0]]), 0.8)
+    plan = plan_from_scores(Scores(values, must_keep=[[0]]), 0.8)
     assert plan.to_dict()["keep"] == [[0, 9]]  # the protected one, then the best score
 
 
@@ -182,12 +185,17 @@ def test_registry_lists_the_paper_methods():
 
 @pytest.mark.parametrize("name", PAPER_METHODS)
 def test_scorers_only_score(calib, name):
-    """A scorer returns one finite value per neuron and asks for an allocation; it changes nothing."""
+    """A scorer returns one finite value per neuron and nothing about allocation or compensation (those are
+    the request's); it changes nothing."""
     before = {k: v.clone() for k, v in calib.loaded.model.state_dict().items()}
     s = score(name, calib, 0.4)
     assert isinstance(s, Scores) and [v.shape for v in s.values] == [(37,)] * 3
-    assert all(torch.isfinite(v).all() for v in s.values)
-    assert s.allocation["kind"] in ("local", "global", "threshold") and s.seed == calib.seed
+    assert all(torch.isfinite(v).all() for v in s.values) and s.seed == calib.seed
+    assert {f for f in vars(s)} == {"values", "params", "must_keep", "seed", "head_values"}
+    assert not any(hasattr(s, k) for k in ("allocation", "compensation", "head_sparsity"))
+    assert not hasattr(get_scorer(name), "request_allocates")
+    assert not {"allocation", "floor", "multiple_of", "normalize", "ridge", "readout_mix", "head_sparsity"} \
+        & set(get_scorer(name).params)   # its options are its own, none of the request's
     after = calib.loaded.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

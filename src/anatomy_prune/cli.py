@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cli_args import (_allocation, _big_model_args, _calib_args, _calib_spec, _device_arg, _eval_args, _eval_spec,
-                       _force_arg, _method_names, _method_param_args, _method_params, _model_arg, _per_method,
-                       _targets, _task_args)
+from .cli_args import (_allocation, _big_model_args, _calib_args, _calib_spec, _compensation, _device_arg, _eval_args,
+                       _eval_spec, _force_arg, _method_names, _method_param_args, _method_params, _model_arg,
+                       _per_method, _targets, _task_args)
 from .errors import UserError, as_user_error, printable
 
 log = logging.getLogger("anatomy_prune")
@@ -182,6 +182,7 @@ def _run_prune(args) -> int:
         args.mode = "physical" if (target or args.quantize) else "mask"
     req = PruneRequest(model=args.model, method=args.method, sparsity=args.sparsity, params=_method_params(args),
                        plan_file=args.plan, mode=args.mode, compensate=args.compensate, allocation=_allocation(args),
+                       compensation=_compensation(args),
                        target=target, quantize=args.quantize, eval=_eval_spec(args), calib=_calib_spec(args),
                        device=args.device, dtype=args.dtype, layerwise=args.layerwise, device_map=args.device_map,
                        max_memory=args.max_memory, offload_folder=args.offload_folder,
@@ -250,7 +251,8 @@ def _run_sweep(args) -> int:
     methods = parse_list(args.methods, "methods") if args.methods else []
     cfg = SweepConfig(model=args.model, methods=methods, sparsities=parse_list(args.sparsities, "sparsities", float),
                       mode=args.mode, params=_per_method(methods, args), config=args.config,
-                      targets=_targets(args.targets), compensate=args.compensate, quantize=args.quantize,
+                      targets=_targets(args.targets), compensate=args.compensate, compensation=_compensation(args),
+                      quantize=args.quantize,
                       seeds=args.seeds, eval=_eval_spec(args), calib=_calib_spec(args), device=args.device,
                       dtype=args.dtype, executor=args.executor, address=args.address,
                       num_cpus_per_task=args.num_cpus_per_task, num_gpus_per_task=args.num_gpus_per_task)

@@ -52,7 +52,11 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", default=None, help="imdb or hf (their calibration split) or a text file, one text "
                    "per line (default: the --data IMDB, else imdb)")
     p.add_argument("--compensate", action="store_true",
-                   help="refit the kept neurons' down projection on calibration activations")
+                   help="refit the kept neurons' down projection on calibration activations (--compensation refit)")
+    p.add_argument("--compensation", choices=("refit", "bias"), default=None,
+                   help="compensate the pruned model: refit (ridge least squares of the removed inputs from the kept "
+                   "ones) or bias (their means folded into the output projection's bias, FLAP's) (default: the "
+                   "method's own: refit for calibrated, none for the others)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and random choices (default: 0)")
 
 
@@ -69,8 +73,13 @@ def _method_param_args(p: argparse.ArgumentParser) -> None:
                    help="random / magnitude / activation: same fraction per layer (local, default) or one "
                    "normalised ranking of all layers (global)")
     g.add_argument("--floor", type=float, default=None, help="global allocation: least fraction a layer keeps")
+    g.add_argument("--normalize", choices=("none", "mean", "standard"), default=None,
+                   help="global allocation: each layer's scores as they are, over their mean, or standardised "
+                   "(FLAP's) before one ranking (default: the method's; mean for random / magnitude / activation)")
     g.add_argument("--multiple-of", type=int, default=None,
                    help="round each layer's kept width up to a multiple of K (faster kernels)")
+    g.add_argument("--head-sparsity", type=float, default=None,
+                   help="methods that score heads (calibrated): also remove this fraction of attention head units")
 
 
 def _method_params(args) -> dict:
@@ -91,9 +100,17 @@ def _method_params(args) -> dict:
 
 
 def _allocation(args):
-    from .pipeline.requests import Allocation
-    return Allocation(scope=args.allocation, floor=args.floor,
-                      multiple_of=1 if args.multiple_of is None else args.multiple_of)
+    from .pipeline.allocation import Allocation
+    return Allocation(scope=args.allocation, floor=args.floor, normalize=args.normalize,
+                      multiple_of=1 if args.multiple_of is None else args.multiple_of, head_sparsity=args.head_sparsity)
+
+
+def _compensation(args):
+    """--compensation KIND (with --compensate, refit), or None: the method's own."""
+    from .pipeline.compensation import Compensation
+    if args.compensate and args.compensation not in (None, "refit"):
+        raise UserError("--compensate is --compensation refit; give one of them")
+    return None if args.compensation is None else Compensation(kind=args.compensation)
 
 
 def _eval_spec(args):
@@ -147,14 +164,15 @@ def _big_model_args(p) -> None:
 
 def _per_method(methods: list[str], args) -> dict:
     """The method parameters (and allocation options) given, each to the methods that take it."""
+    from .pipeline.allocation import takes
     from .scores import get_scorer
 
-    extra = {**_method_params(args), **{k: v for k in ("allocation", "floor", "multiple_of")
+    extra = {**_method_params(args), **{k: v for k in ("allocation", "floor", "normalize", "multiple_of", "head_sparsity")
                                          if (v := getattr(args, k)) is not None}}
     params = {}
     for name in methods:
         scorer = get_scorer(name)
-        taken = {k: v for k, v in extra.items() if k in scorer.params or k in scorer.allocation_options}
+        taken = {k: v for k, v in extra.items() if k in scorer.params or k in takes(name)}
         if taken:
             params[name] = taken
     unused = set(extra) - {k for v in params.values() for k in v}

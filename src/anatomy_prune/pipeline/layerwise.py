@@ -153,8 +153,7 @@ def _outcome(calib: Calibration, req: PruneRequest, done: _Done, batches: list, 
               "n_tokens": n_tokens, "mean_rel_err_removed": mean("rel_err_removed"),
               "mean_rel_err_compensated": mean("rel_err_compensated"), "mean_block_rel_err": mean("block_rel_err"),
               "ill_posed_layers": [b["layer"] for b in blocks if b.get("ill_posed")], "dispatched": dispatched}
-    scores = Scores(done.errs, {"kind": "local", "multiple_of": p["multiple_of"]}, params,
-                    compensation={"ridge": p["ridge"], "readout_mix": 0.0}, seed=calib.seed)
+    scores = Scores(done.errs, params, seed=calib.seed)
     return plan, report, scores
 
 

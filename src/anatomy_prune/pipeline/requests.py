@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..anatomy.measures import DEFAULT_THRESHOLD, check_threshold
-from ..apply.compensate import check_recipe
 from ..data.splits import CALIB_SIZE
 from ..errors import UserError
 from ..models.offload import Placement, parse_size
 from ..plan.plan import PruningPlan
-from ..scores.calibration import CALIB_MAX_LENGTH, DEFAULT_RIDGE
+from ..linalg import DEFAULT_RIDGE
+from ..scores.calibration import CALIB_MAX_LENGTH
 from ..scores.registry import check_params, get_scorer
 from ..validate import finite, fraction, known_keys, one_of, optional, positive_int, seed32, text, whole
-from .allocation import ALLOCATION_KEYS, Allocation
+from .allocation import Allocation, check_for, split_params, takes
+from .compensation import Compensation, compensation_recipe
 from .sweep_schema import load_grid, sweep_from_toml
 
 MAX_TEXTS = 10_000_000     # bounds of sizes, lengths and batches: far above any real job, below absurd
@@ -35,7 +36,8 @@ EXECUTORS = ("local", "ray")
 TARGET_METHODS = ("calibrated",)   # scorers that score neurons and heads on one scale
 TARGET_KEYS = ("flops", "speedup", "batch_size", "seq_len", "floor")
 LAYERWISE_METHOD = "calibrated"    # the recipe the layer-wise path follows (without Fisher)
-LAYERWISE_PARAMS = ("ridge", "rebuilt")
+LAYERWISE_PARAMS = ("rebuilt",)                 # its method parameters; and of the request: ridge, floor, multiple_of
+LAYERWISE_OPTIONS = ("ridge", "floor", "multiple_of")
 
 
 def _set(obj, **values) -> None:
@@ -159,21 +161,11 @@ def check_target(target: Mapping, floor: float | None = None) -> dict:
     return t
 
 
-def compensation_recipe(plan: PruningPlan, requested: bool) -> dict | None:
-    """Whether and how to compensate: the method's own recipe (plan.params: compensate, ridge, readout_mix),
-    or plain least squares when `requested`. Plans of older versions marked `compensated` are compensated."""
-    p = plan.params
-    own = bool(p.get("compensate")) or bool(p.get("compensated"))
-    if not (own or requested):
-        return None
-    ridge, mix = check_recipe(p.get("ridge", DEFAULT_RIDGE), p.get("readout_mix", 0.0) if own else 0.0)
-    return {"ridge": ridge, "readout_mix": mix, "own": own}
-
-
 @dataclass(frozen=True)
 class PruneRequest:
-    """One pruning job: a method at a sparsity (or a target, or a plan), how to apply it, what to evaluate.
-    Big models: layerwise (sequential | dense) and the placement options of models.offload.Placement."""
+    """One pruning job: a method at a sparsity (or a target, or a plan), how its scores become a plan
+    (allocation) and how the pruned model is compensated, how to apply it, what to evaluate. Big models:
+    layerwise (sequential | dense) and the placement options of models.offload.Placement."""
 
     model: str = ""
     method: str | None = None
@@ -181,7 +173,7 @@ class PruneRequest:
     params: Mapping = field(default_factory=dict)
     plan_file: str | None = None
     mode: str = "physical"
-    compensate: bool = False
+    compensate: bool = False           # True: compensate with the default recipe (Compensation())
     allocation: Allocation = field(default_factory=Allocation)
     target: Mapping | None = None
     quantize: str | None = None
@@ -196,26 +188,38 @@ class PruneRequest:
     weights_dtype: str | None = None
     max_shard_size: str | None = None
     plan: PruningPlan | None = None    # a plan already in memory (plan_file is read into it)
+    compensation: Compensation | None = None   # None: the method's own recipe (calibrated's), else none
 
     def __post_init__(self) -> None:
         one_of(self.mode, MODES, "--mode")
         _set(self, eval=_spec(self.eval, EvalSpec, "eval"), calib=_spec(self.calib, CalibSpec, "calib"),
              allocation=_spec(self.allocation, Allocation, "allocation"),
+             compensation=optional(_spec, self.compensation, Compensation, "compensation"),
              quantize=None if self.quantize in (None, "", "none") else one_of(self.quantize, QUANTIZE, "--quantize"))
-        if not isinstance(self.params, Mapping):
-            raise UserError(f"params must be a mapping of method parameters, got {self.params!r}")
-        params, alloc = Allocation.split_params(self.params)
-        if alloc is not None:   # allocation options given as method parameters
-            if self.allocation != Allocation():
-                raise UserError("give allocation options once: in allocation, not also in params")
-            _set(self, allocation=alloc)
-        _set(self, params=params)
+        self._split_params()
         if self.plan_file is not None and self.plan is None:
             _set(self, plan=PruningPlan.load(self.plan_file))
         self._check_what()
         if self.plan is not None:
-            compensation_recipe(self.plan, self.compensate)  # a plan's ridge / readout_mix
+            compensation_recipe(self.plan, self.compensation)  # a plan's ridge / readout_mix
         self._check_big()
+
+    def _split_params(self) -> None:
+        """Allocation and compensation options given as method parameters (a TOML row, the CLI's, older
+        callers') move to `allocation` and `compensation`; compensate=True is Compensation()."""
+        if not isinstance(self.params, Mapping):
+            raise UserError(f"params must be a mapping of method parameters, got {self.params!r}")
+        split = split_params(self.params)
+        if split.allocation is not None:
+            if self.allocation != Allocation():
+                raise UserError("give allocation options once: in allocation, not also in params")
+            _set(self, allocation=split.allocation)
+        comp = Compensation() if self.compensate and self.compensation is None else self.compensation
+        if split.compensation is not None:
+            if comp not in (None, Compensation()):
+                raise UserError("give compensation options once: in compensation, not also in params")
+            comp = split.compensation
+        _set(self, params=split.params, compensation=comp)
 
     def _check_what(self) -> None:
         """Method or plan, sparsity or target, and the method's parameters."""
@@ -237,7 +241,7 @@ class PruneRequest:
             return
         get_scorer(self.method)
         if not self.layerwise:
-            self.allocation.check_for(self.method)
+            check_for(self.method, self.allocation, self.compensation)
             check_params(self.method, self.scorer_params())
         if self.sparsity is None and not self.target and get_scorer(self.method).needs_sparsity:
             raise UserError(f"method '{self.method}' needs --sparsity (the fraction of FFN neurons to remove, "
@@ -258,30 +262,31 @@ class PruneRequest:
                 raise UserError("--layerwise removes neurons physically, block by block; give --mode physical")
             if self.allocation.scope not in (None, "local"):
                 raise UserError("--layerwise allocates each block on its own (local); it cannot rank all layers at once")
-            unknown = sorted(set(self.params) - set(LAYERWISE_PARAMS))
+            comp = self.compensation or Compensation()
+            given = set(self.allocation.given()) - {"allocation"} | set(comp.given())
+            unknown = sorted(set(self.params) - set(LAYERWISE_PARAMS)) + sorted(given - set(LAYERWISE_OPTIONS))
             if unknown:
-                raise UserError(f"--layerwise takes the parameters {', '.join(LAYERWISE_PARAMS + ALLOCATION_KEYS[1:])}; "
+                raise UserError(f"--layerwise takes the parameters {', '.join(LAYERWISE_PARAMS + LAYERWISE_OPTIONS)}; "
                                 f"not {', '.join(unknown)}")
-            check_recipe(self.params.get("ridge", DEFAULT_RIDGE), 0.0)
         Placement.make(self.device_map, self.max_memory, self.offload_folder, self.weights_dtype, bool(self.layerwise))
         if self.max_shard_size is not None:
             parse_size(self.max_shard_size, "--max-shard-size")
 
     def scorer_params(self, heads: bool = False) -> dict:
-        """The method's parameters, with the allocation options of a method that allocates itself (a target
-        keeps its floor in the target)."""
-        own = {} if get_scorer(self.method).request_allocates else self.allocation.given()
-        if self.target:
-            own.pop("floor", None)
-        return {**self.params, **own, **({"heads": True} if heads else {})}
-
-    def allocation_override(self) -> dict | None:
-        """The allocation the request sets over the method's scores (None: the method allocates itself)."""
-        return self.allocation.override() if get_scorer(self.method).request_allocates else None
+        """The method's parameters, with heads=True where head units are scored (a target, a head_sparsity);
+        a scorer with a ridge of its own (calibrated's error term) gets the compensation's, one ridge for both."""
+        params = dict(self.params)
+        if heads or self.allocation.head_sparsity is not None:
+            params["heads"] = True
+        ridge = self.compensation.ridge if self.compensation is not None else None
+        if ridge is not None and "ridge" in get_scorer(self.method).params:
+            params["ridge"] = ridge
+        return params
 
     def layerwise_settings(self) -> dict:
         """The layer-wise path's ridge, rebuilt, floor and multiple_of, defaults filled."""
-        return {"ridge": float(self.params.get("ridge", DEFAULT_RIDGE)), "rebuilt": bool(self.params.get("rebuilt", True)),
+        ridge = self.compensation.ridge if self.compensation is not None else None
+        return {"ridge": DEFAULT_RIDGE if ridge is None else ridge, "rebuilt": bool(self.params.get("rebuilt", True)),
                 "floor": self.allocation.floor or 0.0, "multiple_of": self.allocation.multiple_of}
 
     def big_options(self) -> dict:
@@ -292,10 +297,12 @@ class PruneRequest:
         return {k: v for k, v in opts.items() if v is not None}
 
     def settings(self) -> dict:
-        """What a run folder records (and digests) for this request."""
-        params = {**self.params, **self.allocation.given()}
+        """What a run folder records (and digests) for this request (request options by parameter name)."""
+        comp = self.compensation or Compensation()
+        params = {**self.params, **self.allocation.given(), **comp.given()}
         return dict(model=self.model, method=self.method, sparsity=self.sparsity, params=params, mode=self.mode,
-                    plan=self.plan.to_dict() if self.plan is not None else None, compensate=self.compensate,
+                    plan=self.plan.to_dict() if self.plan is not None else None,
+                    compensate=self.compensate or self.compensation == Compensation(),
                     calib_size=self.calib.size, calib_max_length=self.calib.max_length,
                     calib_data=self.calib.source(self.eval.data), data=self.eval.data, eval_size=self.eval.size,
                     split=self.eval.split, batch_size=self.eval.batch_size, max_length=self.eval.max_length,
@@ -330,6 +337,7 @@ class SweepConfig:
     reference: Mapping | None = None
     allocation: Allocation = field(default_factory=Allocation)
     grid: Mapping | None = field(default=None, compare=False)   # the config file, read and checked
+    compensation: Compensation | None = None   # every point's recipe (None: each method's own; see compensate)
 
     def __post_init__(self) -> None:
         text(self.model, "--model")
@@ -342,14 +350,14 @@ class SweepConfig:
             raise UserError("params must map a method name to its parameters, e.g. {'strategy': {'beta': 0.0}}")
         params = {name: dict(p) for name, p in self.params.items()}
         for name, p in params.items():
-            own, alloc = Allocation.split_params(p)
-            check_params(name, own)
-            if alloc is not None:
-                alloc.check_for(name)
+            split = split_params(p)
+            check_params(name, split.params)
+            check_for(name, split.allocation or Allocation(), split.compensation)
         _set(self, methods=methods, sparsities=tuple(fraction(s, "--sparsities") for s in sparsities),
              targets=tuple(check_target(t) for t in targets), params=params,
              eval=_spec(self.eval, EvalSpec, "eval"), calib=_spec(self.calib, CalibSpec, "calib"),
              allocation=_spec(self.allocation, Allocation, "allocation"), seeds=whole(self.seeds, "--seeds", 1, MAX_SEEDS),
+             compensation=optional(_spec, self.compensation, Compensation, "compensation"),
              quantize=None if self.quantize in (None, "", "none") else one_of(self.quantize, QUANTIZE, "--quantize"),
              config=None if self.config is None else str(self.config))
         self._check_executor()
@@ -380,19 +388,18 @@ class SweepConfig:
         return sweep_from_toml(cls, path, overrides)
 
     def point_request(self, point: Mapping) -> PruneRequest:
-        """The PruneRequest of one point of this sweep (target points are pruned physically)."""
-        params, alloc = Allocation.split_params(point.get("params") or {})
-        alloc = alloc or self.allocation
+        """The PruneRequest of one point of this sweep (target points are pruned physically); the sweep's
+        allocation and compensation apply where a point gives none of its own."""
+        split = split_params(point.get("params") or {})
+        alloc = split.allocation or self.allocation
         method = point["method"]
         if not point.get("target") and alloc != Allocation():   # each method takes the options it has
-            taken = get_scorer(method).allocation_options
-            alloc = Allocation(alloc.scope if "allocation" in taken else None,
-                               alloc.floor if "floor" in taken else None,
-                               alloc.multiple_of if "multiple_of" in taken else 1)
-        return PruneRequest(model=self.model, method=method, sparsity=point.get("sparsity"), params=params,
+            alloc = alloc.only(takes(method))
+        return PruneRequest(model=self.model, method=method, sparsity=point.get("sparsity"), params=split.params,
                             mode="physical" if point.get("target") else self.mode, compensate=self.compensate,
                             allocation=alloc, target=point.get("target"), quantize=self.quantize, eval=self.eval,
-                            calib=self.calib, device=self.device, dtype=self.dtype)
+                            calib=self.calib, device=self.device, dtype=self.dtype,
+                            compensation=split.compensation or self.compensation)
 
 
 def _tuple(value, what: str) -> tuple:

@@ -3,6 +3,8 @@
 One function, `prune_step(calib, req)`, serves the `prune` command, sweeps, every benchmark and the
 notebooks: a calibration sample (which knows its model) and a PruneRequest in; the pruned model (a copy
 unless `inplace`), the plan, the compensation report and the seconds out. Nothing is recorded on the model.
+The scorer only scores; the request's allocation and compensation, over the method's defaults
+(pipeline.allocation.resolve), make the plan and the recipe.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from ..models.quantize import check_quantize, quantize_int8
 from ..plan.allocate import plan_from_scores, plan_under_budget
 from ..plan.plan import PruningPlan
 from ..scores.calibration import Calibration, calibration_pass
-from ..scores.registry import Scores, check_params, get_scorer, score
-from .requests import PruneRequest, compensation_recipe
+from ..scores.registry import Scores, check_params, get_scorer
+from .allocation import Resolved, resolve
+from .compensation import compensation_recipe
+from .requests import PruneRequest
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,31 @@ def copy_loaded(loaded: Loaded) -> Loaded:
 def needs_calibration(req: PruneRequest) -> bool:
     """Whether the request needs calibration texts (scores from data, or a compensation)."""
     if req.plan is not None:
-        return compensation_recipe(req.plan, req.compensate) is not None
-    return req.compensate or get_scorer(req.method).needs_data or bool(req.layerwise)
+        return compensation_recipe(req.plan, req.compensation) is not None
+    return req.compensation is not None or get_scorer(req.method).needs_data or bool(req.layerwise)
+
+
+def plan_step(calib: Calibration, req: PruneRequest) -> tuple[PruningPlan, Scores | None, dict | None, dict | None]:
+    """The plan `req` asks for (a method at a sparsity or a target, or its plan) and how to compensate it:
+    (plan, scores or None, recipe or None, cost model of a target or None). Nothing is applied."""
+    loaded, method = calib.loaded, req.method
+    if req.plan is not None:
+        return req.plan, None, compensation_recipe(req.plan, req.compensation), None
+    params = check_params(method, req.scorer_params(heads=req.target is not None))
+    scores = get_scorer(method).run(calib, req.sparsity, params)
+    how = resolve(method, params, req.sparsity, req.allocation, req.compensation, readout=loaded.kind == "classifier")
+    cost_model = None
+    if req.target is not None:
+        plan, cost_model = _plan_for_target(loaded, scores, req.target, method, calib.seed)
+    else:
+        plan = plan_from_scores(scores, req.sparsity, allocation=how.allocation, base_model=loaded.base_spec,
+                                method=method, seed=calib.seed if scores.seed is None else scores.seed)
+    return _recorded(plan, how), scores, how.recipe, cost_model
+
+
+def _recorded(plan: PruningPlan, how: Resolved) -> PruningPlan:
+    """The plan with what the request's resolution records (the method's recipe, an automatic floor)."""
+    return plan.with_info(params={**plan.params, **how.record}) if how.record else plan
 
 
 def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, keep_float: bool = False
@@ -58,29 +85,11 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
     quantize = check_quantize(req.quantize, loaded.device)
     if quantize and loaded.dtype != "float32":
         raise UserError(f"--quantize {quantize} runs in float32 around its int8 matrix multiplies; leave --dtype out")
-    method, plan, target = req.method, req.plan, req.target
     work = loaded if inplace else copy_loaded(loaded)
-    scores = cost_model = None
     with calib.charged() as cost:
-        if plan is None and target is not None:
-            scores = get_scorer(method).run(calib, None, check_params(method, req.scorer_params(heads=True)))
-            plan, cost_model = _plan_for_target(loaded, scores, target, method, calib.seed)
-        elif plan is None:
-            scores = score(method, calib, req.sparsity, **req.scorer_params())
-            plan = plan_from_scores(scores, req.sparsity, allocation=req.allocation_override(), base_model=loaded.base_spec,
-                                    method=method, seed=calib.seed if scores.seed is None else scores.seed)
+        plan, scores, recipe, cost_model = plan_step(calib, req)
         plan.check_fits(loaded.model)
-        recipe = compensation_recipe(plan, req.compensate)
-        report = None
-        if recipe is not None:
-            with_heads = plan.heads is not None
-            stats = calibration_pass(calib, grads=recipe["own"] or with_heads, heads=with_heads)
-            full = refit(work.model, plan, stats.ffn, ridge=recipe["ridge"], readout_mix=recipe["readout_mix"])
-            report = {k: v for k, v in full.items() if k != "layers"}
-            if with_heads:
-                h = compensate_heads(work.model, plan, stats.heads, ridge=recipe["ridge"])
-                report.update(heads_rel_err_removed=h["mean_rel_err_removed"],
-                              heads_rel_err_compensated=h["mean_rel_err_compensated"])
+        report = None if recipe is None else compensate_with(work.model, plan, calib, recipe)
     apply_plan(work.model, plan, req.mode)
     log.info("%s: removed %d of %d FFN neurons (%.1f%%) in %.1f s", plan.method or "plan", plan.neurons_removed,
              sum(plan.widths), 100 * plan.sparsity, cost["seconds"])
@@ -90,6 +99,23 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
         work = Loaded(quantize_int8(work.model), work.tokenizer, work.kind, work.spec,
                       {**work.info, "quantize": quantize}, dtype=work.dtype)
     return PruneResult(work, plan, report, cost["seconds"], scores, quantize, float_loaded, cost_model)
+
+
+def compensate_with(model, plan: PruningPlan, calib: Calibration, recipe: dict) -> dict:
+    """Compensate the unpruned `model` for what `plan` removes, in place, as `recipe` says (kind refit: ridge
+    least squares, heads too where the plan removes some; bias: means into biases); returns the summary."""
+    with_heads = plan.heads is not None
+    stats = calibration_pass(calib, grads=recipe["own"] or with_heads, heads=with_heads)
+    if recipe["kind"] == "bias":
+        from ..apply.bias import bias_compensate   # FLAP's bias compensation (apply/bias.py)
+        return {k: v for k, v in bias_compensate(model, plan, stats).items() if k != "layers"}
+    full = refit(model, plan, stats.ffn, ridge=recipe["ridge"], readout_mix=recipe["readout_mix"])
+    report = {k: v for k, v in full.items() if k != "layers"}
+    if with_heads:
+        h = compensate_heads(model, plan, stats.heads, ridge=recipe["ridge"])
+        report.update(heads_rel_err_removed=h["mean_rel_err_removed"],
+                      heads_rel_err_compensated=h["mean_rel_err_compensated"])
+    return report
 
 
 def _plan_for_target(loaded: Loaded, scores, target: dict, method: str, seed: int) -> tuple[PruningPlan, dict]:

@@ -25,6 +25,7 @@ from ..progress import tqdm
 from ..runfolder import RunFolder, now_iso
 from ..scores.calibration import Calibration, make_calibration
 from ..scores.registry import get_scorer
+from .allocation import Allocation
 from .executors import ContextCache, make_executor
 from .requests import SweepConfig
 from .step import prune_step
@@ -156,8 +157,8 @@ def settings_of(cfg: SweepConfig) -> dict:
             "data": c.eval.data, "split": c.eval.split, "calib_size": c.calib.size,
             "calib_max_length": c.calib.max_length, "calib_data": c.calib.source(c.eval.data),
             "batch_size": c.eval.batch_size, "max_length": c.eval.max_length, "seed": c.calib.seed, "seeds": c.seeds,
-            **({"allocation": c.allocation.__dict__} if c.allocation.__dict__ != {"scope": None, "floor": None,
-                                                                                   "multiple_of": 1} else {}),
+            **({"allocation": c.allocation.record()} if c.allocation != Allocation() else {}),
+            **({"compensation": c.compensation.__dict__} if c.compensation is not None else {}),
             **({"targets": list(c.targets)} if c.targets else {}), **({"quantize": c.quantize} if c.quantize else {})}
 
 

@@ -16,7 +16,7 @@ from ..safefiles import read_document
 from ..scores.registry import check_params, get_scorer
 from ..scores.strategy import map_focus
 from ..validate import fraction, known_keys, one_of, whole
-from .allocation import Allocation
+from .allocation import Allocation, check_for, split_params, takes
 
 ROW_KEYS = ("method", "family", "sparsity", "label")
 FAMILIES = ("encoder", "decoder", "any")
@@ -59,15 +59,14 @@ def check_grid(cfg: dict, where: str) -> dict:
         if not isinstance(row.get("method"), str):
             raise UserError(f"{at} has no method")
         scorer = get_scorer(row["method"])
-        known_keys(row, ROW_KEYS + tuple(scorer.params) + scorer.allocation_options, at)
+        known_keys(row, ROW_KEYS + tuple(scorer.params) + takes(row["method"]), at)
         one_of(row.get("family", "encoder"), FAMILIES, f"{at}: family")
         if "sparsity" in row:
             fraction(row["sparsity"], f"{at}: sparsity")
-        params, alloc = Allocation.split_params({k: v for k, v in row.items() if k not in ROW_KEYS})
+        params, alloc, comp = split_params({k: v for k, v in row.items() if k not in ROW_KEYS})
         try:
             check_params(row["method"], params)
-            if alloc is not None:
-                alloc.check_for(row["method"])
+            check_for(row["method"], alloc or Allocation(), comp)
         except UserError as exc:
             raise UserError(f"{at}: {exc}") from None
         for k, v in params.items():

@@ -1,8 +1,9 @@
 """The one allocator: scores (higher = keep) -> how many units each layer keeps -> which -> a PruningPlan.
 
 Kinds: local (the same fraction per layer), global (one ranking above each layer's floor; `normalize` "mean"
-for scores in arbitrary units, "none" for scores that compare across layers), threshold (keep scores >= 0);
-then rounding up to `multiple_of`, must-keep units kept, ties broken by index.
+for scores in arbitrary units, "standard" for each layer's (s - mean) / std as FLAP ranks, "none" for scores
+that compare across layers), threshold (keep scores >= 0); then rounding up to `multiple_of`, must-keep units
+kept, ties broken by index; head units (`head_sparsity`) by one raw ranking above the same floor.
 """
 from __future__ import annotations
 
@@ -21,19 +22,22 @@ from .plan import PruningPlan, check_sparsity, round_up
 log = logging.getLogger(__name__)
 
 KINDS = ("local", "global", "threshold")
-NORMALIZE = ("none", "mean")
+NORMALIZE = ("none", "mean", "standard")
 MAX_MULTIPLE = 1 << 16
 
 
 def check_allocation(allocation: dict) -> dict:
     """Fill defaults and validate an allocation dict; returns a clean copy."""
-    a = {"kind": "local", "floor": 0.0, "normalize": "mean", "multiple_of": 1, **(allocation or {})}
+    a = {"kind": "local", "floor": 0.0, "normalize": "mean", "multiple_of": 1, "head_sparsity": None,
+         **(allocation or {})}
     if a["kind"] not in KINDS:
         raise UserError(f"unknown allocation '{a['kind']}'; choose one of {', '.join(KINDS)}")
     if a["normalize"] not in NORMALIZE:
         raise UserError(f"unknown normalize '{a['normalize']}'; choose one of {', '.join(NORMALIZE)}")
     a["floor"] = fraction(a["floor"], "floor", closed=True)
     a["multiple_of"] = positive_int(a["multiple_of"], "--multiple-of", MAX_MULTIPLE)
+    if a["head_sparsity"] is not None:
+        a["head_sparsity"] = check_sparsity(a["head_sparsity"], "head_sparsity")
     return a
 
 
@@ -60,6 +64,15 @@ def _counts(values: Sequence[Tensor], sparsity: float | None, a: dict) -> list[i
     return [round_up(c, a["multiple_of"], w) for c, w in zip(counts, widths)]
 
 
+def normalized(s: Tensor, normalize: str) -> Tensor:
+    """One layer's scores for a global ranking: as they are, over their mean |s|, or standardised."""
+    if normalize == "mean":
+        return s / (s.abs().mean() + 1e-30)
+    if normalize == "standard":
+        return (s - s.mean()) / (s.std() + 1e-30) if s.numel() > 1 else s - s.mean()
+    return s
+
+
 def _global_counts(values: Sequence[Tensor], widths: list[int], n_keep: int, floor: float, normalize: str,
                    sparsity: float) -> list[int]:
     total = sum(widths)
@@ -70,9 +83,7 @@ def _global_counts(values: Sequence[Tensor], widths: list[int], n_keep: int, flo
                         "or lower the floor")
     pool_s, pool_l = [], []
     for layer, s in enumerate(values):
-        s = s.detach().double().cpu()
-        if normalize == "mean":
-            s = s / (s.abs().mean() + 1e-30)
+        s = normalized(s.detach().double().cpu(), normalize)
         rest = torch.sort(s, descending=True).values[floors[layer]:]  # the floor's best are kept anyway
         pool_s.append(rest)
         pool_l.append(torch.full((rest.numel(),), layer, dtype=torch.long))
@@ -104,11 +115,12 @@ def select(values: Sequence[Tensor], counts: Sequence[int], must_keep: Sequence[
 
 def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, *, allocation: dict | None = None,
                      base_model: str = "", method: str = "", seed: int | None = None) -> PruningPlan:
-    """Turn scores into a PruningPlan. `scores` is a scorer's Scores, or plain per-layer tensors (then
-    `allocation` says how, default local). An `allocation` given here overrides the scorer's."""
+    """Turn scores into a PruningPlan: `allocation` (check_allocation's keys; default local) says how.
+    `scores` is a scorer's Scores or plain per-layer tensors; head units are kept too where the scores
+    have them and the allocation names a head_sparsity."""
     if not isinstance(scores, Scores):
-        scores = Scores(values=list(scores), allocation={"kind": "local"})
-    a = check_allocation({**scores.allocation, **(allocation or {})})
+        scores = Scores(values=list(scores))
+    a = check_allocation(allocation)
     counts = _counts(scores.values, sparsity, a)
     keep = select(scores.values, counts, scores.must_keep)
     params = dict(scores.params)
@@ -117,11 +129,9 @@ def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, 
         params.update(floor=a["floor"], normalize=a["normalize"])
     if a["multiple_of"] > 1:
         params["multiple_of"] = a["multiple_of"]
-    if scores.compensation is not None:
-        params.update(compensate=True, **scores.compensation)
     heads = head_widths = None
-    if scores.head_values is not None and scores.head_sparsity is not None:
-        hs = check_sparsity(scores.head_sparsity, "head_sparsity")
+    if scores.head_values is not None and a["head_sparsity"] is not None:
+        hs = a["head_sparsity"]
         head_counts = keep_counts(scores.head_values, hs, {"kind": "global", "floor": a["floor"], "normalize": "none"})
         heads = select(scores.head_values, head_counts)
         head_widths = [int(v.numel()) for v in scores.head_values]
@@ -144,8 +154,6 @@ def plan_under_budget(scores: Scores, costs: dict, base: float, budget: float, *
     keep = select(scores.values, kept["neurons"])
     heads = select(scores.head_values, kept["heads"]) if "heads" in kept else None
     p = {**scores.params, **(f["params"] or {}), "allocation": "budget", "floor": floor, "budget": budget, "base_cost": base}
-    if scores.compensation is not None:
-        p.update(compensate=True, **scores.compensation)
     return PruningPlan(keep=keep, widths=[int(v.numel()) for v in scores.values], base_model=f["base_model"],
                        method=f["method"], params=p, seed=scores.seed if f["seed"] is None else f["seed"], heads=heads,
                        head_widths=[int(v.numel()) for v in scores.head_values] if heads is not None else None)

@@ -39,7 +39,7 @@ class RandomOptions:
 
 @register("random", "random neurons (the paper's baseline), same fraction per layer, keeping the anatomy's "
           "important neurons (similarity > 0.35 for any calibration input) unless protect=False",
-          stochastic=True, request_allocates=True, options=RandomOptions)
+          stochastic=True, options=RandomOptions)
 def random_scores(calib: Calibration, sparsity: float, opts: RandomOptions = RandomOptions()) -> Scores:
     """Uniform random scores, the protected neurons kept whatever their score."""
     protect, threshold = opts.protect, opts.threshold
@@ -55,13 +55,12 @@ def random_scores(calib: Calibration, sparsity: float, opts: RandomOptions = Ran
 
 
 @register("magnitude", "weight norm of each neuron (input rows x output column); no data",
-          needs_data=False, request_allocates=True)
+          needs_data=False)
 def magnitude(calib: Calibration, sparsity: float) -> Scores:
     values = calib.cached("magnitude", lambda: [s.cpu() for s in magnitude_scores(calib.loaded.model)])
     return Scores(values, seed=calib.seed)
 
 
-@register("activation", "mean |activation| of each neuron over the calibration reviews' real tokens",
-          request_allocates=True)
+@register("activation", "mean |activation| of each neuron over the calibration reviews' real tokens")
 def activation(calib: Calibration, sparsity: float) -> Scores:
     return Scores(activation_stats(calib), params={"calib_inputs": len(calib.texts)}, seed=calib.seed)

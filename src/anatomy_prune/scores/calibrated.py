@@ -1,7 +1,8 @@
 """The `calibrated` scorer: Fisher sensitivity of each neuron's mask on the calibration set (Kwon et al. 2022)
 plus beta x the error its removal leaves in the layer output after a least-squares refit (FLAP, An et al.
-2024; ThiNet; ZipLM), per-layer budgets from one global ranking with a floor, and the refit's recipe
-(ridge, readout_mix), which the pruning step applies (apply.compensate).
+2024; ThiNet; ZipLM). The method's request defaults (pipeline.allocation.resolve) are per-layer budgets
+from one global ranking with a floor (auto_floor) and the refit's recipe (ridge, readout_mix), which the
+pruning step applies (apply.compensate).
 
   fisher   sum over examples of (dL_i/dm_j)^2: the expected loss increase, to second order, of zeroing j.
   taylor   |sum over examples of dL_i/dm_j|: the first-order loss change of removing it.
@@ -20,14 +21,14 @@ from torch import Tensor
 from ..errors import UserError
 from ..linalg import DEFAULT_RIDGE, column_energy, moment_diagonal, quad, second_moment, unexplained_share
 from ..models.families import attention_sites, base_model, ffn_sites, get_module, weight_out_in
-from ..validate import finite, fraction
+from ..validate import finite
 from .calibration import Calibration, FFNStats, HeadStats, calibration_pass
 from .registry import Scores, register
 
 log = logging.getLogger(__name__)
 
 SCORES = ("fisher", "taylor")
-MAX_AUTO_FLOOR = 0.2      # floor=None: min(0.2, 2/3 of the mean kept fraction), so every sparsity < 1 works
+MAX_AUTO_FLOOR = 0.2      # no floor given: min(0.2, 2/3 of the mean kept fraction), so every sparsity < 1 works
 DEFAULT_BETA = 1.0
 DEFAULT_READOUT_MIX = 0.5  # classifiers: half of the last layer's fit weight on the readout token
 
@@ -124,50 +125,36 @@ def joint_scores(ffn: FFNStats, heads: HeadStats, model, score: str = "fisher", 
 
 @dataclass(frozen=True)
 class CalibratedOptions:
-    """The calibrated scorer's options: the sensitivity (fisher | taylor) and beta x the removal error (after a
-    refit when `rebuilt`), the global allocation's floor and normalisation, the refit's ridge and readout_mix,
-    and whether (or at which fraction) attention head units are scored too."""
+    """The calibrated scorer's options: the sensitivity (fisher | taylor), beta x the removal error (after a
+    refit when `rebuilt`), the ridge of that error term, and whether attention head units are scored too."""
 
-    floor: float | None = None
     score: str = "fisher"
     beta: float = DEFAULT_BETA
     rebuilt: bool = True
-    normalize: str = "none"
-    ridge: float = DEFAULT_RIDGE
-    readout_mix: float = DEFAULT_READOUT_MIX
+    ridge: float = DEFAULT_RIDGE   # scoring only (the removal error's fit); a request passes its refit's ridge
     heads: bool = False
-    head_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", finite(self.beta, "beta", 0.0))
         object.__setattr__(self, "ridge", finite(self.ridge, "ridge", 0.0))
-        object.__setattr__(self, "readout_mix", fraction(self.readout_mix, "readout_mix", closed=True))
 
 
 @register("calibrated", "Fisher sensitivity of each neuron on the calibration set plus the error its removal "
-          "leaves after compensation, per-layer budgets from one global ranking with a floor per layer, and "
-          "least-squares compensation folded into the down projection (prune applies it)",
+          "leaves after compensation; by default per-layer budgets from one global ranking with a floor per "
+          "layer, and least-squares compensation folded into the down projection (prune applies it)",
           options=CalibratedOptions)
 def calibrated_scores(calib: Calibration, sparsity: float, opts: CalibratedOptions = CalibratedOptions()) -> Scores:
-    """Scores, a global allocation with a floor (None: auto_floor(sparsity)), and the compensation recipe.
-    heads=True (or a head_sparsity, the fraction of head units removed) also scores the attention head units
-    on the neurons' scale (joint_scores), for a cost target or a head sparsity."""
-    floor, score, beta, rebuilt, ridge = opts.floor, opts.score, opts.beta, opts.rebuilt, opts.ridge
-    readout_mix, head_sparsity = opts.readout_mix, opts.head_sparsity
-    heads = bool(opts.heads) or head_sparsity is not None
+    """Scores of every FFN neuron; heads=True also scores the attention head units on the neurons' scale
+    (joint_scores), for a cost target or a head sparsity."""
+    score, beta, rebuilt, ridge, heads = opts.score, opts.beta, opts.rebuilt, opts.ridge, bool(opts.heads)
     collected = calibration_pass(calib, grads=True, heads=heads)
     stats = collected.ffn
-    if stats.readout_gram is None:
-        readout_mix = 0.0   # only classifiers read one token out
-    floor_used = auto_floor(sparsity if sparsity is not None else 0.0) if floor is None else float(floor)
     head_values = None
     if heads:
         values, head_values = joint_scores(stats, collected.heads, calib.loaded.model, score, beta, rebuilt, ridge)
     else:
         values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge)
-    params = dict(score=score, beta=beta, rebuilt=rebuilt, floor_auto=floor is None, calib_inputs=stats.n_examples,
+    params = dict(score=score, beta=beta, rebuilt=rebuilt, calib_inputs=stats.n_examples,
                   calib_tokens=stats.n_tokens, calib_max_length=stats.info.get("max_length"))
-    return Scores(values, {"kind": "global", "floor": floor_used, "normalize": opts.normalize}, params,
-                  compensation={"ridge": ridge, "readout_mix": readout_mix}, seed=calib.seed, head_values=head_values,
-                  head_sparsity=head_sparsity)
+    return Scores(values, params, seed=calib.seed, head_values=head_values)
 

@@ -1,7 +1,9 @@
 """The scorer registry: a method turns calibration data into one score per prunable unit (higher = keep).
 
-A scorer returns `Scores` (values per layer, units it must keep, parameters for the plan); `plan.allocate`
-turns them into a plan. The built-in scorers register themselves here when the package is imported.
+A scorer returns `Scores`: what it measured (values per neuron and head unit, units it must keep, its
+parameters for the plan) and nothing else. How scores become a plan (allocation) and how the pruned model is
+compensated are the pruning request's options (pipeline.allocation.resolve), so a scorer never sees them.
+The built-in scorers register themselves here when the package is imported.
 """
 from __future__ import annotations
 
@@ -14,17 +16,13 @@ from ..errors import UserError
 
 @dataclass(frozen=True)
 class Scores:
-    """One scorer's verdict on every FFN neuron."""
+    """One scorer's verdict on every FFN neuron (and head unit, where it scores them)."""
 
     values: list[Tensor]                        # per layer [d_ff]; higher = keep
-    allocation: dict = field(default_factory=lambda: {"kind": "local"})  # a rule of the method's own (strategy,
-                                                # calibrated); the request's Allocation is applied over it
     params: dict = field(default_factory=dict)  # the method's parameters and diagnostics (go into plan.params)
     must_keep: list[list[int]] | None = None    # per layer, ids kept whatever their score (protected neurons)
-    compensation: dict | None = None            # recipe for least-squares compensation ({"ridge", "readout_mix"})
     seed: int | None = None
     head_values: list[Tensor] | None = None     # per layer [head units], on the same scale as `values`
-    head_sparsity: float | None = None          # the fraction of head units to remove (None: heads are kept)
 
 
 ScoreFn = Callable[..., Scores]  # (calib: Calibration, sparsity: float | None[, options]) -> Scores
@@ -39,34 +37,25 @@ class Scorer:
     params: dict = field(default_factory=dict)  # parameter name -> default
     needs_sparsity: bool = True                 # False: its own parameters can set the sparsity (strategy)
     stochastic: bool = False                    # True: its scores are random draws (its `seed` parameter)
-    request_allocates: bool = False             # True: the request's Allocation (scope, floor, multiple_of)
-                                                # decides how its scores become a plan; False: the method's own
     options: type | None = None                 # the frozen dataclass of its parameters (None: it takes none)
 
     def run(self, calib, sparsity: float | None, params: dict) -> Scores:
         """Score with `params` (checked by check_params) as the method's options object."""
         return self.fn(calib, sparsity) if self.options is None else self.fn(calib, sparsity, self.options(**params))
 
-    @property
-    def allocation_options(self) -> tuple[str, ...]:
-        """The allocation options a request may give this method (as `allocation`, `floor`, `multiple_of`)."""
-        keys = ("allocation", "floor", "multiple_of")
-        return keys if self.request_allocates else tuple(k for k in keys if k in self.params)
-
 
 SCORERS: dict[str, Scorer] = {}
 
 
 def register(name: str, help: str, needs_data: bool = True, needs_sparsity: bool = True, stochastic: bool = False,
-             request_allocates: bool = False, options: type | None = None) -> Callable[[ScoreFn], ScoreFn]:
+             options: type | None = None) -> Callable[[ScoreFn], ScoreFn]:
     """Register a scorer; its parameters and their defaults are the fields of `options` (a frozen dataclass)."""
     params = {} if options is None else {f.name: f.default for f in fields(options)}
     if any(v is MISSING for v in params.values()):
         raise TypeError(f"scorer '{name}': every option needs a default")
 
     def add(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity, stochastic, request_allocates,
-                               options)
+        SCORERS[name] = Scorer(name, fn, help, needs_data, params, needs_sparsity, stochastic, options)
         return fn
     return add
 

@@ -2,9 +2,10 @@
 
 Neuron j of block i is pruned when its mean |similarity| with the final readout state is below the block's
 threshold t_i (see `strategy_thresholds`). As a score: |sim_ij| - t_i, higher = keep. With a given alpha the
-rule decides by itself (threshold allocation: keep score >= 0); with a target sparsity alpha is solved by
-bisection so the rule removes at least that many, and exactly that many are removed: those furthest below
-their threshold (one global ranking of the raw scores).
+rule decides by itself (the request's default allocation is then threshold: keep score >= 0); with a target
+sparsity alpha is solved by bisection so the rule removes at least that many, and exactly that many are
+removed: those furthest below their threshold (by default one global ranking of the raw scores; see
+pipeline.allocation.resolve).
 
 The similarities are averaged over the calibration texts (a pinned sample of training reviews, or plain
 text for a causal LM): neuron_sim per input is the cosine of the neuron's output vector with that input's
@@ -113,12 +114,11 @@ def solve_alpha(m: list[Tensor], layer_sim: Tensor, n_remove: int, beta: float, 
 @dataclass(frozen=True)
 class StrategyOptions:
     """The strategy's options: alpha (None: solved for the target sparsity), beta and focus (None: the paper's),
-    the rounding multiple, and the ablations (rule, focus_mapping, signed; see strategy_scores)."""
+    and the ablations (rule, focus_mapping, signed; see strategy_scores)."""
 
     alpha: float | None = None
     beta: float | None = None
     focus: Sequence[int] | None = None
-    multiple_of: int = 1
     rule: str = "paper"
     focus_mapping: str = "depth"
     signed: bool = False
@@ -131,10 +131,10 @@ class StrategyOptions:
 @register("strategy", "the paper's threshold rule on mean |neuron similarity| (alpha solved for the "
           "target sparsity, or given with beta and focus)", needs_sparsity=False, options=StrategyOptions)
 def strategy_scores(calib: Calibration, sparsity: float | None, opts: StrategyOptions = StrategyOptions()) -> Scores:
-    """Scores |sim| - t (double) and the allocation that reproduces the paper's rule (see the module doc).
-    Ablations: rule="uniform" keeps the score but removes the same fraction of every layer; focus=[] drops the
-    focusing layers; focus_mapping="coverage" maps them by depth covered; signed=True drops the decoder's abs()."""
-    alpha, beta, focus, multiple_of = opts.alpha, opts.beta, opts.focus, opts.multiple_of
+    """Scores |sim| - t (double); the request's default allocation reproduces the paper's rule (module doc).
+    Ablations: rule="uniform" scores |sim| alone (by default the same fraction of every layer goes); focus=[]
+    drops the focusing layers; focus_mapping="coverage" maps them by depth covered; signed=True drops the abs()."""
+    alpha, beta, focus = opts.alpha, opts.beta, opts.focus
     rule, focus_mapping, signed = opts.rule, opts.focus_mapping, opts.signed
     decoder = calib.loaded.family.decoder
     stats = similarity_stats(calib)
@@ -146,9 +146,9 @@ def strategy_scores(calib: Calibration, sparsity: float | None, opts: StrategyOp
     if rule == "uniform":
         if sparsity is None:
             raise UserError("the uniform rule needs a target sparsity")
-        return Scores([x.double() for x in m], {"kind": "local", "multiple_of": multiple_of},
-                      {"rule": "uniform", "similarity": "mean over calibration inputs of |neuron_sim|",
-                       "calib_inputs": stats["n_inputs"]}, seed=calib.seed)
+        return Scores([x.double() for x in m], {"rule": "uniform", "calib_inputs": stats["n_inputs"],
+                                                "similarity": "mean over calibration inputs of |neuron_sim|"},
+                      seed=calib.seed)
     focus = default_focus(n_layers, decoder, focus_mapping) if focus is None else _check_focus(focus, n_layers)
     total = sum(int(x.numel()) for x in m)
     if alpha is not None and sparsity is not None:
@@ -168,6 +168,5 @@ def strategy_scores(calib: Calibration, sparsity: float | None, opts: StrategyOp
               "layer_sim": [round(float(x), 6) for x in layer_sim.tolist()],
               "rule_removed_per_layer": [int((v < 0).sum()) for v in values],
               "calib_inputs": stats["n_inputs"], "similarity": "mean over calibration inputs of |neuron_sim|"}
-    allocation = {"kind": "global", "normalize": "none", "floor": 0.0} if solved else {"kind": "threshold"}
-    return Scores(values, {**allocation, "multiple_of": multiple_of}, params, seed=calib.seed)
+    return Scores(values, params, seed=calib.seed)
 
