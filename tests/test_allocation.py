@@ -69,12 +69,12 @@ def test_refusals_are_kept():
                                ("strategy", Allocation(scope="global"), "takes no --allocation"),
                                ("strategy", Allocation(normalize="mean"), "takes no --normalize"),
                                ("calibrated", Allocation(scope="local"), "takes no --allocation"),
-                               ("magnitude", Allocation(head_sparsity=0.2), "takes no --head-sparsity")]:
+                               ("activation", Allocation(head_sparsity=0.2), "takes no --head-sparsity")]:
         with pytest.raises(UserError, match=msg):
             check_for(method, alloc)
     check_for("calibrated", Allocation(floor=0.1, multiple_of=8, normalize="mean", head_sparsity=0.2),
               Compensation(kind="bias"))
-    assert "head_sparsity" not in takes("magnitude") and "multiple_of" in takes("strategy")
+    assert "head_sparsity" not in takes("activation") and "head_sparsity" in takes("magnitude") and "multiple_of" in takes("strategy")
     for build, msg in [
         (lambda: Allocation(normalize="max"), "--normalize"),
         (lambda: Allocation(head_sparsity=1.0), "--head-sparsity"),
@@ -190,7 +190,7 @@ def test_the_cli_options_reach_the_request(monkeypatch, capsys):
     assert req.allocation == Allocation(floor=0.1, normalize="standard", multiple_of=8, head_sparsity=0.25)
     assert req.compensation == Compensation(kind="bias") and req.params == {}
     assert main([*argv, "--compensate", "--compensation", "bias"]) == 2
-    assert main(["prune", "--model", "tiny-bert", "--out", "unused", "--method", "magnitude", "--sparsity", "0.5",
+    assert main(["prune", "--model", "tiny-bert", "--out", "unused", "--method", "activation", "--sparsity", "0.5",
                  "--head-sparsity", "0.2"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("anatomy-prune")]
     assert len(err) == 2 and "--compensation" in err[0] and "takes no --head-sparsity" in err[1]

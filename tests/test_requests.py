@@ -41,7 +41,7 @@ from conftest import make_classifier
     (lambda: PruneRequest(method="calibrated", target={"flops": 1.5}), r"\(0, 1\)"),
     (lambda: PruneRequest(method="calibrated", target={"speedup": 2, "batch": 8}), "did you mean 'batch_size'"),
     (lambda: PruneRequest(method="calibrated", sparsity=0.5, target={"speedup": 2}), "decides the sparsity"),
-    (lambda: PruneRequest(method="magnitude", target={"speedup": 2}), "scores neurons and heads"),
+    (lambda: PruneRequest(method="activation", target={"speedup": 2}), "scores neurons and heads"),
     (lambda: PruneRequest(method="calibrated", sparsity=0.5, layerwise="sequential", mode="mask"), "physically"),
     (lambda: PruneRequest(method="magnitude", sparsity=0.5, layerwise="sequential"), "calibrated recipe"),
     (lambda: PruneRequest(method="strategy", sparsity=0.5, allocation=Allocation(floor=0.1)), "takes no --floor"),

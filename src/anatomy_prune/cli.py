@@ -154,6 +154,8 @@ def _add_prune(sub) -> None:
     g = p.add_argument_group("a target instead of a sparsity (FFN neurons and attention heads pruned together)")
     g.add_argument("--target-flops", type=float, default=None,
                    help="keep at most this fraction of the dense FLOPs per token, e.g. 0.5")
+    g.add_argument("--target-params", type=float, default=None,
+                   help="keep at most this fraction of the dense parameters (embeddings count), e.g. 0.8")
     g.add_argument("--target-speedup", type=float, default=None,
                    help="measured speedup to reach, e.g. 2.0: a latency cost model is fitted by timing the model's "
                    "own shapes on this device at --target-batch x --target-length and written to the run folder")
@@ -173,10 +175,10 @@ def _run_prune(args) -> int:
     from .pipeline.requests import PruneRequest
 
     target = None
-    if args.target_flops is not None or args.target_speedup is not None:
-        target = {"batch_size": args.target_batch, "seq_len": args.target_length}
-        target.update({"flops": args.target_flops} if args.target_flops is not None else {})
-        target.update({"speedup": args.target_speedup} if args.target_speedup is not None else {})
+    given = {k: getattr(args, f"target_{k}") for k in ("flops", "params", "speedup")}
+    if any(v is not None for v in given.values()):
+        target = {"batch_size": args.target_batch, "seq_len": args.target_length,
+                  **{k: v for k, v in given.items() if v is not None}}
         args.method = args.method or ("calibrated" if args.plan is None else None)
     if args.mode is None:
         args.mode = "physical" if (target or args.quantize) else "mask"

@@ -4,6 +4,9 @@ constraint (`--target-flops 0.5`, `--target-speedup 2.0`) rather than a sparsity
   flops    exact FLOPs per token from the shapes: a neuron costs 2 x (its up / gate rows + its down column);
            a head costs 2 x (its q, k, v rows + its o columns) + the attention scores and weighted sum over
            the sequence (4 x seq_len x head_dim). Base: everything else (other Linear layers, the head).
+  params   parameters: a neuron owns its up / gate rows and its down column (and their bias entries); a head
+           unit owns its query heads' q rows and o columns and one k and one v head (FLAP's and Wanda-sp's
+           "share of the parameters removed"). Base: everything else, embeddings included.
   latency  measured: the model's own shapes are timed on the device at the given batch and length (dense,
            then FFNs and attention at reduced widths, physically pruned copies), and a linear model
            time = base + a_ffn x neurons + a_head x heads is fitted by least squares. It absorbs what FLOPs
@@ -24,13 +27,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.families import base_model, ffn_sites, ffn_widths, head_counts
+from ..models.families import attention_sites, base_model, ffn_sites, ffn_widths, get_module, head_counts
 from ..models.loading import Loaded
 from ..models.surgery import keep_ffn_neurons, keep_heads
 from .timing import fixed_inputs, forward_fn, machine_info, time_interleaved
 
 log = logging.getLogger(__name__)
-KINDS = ("flops", "latency")
+KINDS = ("flops", "latency", "params")
 
 
 @dataclass
@@ -87,6 +90,29 @@ def flops_cost(loaded: Loaded, seq_len: int = 128) -> CostModel:
     removable = sum(a * n for a, n in zip(per_neuron, neurons)) + sum(a * h for a, h in zip(per_head, units))
     return CostModel("flops", max(0.0, total - removable), per_neuron, per_head, neurons, units,
                      {"seq_len": seq_len, "kv_share": kv_share})
+
+
+def _has_bias(base: nn.Module, paths) -> int:
+    return sum(getattr(get_module(base, p), "bias", None) is not None for p in paths)
+
+
+def params_cost(loaded: Loaded) -> CostModel:
+    """Parameters, split into what a neuron, a head unit and the rest hold (see the module doc)."""
+    from .counts import count_params
+
+    model = loaded.model
+    base = base_model(model)
+    cfg = base.config
+    d = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)))
+    per_neuron = [float(len(s.up) * d + d + _has_bias(base, s.up)) for s in ffn_sites(model)]
+    units, head_dim, q_per_unit = _attention_shape(model)
+    per_head = [float(d * head_dim * (2 * q_per_unit + 2) + (head_dim * (q_per_unit + 2) if _has_bias(base, (s.q,)) else 0))
+                for s in attention_sites(model)]
+    neurons = ffn_widths(model)
+    total = float(count_params(model))
+    removable = sum(a * n for a, n in zip(per_neuron, neurons)) + sum(a * h for a, h in zip(per_head, units))
+    return CostModel("params", max(0.0, total - removable), per_neuron, per_head, neurons, units,
+                     {"total": total})
 
 
 HELD_BACK = ((0.75, 0.75), (0.4, 0.5))  # (FFN, head) fractions timed beside the fitted shapes but not fitted

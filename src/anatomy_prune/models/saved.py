@@ -23,8 +23,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..runfolder import now_iso, read_json, write_json
-from .families import (base_model, base_model_kwargs, config_head_units, ffn_sites, ffn_widths, head_counts,
-                       supported_model_types)
+from .families import (attention_sites, base_model, base_model_kwargs, config_head_units, ffn_sites, ffn_widths,
+                       get_module, head_counts, supported_model_types, weight_out_in)
 from .loaded import KINDS, SAFE, SAVED_META, Loaded, finish_tokenizer
 from .surgery import check_head_indices, resize_ffn, resize_heads, set_config_widths
 from .trust import (MAX_HEADER, check_config_values, check_dtypes, check_float_weights,  # noqa: F401
@@ -64,12 +64,32 @@ def save_model(loaded: Loaded, folder: str | Path, plan: Mapping | None = None, 
     heads = head_counts(model)  # head units per layer; transformers' configs cannot say per-layer heads
     if heads != [config_head_units(base_model(model).config)] * len(heads):
         meta["attn_heads"] = heads
+    meta["output_biases"] = [p for p in output_projections(model)
+                             if getattr(get_module(base_model(model), p), "bias", None) is not None]
     if plan is not None:
         meta["plan"] = dict(plan)
     if loaded.kind == "classifier":
         meta["dropout"] = float(model.dropout.p)
     write_json(folder / SAVED_META, meta)
     return folder
+
+
+def output_projections(model: nn.Module) -> list[str]:
+    """Paths (under the base model) of every FFN's down and every attention's output projection: where bias
+    compensation (apply.bias) may have added a bias that the family's layout does not have."""
+    return [s.down for s in ffn_sites(model)] + [s.o for s in attention_sites(model)]
+
+
+def _add_output_biases(folder: Path, net: nn.Module, paths) -> None:
+    """Zero biases on the listed output projections that the config builds without one (the weights fill them)."""
+    allowed = set(output_projections(net))
+    for p in paths or []:
+        if p not in allowed:
+            raise _bad(folder, f"{SAVED_META} 'output_biases' names {p!r}, not an output projection of the model")
+        mod = get_module(base_model(net), p)
+        if getattr(mod, "bias", None) is None:
+            w = weight_out_in(mod)
+            mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype), requires_grad=False)
 
 
 # --- validation -------------------------------------------------------------------------------------
@@ -105,6 +125,9 @@ def validate_meta(meta: Any, folder: Path) -> dict:
     for key in ("max_length",):
         if key in meta and meta[key] is not None and not (_is_int(meta[key]) and meta[key] > 0):
             raise _bad(folder, f"{SAVED_META} '{key}' must be a positive whole number, got {meta[key]!r}")
+    biases = meta.get("output_biases")
+    if biases is not None and (not isinstance(biases, list) or not all(isinstance(b, str) for b in biases)):
+        raise _bad(folder, f"{SAVED_META} 'output_biases' must be a list of module paths")
     for key in ("plan", "finetune", "pruned"):
         if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
             raise _bad(folder, f"{SAVED_META} '{key}' must be a JSON object")
@@ -247,6 +270,7 @@ def _build_net(folder: Path, cfg, meta: dict, headers) -> nn.Module:
             resize_heads(net, heads)
         except ValueError:
             raise _bad(folder, f"{SAVED_META} 'attn_heads' do not fit the model its config builds") from None
+    _add_output_biases(folder, net, meta.get("output_biases"))
     return net
 
 

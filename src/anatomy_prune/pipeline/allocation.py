@@ -127,6 +127,8 @@ def _defaults(method: str, options: Mapping, sparsity: float | None, readout: bo
         recipe = {"kind": "refit", "ridge": DEFAULT_RIDGE, "readout_mix": DEFAULT_READOUT_MIX if readout else 0.0}
         floor = auto_floor(sparsity if sparsity is not None else 0.0)
         return {"kind": "global", "normalize": "none", "floor": floor}, recipe, {"floor_auto": True}
+    if method == "fluctuation":   # FLAP's: standardised per layer, one global ranking, means into biases
+        return {"kind": "global", "normalize": "standard", "floor": 0.0}, {"kind": "bias"}, {}
     return {"kind": "local"}, None, {}
 
 
@@ -135,7 +137,8 @@ def resolve(method: str, options: Mapping, sparsity: float | None, allocation: A
     """The allocation and compensation a request gets: the method's defaults (random, magnitude, activation:
     local; strategy: threshold with alpha, global raw ranking without a floor when alpha is solved, local for
     rule=uniform; calibrated: global raw ranking above auto_floor(sparsity), refit with DEFAULT_RIDGE and, on a
-    classifier's readout token, DEFAULT_READOUT_MIX), each overridden by what the request gives.
+    classifier's readout token, DEFAULT_READOUT_MIX; fluctuation: FLAP's standardised global ranking and bias
+    compensation), each overridden by what the request gives.
     options: the method's checked parameters; readout: the model reads out one token (a classifier)."""
     alloc, recipe, record = _defaults(method, options, sparsity, readout)
     if "floor_auto" in record:

@@ -33,8 +33,8 @@ MODES = ("mask", "physical")
 QUANTIZE = ("int8",)
 LAYERWISE = ("sequential", "dense")
 EXECUTORS = ("local", "ray")
-TARGET_METHODS = ("calibrated",)   # scorers that score neurons and heads on one scale
-TARGET_KEYS = ("flops", "speedup", "batch_size", "seq_len", "floor")
+TARGET_METHODS = ("calibrated", "fluctuation", "magnitude")   # scorers that score neurons and heads
+TARGET_KEYS = ("flops", "speedup", "params", "batch_size", "seq_len", "floor")
 LAYERWISE_METHOD = "calibrated"    # the recipe the layer-wise path follows (without Fisher)
 LAYERWISE_PARAMS = ("rebuilt",)                 # its method parameters; and of the request: ridge, floor, multiple_of
 LAYERWISE_OPTIONS = ("ridge", "floor", "multiple_of")
@@ -141,21 +141,23 @@ class TimingSpec:
 
 
 def check_target(target: Mapping, floor: float | None = None) -> dict:
-    """{"flops": f} (keep at most f of the dense FLOPs per token, 0 < f < 1) or {"speedup": s} (s > 1,
-    measured at batch_size x seq_len), with optional batch_size, seq_len, floor; defaults filled."""
+    """{"flops": f} or {"params": f} (keep at most f of the dense FLOPs per token or parameters, 0 < f < 1) or
+    {"speedup": s} (s > 1, measured at batch_size x seq_len), with optional batch_size, seq_len, floor;
+    defaults filled."""
     if not isinstance(target, Mapping):
         raise UserError(f"a target must be a table like {{flops = 0.5}} or {{speedup = 2.0}}, got {target!r}")
     known_keys(target, TARGET_KEYS, "target")
     t = {"batch_size": 32, "seq_len": 128, "floor": 0.0 if floor is None else floor, **target}
-    if ("flops" in t) == ("speedup" in t):
-        raise UserError("give one target: --target-flops F or --target-speedup S")
+    if sum(k in t for k in ("flops", "speedup", "params")) != 1:
+        raise UserError("give one target: --target-flops F, --target-params F or --target-speedup S")
     t["batch_size"] = positive_int(t["batch_size"], "--target-batch", MAX_BATCH)
     t["seq_len"] = positive_int(t["seq_len"], "--target-length", MAX_TOKENS)
-    if "flops" in t:
-        t["flops"] = finite(t["flops"], "--target-flops (a fraction of the dense FLOPs)", 0.0, strict_lo=True)
-        if t["flops"] >= 1:
-            raise UserError(f"--target-flops must be a fraction in (0, 1) of the dense model's FLOPs, got {t['flops']}")
-    else:
+    for key, what in (("flops", "FLOPs"), ("params", "parameters")):
+        if key in t:
+            t[key] = finite(t[key], f"--target-{key} (a fraction of the dense {what})", 0.0, strict_lo=True)
+            if t[key] >= 1:
+                raise UserError(f"--target-{key} must be a fraction in (0, 1) of the dense model's {what}, got {t[key]}")
+    if "speedup" in t:
         t["speedup"] = finite(t["speedup"], "--target-speedup (a speedup of the dense model)", 1.0, strict_lo=True)
     t["floor"] = fraction(t["floor"], "--floor")
     return t
@@ -232,7 +234,7 @@ class PruneRequest:
                 raise UserError("a target (--target-flops / --target-speedup) decides the sparsity itself; give no "
                                 "--sparsity and no --plan with it")
             if self.method not in TARGET_METHODS:
-                raise UserError(f"a target needs a method that scores neurons and heads on one scale: "
+                raise UserError(f"a target needs a method that scores neurons and heads: "
                                 f"{', '.join(TARGET_METHODS)}")
             _set(self, target=check_target(self.target, self.allocation.floor))
         else:

@@ -142,15 +142,20 @@ def plan_from_scores(scores: Scores | Sequence[Tensor], sparsity: float | None, 
 
 
 def plan_under_budget(scores: Scores, costs: dict, base: float, budget: float, *, floor: float = 0.0,
-                      what: str = "the target", fields: dict | None = None) -> PruningPlan:
+                      what: str = "the target", fields: dict | None = None, normalize: str = "none") -> PruningPlan:
     """A plan whose cost (base + per-unit costs of what it keeps) is within `budget`: FFN neurons and, where
-    the scores have them, head units compete in one ranking by score per cost (keep_under_budget).
+    the scores have them, head units compete in one ranking by score per cost (keep_under_budget), or, with
+    normalize="standard", by their per-layer standardised scores (FLAP's; they are already on one scale).
     costs: {"neurons": [per layer], "heads": [per layer]}; fields: base_model, method, seed, params."""
     f = {"base_model": "", "method": "", "seed": None, "params": None, **(fields or {})}
     values = {"neurons": scores.values}
     if scores.head_values is not None:
         values["heads"] = scores.head_values
-    kept = keep_under_budget(values, {k: costs[k] for k in values}, base, budget, floor=floor, what=what)
+    if normalize not in NORMALIZE:
+        raise UserError(f"unknown normalize '{normalize}'; choose one of {', '.join(NORMALIZE)}")
+    ranked = {k: [normalized(v.detach().double().cpu(), normalize) for v in vs] for k, vs in values.items()}
+    kept = keep_under_budget(ranked, {k: costs[k] for k in values}, base, budget, floor=floor, what=what,
+                             per_cost=normalize != "standard")
     keep = select(scores.values, kept["neurons"])
     heads = select(scores.head_values, kept["heads"]) if "heads" in kept else None
     p = {**scores.params, **(f["params"] or {}), "allocation": "budget", "floor": floor, "budget": budget, "base_cost": base}
@@ -160,10 +165,11 @@ def plan_under_budget(scores: Scores, costs: dict, base: float, budget: float, *
 
 
 def keep_under_budget(values: dict[str, Sequence[Tensor]], costs: dict[str, Sequence[float]], base: float,
-                      budget: float, floor: float = 0.0, what: str = "the target") -> dict[str, list[int]]:
+                      budget: float, floor: float = 0.0, what: str = "the target", per_cost: bool = True
+                      ) -> dict[str, list[int]]:
     """How many units of each kind ("neurons", "heads") each layer keeps so that base + sum(cost x kept) <=
     budget: lowest score-per-cost removed first, greedily (Kwon et al. 2022's constraint-driven search; their
-    Fisher scores compare across kinds). Every layer keeps `floor` of each kind; a budget below what the
+    Fisher scores compare across kinds); per_cost=False: lowest score first. Every layer keeps `floor` of each kind; a budget below what the
     floors leave is a UserError naming the best reachable cost."""
     pool_r, pool_k, pool_l = [], [], []
     kinds = list(values)
@@ -173,14 +179,15 @@ def keep_under_budget(values: dict[str, Sequence[Tensor]], costs: dict[str, Sequ
     lowest = base + sum(c * f for k in kinds for c, f in zip(costs[k], floors[k]))
     if budget < lowest - 1e-9 * max(1.0, abs(lowest)):
         raise UserError(f"{what} is out of reach: pruning can bring the cost from {total:.4g} down to {lowest:.4g} "
-                        f"at best (a speedup of at most {total / max(lowest, 1e-30):.2f}x); ask for less")
+                        f"at best ({lowest / max(total, 1e-30):.1%} of the dense model's; as a speedup, at most "
+                        f"{total / max(lowest, 1e-30):.2f}x); ask for less")
     for ki, k in enumerate(kinds):
         for layer, (v, c) in enumerate(zip(values[k], costs[k])):
             if c <= 0:
                 continue
             s = torch.sort(v.detach().double().cpu()).values  # ascending: the first to go
             removable = s[: max(0, counts[k][layer] - floors[k][layer])]
-            pool_r.append(removable / c)
+            pool_r.append(removable / c if per_cost else removable)
             pool_k.append(torch.full((removable.numel(),), ki, dtype=torch.long))
             pool_l.append(torch.full((removable.numel(),), layer, dtype=torch.long))
     kept = {k: list(counts[k]) for k in kinds}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..models.families import base_model, ffn_sites, ffn_widths, get_module, weight_out_in
+from ..models.families import attention_sites, base_model, ffn_sites, ffn_widths, get_module, weight_out_in
 from .calibration import PROTECT_THRESHOLD, Calibration, activation_stats, important_neurons, similarity_stats
 from .registry import Scores, register
 
@@ -54,11 +54,40 @@ def random_scores(calib: Calibration, sparsity: float, opts: RandomOptions = Ran
     return Scores(values, params=params, must_keep=keep, seed=seed)
 
 
-@register("magnitude", "weight norm of each neuron (input rows x output column); no data",
-          needs_data=False)
-def magnitude(calib: Calibration, sparsity: float) -> Scores:
+@torch.no_grad()
+def head_magnitude_scores(model: nn.Module) -> list[Tensor]:
+    """Per head unit, as for neurons: the norm of its q, k and v rows times the norm of its output columns
+    (the output projection's columns of its query heads): [units] per layer."""
+    base = base_model(model)
+    out = []
+    for s in attention_sites(model):
+        q = weight_out_in(get_module(base, s.q)).detach().float()
+        o = weight_out_in(get_module(base, s.o)).detach().float()
+        width = s.n_heads * s.head_dim                       # a fused q|k|v projection: k from here, v after
+        k = q[width:] if s.fused else weight_out_in(get_module(base, s.k)).detach().float()
+        v = q[width + s.n_kv_heads * s.head_dim:] if s.fused else weight_out_in(get_module(base, s.v)).detach().float()
+        norms = []
+        for u in range(s.n_units):
+            qf, kvf = s.q_features([u]), s.kv_features([u])
+            w_in = torch.cat([q[qf], k[kvf], v[kvf]])        # [rows of the unit, d_model]
+            norms.append(w_in.norm() * o[:, qf].norm())
+        out.append(torch.stack(norms).cpu() if norms else torch.zeros(0))
+    return out
+
+
+@dataclass(frozen=True)
+class MagnitudeOptions:
+    """heads: also score the attention head units (their q, k, v rows x their output columns)."""
+
+    heads: bool = False
+
+
+@register("magnitude", "weight norm of each neuron (input rows x output column), and of each head unit with "
+          "heads=True; no data", needs_data=False, options=MagnitudeOptions)
+def magnitude(calib: Calibration, sparsity: float, opts: MagnitudeOptions = MagnitudeOptions()) -> Scores:
     values = calib.cached("magnitude", lambda: [s.cpu() for s in magnitude_scores(calib.loaded.model)])
-    return Scores(values, seed=calib.seed)
+    heads = calib.cached("magnitude-heads", lambda: head_magnitude_scores(calib.loaded.model)) if opts.heads else None
+    return Scores(values, seed=calib.seed, head_values=heads)
 
 
 @register("activation", "mean |activation| of each neuron over the calibration reviews' real tokens")

@@ -1,0 +1,170 @@
+"""Decoders without retraining: SmolLM2-135M with 50% of its FFN neurons removed, and with 20% and 50% of its
+parameters removed (FFN neurons and attention head units together), ours against magnitude and a FLAP-style
+baseline (An et al. 2024: fluctuation scores, a per-layer standardised global ranking, bias compensation) built
+on the same calibration statistics.
+
+    .venv/bin/python benchmarks/decoders.py --out runs/decoders                 # the README's run
+    .venv/bin/python benchmarks/decoders.py --eval-texts 8 --calib-size 8 --out runs/decoders-smoke
+
+Every point is one pipeline.prune_step (or the layer-wise path) on one Calibration, evaluated on the same held-out
+IMDB test reviews: perplexity with a 95% bootstrap interval over texts, and paired bootstrap tests against dense
+and against ours at the same setting. Writes decoders.json and table.md into --out (a run folder).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from anatomy_prune.data import lm_texts  # noqa: E402
+from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.evaluate import perplexity  # noqa: E402
+from anatomy_prune.evaluate.counts import count_params  # noqa: E402
+from anatomy_prune.evaluate.metrics import paired_perplexity  # noqa: E402
+from anatomy_prune.models import load_model  # noqa: E402
+from anatomy_prune.pipeline.allocation import Allocation  # noqa: E402
+from anatomy_prune.pipeline.compensation import Compensation  # noqa: E402
+from anatomy_prune.pipeline.layerwise import prune_layerwise  # noqa: E402
+from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
+from anatomy_prune.pipeline.step import prune_step  # noqa: E402
+from anatomy_prune.runfolder import RunFolder  # noqa: E402
+from anatomy_prune.scores import make_calibration  # noqa: E402
+from anatomy_prune.scores.calibration import calibration_pass  # noqa: E402
+
+log = logging.getLogger("benchmarks.decoders")
+FLAP = dict(allocation=Allocation(scope="global", normalize="standard"), compensation=Compensation(kind="bias"))
+GOALS = {"FFN 50%": 1.6, "params -20%": 1.25}   # issue 25: perplexity at most this x dense
+
+
+def settings(ffn: float, params: tuple[float, ...]) -> list[tuple[str, str, dict]]:
+    """(setting, method label, PruneRequest keywords) of every point; "layerwise" marks the layer-wise path."""
+    out = [(f"FFN {ffn:.0%}", "magnitude", dict(method="magnitude", sparsity=ffn)),
+           (f"FFN {ffn:.0%}", "FLAP-style", dict(method="fluctuation", sparsity=ffn, **FLAP)),
+           (f"FFN {ffn:.0%}", "ours", dict(method="calibrated", sparsity=ffn)),
+           (f"FFN {ffn:.0%}", "ours, layer-wise", dict(method="calibrated", sparsity=ffn, layerwise="sequential"))]
+    for removed in params:
+        target = {"params": round(1.0 - removed, 6)}
+        out += [(f"params -{removed:.0%}", "magnitude", dict(method="magnitude", target=target)),
+                (f"params -{removed:.0%}", "FLAP-style", dict(method="fluctuation", target=target, **FLAP)),
+                (f"params -{removed:.0%}", "ours", dict(method="calibrated", target=target))]
+    return out
+
+
+def run_point(calib, kwargs: dict):
+    """The pruned model and its plan, through the one pruning step (or the layer-wise path)."""
+    req = PruneRequest(**kwargs)
+    res = prune_layerwise(calib, req, progress=False) if req.layerwise else prune_step(calib, req)
+    return res
+
+
+def measure(args) -> dict:
+    loaded = load_model(args.model, device="cpu")
+    texts = lm_texts("imdb", args.eval_texts)
+    calib = make_calibration(loaded, args.calib_size, args.max_length, seed=0, exclude=texts, batch_size=8)
+    start = time.perf_counter()
+    calibration_pass(calib, grads=True, heads=True, progress=False)    # shared by every point
+    stats_s = time.perf_counter() - start
+    dense = perplexity(loaded, texts, args.max_length, batch_size=8, progress=False)
+    n_dense = count_params(loaded.model)
+    rows = [{"setting": "dense", "method": "dense", "params": n_dense, **_ppl(dense)}]
+    print(f"dense {dense['perplexity']:.2f} ({dense['n_tokens']} tokens, {len(texts)} texts)", flush=True)
+    scored: dict[tuple[str, str], dict] = {}     # (setting, method) -> its perplexity result (per-text losses)
+    for setting, label, kwargs in settings(args.ffn, tuple(args.params_removed)):
+        try:
+            res = run_point(calib, kwargs)
+        except UserError as exc:
+            print(f"{setting} {label}: {exc}", flush=True)
+            continue
+        p = perplexity(res.loaded, texts, args.max_length, batch_size=8, progress=False)
+        n = count_params(res.loaded.model)
+        row = {"setting": setting, "method": label, "params": n, "params_removed": round(1 - n / n_dense, 4),
+               "ffn_removed": round(res.plan.sparsity, 4), "prune_s": round(res.prune_s, 1), **_ppl(p),
+               "vs_dense": paired_perplexity(p, dense), "kept_per_layer": res.plan.kept_widths,
+               "heads_per_layer": res.plan.kept_heads}
+        scored[setting, label] = p
+        rows.append(row)
+        print(f"{setting:12s} {label:18s} ppl {p['perplexity']:9.1f} x{row['vs_dense']['ratio']:.2f} "
+              f"params -{row['params_removed']:.1%} prune {row['prune_s']:.0f} s", flush=True)
+        del res
+    for row in rows[1:]:
+        ours = scored.get((row["setting"], "ours"))
+        if ours is not None and row["method"] != "ours":
+            row["vs_ours"] = paired_perplexity(scored[row["setting"], row["method"]], ours)
+    return {"model": args.model, "eval_texts": len(texts), "eval_tokens": dense["n_tokens"],
+            "max_length": args.max_length, "calib_size": len(calib.texts), "stats_s": round(stats_s, 1),
+            "dense_params": n_dense, "rows": rows}
+
+
+def _ppl(p: dict) -> dict:
+    return {"perplexity": p["perplexity"], "interval": p["perplexity_interval"], "n_tokens": p["n_tokens"]}
+
+
+def _test(t: dict | None) -> str:
+    if not t:
+        return ""
+    return f"{t['ratio']:.2f}x [{t['low']:.2f}-{t['high']:.2f}], p={t['p_value']:.2g}"
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per point; x dense and vs ours are paired bootstrap ratios over the same texts."""
+    lines = ["| setting | method | params removed | perplexity [95%] | x dense [95%], p | vs ours [95%], p | prune s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lo, hi = r["interval"]
+        lines.append(f"| {r['setting']} | {r['method']} | {r.get('params_removed', 0):.1%} | {r['perplexity']:.1f} "
+                     f"[{lo:.1f}-{hi:.1f}] | {_test(r.get('vs_dense'))} | {_test(r.get('vs_ours'))} | "
+                     f"{r.get('prune_s', '')} |")
+    for setting, goal in GOALS.items():
+        hit = [r for r in result["rows"] if r["setting"] == setting and r["method"].startswith("ours")]
+        if hit:
+            best = min(hit, key=lambda r: r["perplexity"])
+            ok = best["vs_dense"]["ratio"] <= goal
+            lines.append(f"\n{setting}: goal <= {goal}x dense; best of ours {best['vs_dense']['ratio']:.2f}x "
+                         f"({best['method']}) -> {'met' if ok else 'not met'}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--ffn", type=float, default=0.5, help="fraction of FFN neurons removed (default: 0.5)")
+    p.add_argument("--params-removed", type=float, nargs="*", default=[0.2, 0.5],
+                   help="fractions of all parameters removed, FFN and heads (default: 0.2 0.5)")
+    p.add_argument("--calib-size", type=int, default=256, help="calibration reviews (default: 256)")
+    p.add_argument("--eval-texts", type=int, default=100, help="held-out IMDB test reviews (default: 100)")
+    p.add_argument("--max-length", type=int, default=128, help="(default: 128)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="write into an --out folder of another run")
+    p.add_argument("--out", default="runs/decoders", help="(default: runs/decoders)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        with RunFolder(args.out, "decoders-benchmark", {**vars(args), "out": None}, force=args.force) as rf:
+            result = {"benchmark": "decoders", "created": created, "settings": vars(args),
+                      "load_start": os.getloadavg(), **measure(args), "load_end": os.getloadavg()}
+            rf.write_json("decoders.json", result)
+            rf.write_text("table.md", table(result) + "\n")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
