@@ -213,3 +213,39 @@ def test_units_that_cost_nothing_are_all_kept():
     assert kept["heads"] == [4, 4] and kept["neurons"][1] == 10 and kept["neurons"][0] == 5
     with pytest.raises(UserError, match="out of reach"):
         keep_under_budget(values, {"neurons": [0.0, 0.0], "heads": [0.0, 0.0]}, base=5.0, budget=4.0)
+
+
+def test_a_saved_latency_model_gives_the_same_plan_without_timing(tmp_path, monkeypatch):
+    """--cost-model: the latency model a target run wrote is reused (no timing at all), so the same request
+    gives the same plan; a model or shape it was not fitted for is refused in one line."""
+    import anatomy_prune.pipeline.step as step
+
+    loaded = make_classifier("tiny-bert")
+    calib = Calibration(loaded, TEXTS * 2, [i % 2 for i in range(2 * len(TEXTS))], max_length=24)
+    fitted = latency_cost(loaded, batch_size=4, seq_len=16, repeats=1).to_dict()
+    # the tiny model's time is mostly overhead; costs of a model where pruning pays keep the target reachable
+    saved = {**fitted, "base": 1.0, "per_neuron": [0.01] * len(fitted["neurons"]), "per_head": [0.1] * len(fitted["heads"])}
+    path = tmp_path / "cost_model.json"
+    path.write_text(json.dumps(saved))
+    monkeypatch.setattr(step, "latency_cost", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed again")))
+    req = dict(method="calibrated", target={"speedup": 1.5, "batch_size": 4, "seq_len": 16, "cost_model": str(path)})
+    first, again = prune_step(calib, PruneRequest(**req)), prune_step(calib, PruneRequest(**req))
+    assert first.cost_model["predicted"] <= first.cost_model["dense"] / 1.5
+    assert again.plan.keep == first.plan.keep and again.plan.heads == first.plan.heads
+    with pytest.raises(UserError, match="fitted at batch x length 4 x 16"):
+        prune_step(calib, PruneRequest(**{**req, "target": {**req["target"], "seq_len": 32}}))
+    other = make_classifier("tiny-gpt2")
+    with pytest.raises(UserError, match="not this model's"):
+        prune_step(Calibration(other, TEXTS, [i % 2 for i in range(len(TEXTS))], max_length=24), PruneRequest(**req))
+    with pytest.raises(UserError, match="goes with --target-speedup"):
+        PruneRequest(method="calibrated", target={"flops": 0.5, "cost_model": str(path)})
+    path.write_text(json.dumps({**saved, "base": -1.0}))
+    with pytest.raises(UserError, match="non-negative"):
+        prune_step(calib, PruneRequest(**req))
+
+
+def test_cost_model_without_a_speedup_target_is_one_line(tmp_path, capsys):
+    assert main(["prune", "--model", "tiny-bert", "--method", "magnitude", "--sparsity", "0.5",
+                 "--cost-model", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "goes with --target-speedup" in err[0] and not (tmp_path / "o").exists()

@@ -159,6 +159,9 @@ def _add_prune(sub) -> None:
     g.add_argument("--target-speedup", type=float, default=None,
                    help="measured speedup to reach, e.g. 2.0: a latency cost model is fitted by timing the model's "
                    "own shapes on this device at --target-batch x --target-length and written to the run folder")
+    g.add_argument("--cost-model", default=None, metavar="FILE",
+                   help="with --target-speedup: reuse the latency model an earlier run wrote (its cost_model.json) "
+                   "instead of timing again, so the same command gives the same plan")
     g.add_argument("--target-batch", type=int, default=32, help="batch size the target is for (default: 32)")
     g.add_argument("--target-length", type=int, default=128, help="tokens per input the target is for (default: 128)")
     p.add_argument("--out", required=True, help="output folder")
@@ -176,8 +179,10 @@ def _run_prune(args) -> int:
 
     target = None
     given = {k: getattr(args, f"target_{k}") for k in ("flops", "params", "speedup")}
+    if args.cost_model is not None and given["speedup"] is None:
+        raise UserError("--cost-model FILE (a run folder's cost_model.json) goes with --target-speedup")
     if any(v is not None for v in given.values()):
-        target = {"batch_size": args.target_batch, "seq_len": args.target_length,
+        target = {"batch_size": args.target_batch, "seq_len": args.target_length, "cost_model": args.cost_model,
                   **{k: v for k, v in given.items() if v is not None}}
         args.method = args.method or ("calibrated" if args.plan is None else None)
     if args.mode is None:

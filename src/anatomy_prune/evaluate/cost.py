@@ -58,6 +58,40 @@ class CostModel:
     def to_dict(self) -> dict:
         return {**asdict(self), "dense": self.dense}
 
+    @classmethod
+    def saved(cls, path: str, loaded: Loaded, batch_size: int, seq_len: int) -> "CostModel":
+        """A latency model an earlier `prune --target-speedup` wrote (its run folder's cost_model.json), checked
+        against this model's dense widths and the target's shape: the same plan again without re-timing."""
+        from ..safefiles import read_json
+
+        d = read_json(path, "cost model")
+        what = f"cost model '{path}'"
+        try:
+            cm = cls(str(d["kind"]), float(d["base"]), [float(a) for a in d["per_neuron"]],
+                     [float(a) for a in d["per_head"]], [int(n) for n in d["neurons"]], [int(h) for h in d["heads"]],
+                     dict(d.get("info") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"{what} is not one anatomy-prune wrote; give a run folder's cost_model.json") from None
+        numbers = [cm.base, *cm.per_neuron, *cm.per_head]
+        if cm.kind != "latency" or not all(np.isfinite(numbers)) or min(numbers) < 0:
+            raise UserError(f"{what} must be a latency model with finite, non-negative costs")
+        if (cm.neurons != ffn_widths(loaded.model) or cm.heads != _attention_shape(loaded.model)[0]
+                or cm.info.get("model") != model_signature(loaded)):
+            raise UserError(f"{what} was fitted on another model ({cm.info.get('model')}, FFN widths {cm.neurons[:3]}...), "
+                            "not this model's; give the dense model it was fitted on, or leave --cost-model out")
+        shape = (cm.info.get("batch_size"), cm.info.get("seq_len"))
+        if shape != (batch_size, seq_len):
+            raise UserError(f"{what} was fitted at batch x length {shape[0]} x {shape[1]}, the target asks for "
+                            f"{batch_size} x {seq_len}; give matching --target-batch / --target-length")
+        return cm
+
+
+def model_signature(loaded: Loaded) -> dict:
+    """What a latency model is tied to besides its widths: the architecture and the device it was timed on."""
+    cfg = base_model(loaded.model).config
+    return {"model_type": str(cfg.model_type), "hidden": int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))),
+            "layers": len(ffn_widths(loaded.model)), "kind": loaded.kind, "device": str(loaded.device)}
+
 
 def _attention_shape(model: nn.Module) -> tuple[list[int], int, int]:
     """(units per layer, head_dim, query heads per unit) of the attention; units are heads, or KV groups for
@@ -178,6 +212,7 @@ def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repea
         timed[k] = {"neurons": int(n), "heads": int(h), "median_s": t.median, "q1_s": t.q1, "q3_s": t.q3,
                     "predicted_s": pred, "rel_error": (pred - t.median) / t.median, "fitted": k in fitted}
     cm.info = {"batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "device": str(loaded.device),
+               "model": model_signature(loaded),
                "timed": timed, "heads_fitted": heads_prunable and any(f < 1.0 for f in fractions),
                "max_rel_residual": max(abs(t["rel_error"]) for t in timed.values() if t["fitted"]),
                "held_back_max_rel_error": max(abs(t["rel_error"]) for t in timed.values() if not t["fitted"]),

@@ -34,7 +34,7 @@ QUANTIZE = ("int8",)
 LAYERWISE = ("sequential", "dense")
 EXECUTORS = ("local", "ray")
 TARGET_METHODS = ("calibrated", "fluctuation", "magnitude")   # scorers that score neurons and heads
-TARGET_KEYS = ("flops", "speedup", "params", "batch_size", "seq_len", "floor")
+TARGET_KEYS = ("flops", "speedup", "params", "batch_size", "seq_len", "floor", "cost_model")
 LAYERWISE_METHOD = "calibrated"    # the recipe the layer-wise path follows (without Fisher)
 LAYERWISE_PARAMS = ("rebuilt",)                 # its method parameters; and of the request: ridge, floor, multiple_of
 LAYERWISE_OPTIONS = ("ridge", "floor", "multiple_of")
@@ -159,6 +159,11 @@ def check_target(target: Mapping, floor: float | None = None) -> dict:
                 raise UserError(f"--target-{key} must be a fraction in (0, 1) of the dense model's {what}, got {t[key]}")
     if "speedup" in t:
         t["speedup"] = finite(t["speedup"], "--target-speedup (a speedup of the dense model)", 1.0, strict_lo=True)
+    if t.get("cost_model") is not None:
+        if "speedup" not in t or not isinstance(t["cost_model"], str) or not t["cost_model"]:
+            raise UserError("--cost-model FILE (a run folder's cost_model.json) goes with --target-speedup")
+    else:
+        t.pop("cost_model", None)
     t["floor"] = fraction(t["floor"], "--floor")
     return t
 

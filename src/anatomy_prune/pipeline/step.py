@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..apply.compensate import compensate as refit, compensate_heads
 from ..apply.modes import apply_plan
 from ..errors import UserError
-from ..evaluate.cost import flops_cost, latency_cost, params_cost
+from ..evaluate.cost import CostModel, flops_cost, latency_cost, params_cost
 from ..models.loading import Loaded
 from ..models.quantize import check_quantize, quantize_int8
 from ..plan.allocate import plan_from_scores, plan_under_budget
@@ -128,6 +128,9 @@ def _plan_for_target(loaded: Loaded, scores, target: dict, allocation: dict, who
     elif "params" in target:
         cm = params_cost(loaded)
         budget, what = cm.dense * float(target["params"]), f"--target-params {target['params']}"
+    elif target.get("cost_model"):
+        cm = CostModel.saved(target["cost_model"], loaded, target["batch_size"], target["seq_len"])
+        budget, what = cm.dense / float(target["speedup"]), f"--target-speedup {target['speedup']}"
     else:
         cm = latency_cost(loaded, batch_size=target["batch_size"], seq_len=target["seq_len"])
         budget, what = cm.dense / float(target["speedup"]), f"--target-speedup {target['speedup']}"
