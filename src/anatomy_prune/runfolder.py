@@ -1,28 +1,7 @@
 """Run folders: every job writes its outputs through `RunFolder`, so nothing is lost, nothing is
-half-written and nothing outside --out is touched. A leaf module: the standard library and `errors` only.
-
-A run folder belongs to one job. Its marker `.anatomy-prune.json` records the job's kind, a digest of the
-settings that decide its outputs, the entries the job wrote, and whether it finished. The writer
-
-- refuses a path that is no place for a run: `.`, `..`, the current folder or a folder above it, the
-  filesystem root, the home folder, a symbolic link, a file, a folder of another run (unless `force`),
-  and a non-empty folder that anatomy-prune did not write (unless `force`, and even then it only adds);
-- makes the folder and checks that it can write there *before* any compute starts (`__enter__`);
-- holds a lock (`.anatomy-prune.lock`, flock) while it works: a second writer fails at once, one line;
-- stages every output in `.anatomy-prune-staging/` (marked, so a rerun recognises a stale one left by a
-  killed run and removes it) and moves it into place only when the job succeeds; every temporary file
-  (the marker's and the resume file's included) is made inside the staging folder;
-- commits through a journal: the list of moves is written into the staging folder first (one atomic
-  rename decides the commit), then the moves, then the marker. A run killed at any moment of the commit
-  leaves either no journal (the next run starts clean) or a journal the next run completes before
-  anything else (see `_recover`), so no kill can strand a folder;
-- on failure removes what this run created: the staging folder, the lock file, and the run folder (and
-  parents) if this run made them and nothing worth keeping (a resume file) is inside;
-- never moves, renames or deletes anything it did not create: an output replaces an entry of the same
-  name only when the marker says an anatomy-prune run wrote it; any other clash is an error.
-
-Resume files (a long sweep's finished points) live inside the run folder (`.anatomy-prune-resume.json`),
-keyed by the settings digest; their contents are data, never used as paths.
+half-written and nothing outside --out is touched (staging, a lock, a journaled commit, and never moving
+what this run did not create; the full contract is docs/runfolder.md). A leaf module: the standard
+library and `errors` only.
 """
 from __future__ import annotations
 

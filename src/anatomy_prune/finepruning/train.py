@@ -1,37 +1,7 @@
-"""Fine-pruning of FFN (MLP) neurons: prune while fine-tuning, on the cubic schedule of the second paper
-("What Matters in the Structured Pruning of Generative Language Models?", GUM), with four methods:
-
-  random     frozen random scores drawn once (seeded), so the pruned sets are nested over time
-  magnitude  structured magnitude ||W1 rows|| x ||W2 column||, recomputed from the weights every step (GMP)
-  movement   learnable per-neuron scores, trained by AdamW through the straight-through mask (see
-             finepruning_masks.py for the exact gradient), Top_v per layer (`--selection global` optional)
-  gum        global movement + the uniqueness-weighted L1 regulariser on sigmoid(scores) (docs/finepruning.md §3.5)
-
-Masks are hooks on every FFN hidden activation (hooks.run_with_hooks; the activation times a 0/1 vector);
-the dense weights are kept during training. At the end the final masks (keep fraction v_final, from the final scores) become a
-`PruningPlan`, applied with `apply.physical` and saved with `models.saved.save_model`: DIR/model is a
-model spec. DIR/results.json holds the metric of the masked model at the end of training, the sparsity, the
-time and the per-layer sensitivity and uniqueness of the final (physically pruned) model.
-
-Schedule: finepruning.schedule (dense warm-up, cubic decay, final stretch). Training: the toolkit's one
-loop (train.loop) on the tasks fine-tuning uses (train.tasks).
-
-Decisions on the open points (docs/finepruning.md §7), also recorded in every plan's params:
-  7.1  GUM is the code's `uniqueness_reg_mask` path: R = sum_l(sum_i sigmoid(s_li) omega_li / m_l) / (3L),
-       lambda(t) = lambda_R v(t)/v_f, omega = 1 + lambda_u u from the running |cos| (rho), one step late.
-       lambda_R = 2, rho = 0.999 (the code's defaults); lambda_u = 1 (the code's default 0 turns GUM off).
-  7.2  `movement` is plain Top_v on the learned scores, no L1 and no soft movement; local by default,
-       `--selection global` gives global movement (GUM without the regulariser).
-  7.3  magnitude: one score per neuron, the product of the two norms (scores.basic.magnitude_scores), local Top_v,
-       so each layer keeps exactly its scheduled count (the code's independent row and column choices keep
-       their intersection, which can be fewer).
-  7.4  random: Top_v of frozen random scores on the same cubic schedule, local by default.
-  7.5  padding tokens are left out of GUM's similarity and of the uniqueness measure.
-  7.8  exactly the counted neurons are kept (ties broken by index); counts come from plan.allocate.keep_counts.
-  7.10 perplexity: non-overlapping blocks of --max-length tokens (evaluate.perplexity).
-  7.11 the reported metric is the masked model at the final sparsity after the last step, which the saved,
-       physically pruned model reproduces.
-Not done: distillation, WikiSQL / SAMSum; the word embeddings are frozen by default (speed, as fine-tuning).
+"""Fine-pruning of FFN neurons (the second paper, GUM): prune while fine-tuning on the cubic schedule, with the
+random, magnitude, movement or gum method, masks as hooks on the FFN hidden activations, then the final masks
+as a PruningPlan applied physically and saved (DIR/model, DIR/results.json). The methods and every decision on
+the paper's open points are in docs/finepruning.md (§3, §7); each plan records them in its params.
 """
 from __future__ import annotations
 
