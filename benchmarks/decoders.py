@@ -1,7 +1,7 @@
 """Decoders without retraining: SmolLM2-135M with 50% of its FFN neurons removed, and with 20% and 50% of its
 parameters removed (FFN neurons and attention head units together), ours against magnitude and a FLAP-style
-baseline (An et al. 2024: fluctuation scores, a per-layer standardised global ranking, bias compensation) built
-on the same calibration statistics.
+baseline (An et al. 2024: fluctuation scores, a per-layer standardised global ranking, bias compensation; and its
+uniform variant, the same share of every layer) built on the same calibration statistics.
 
     .venv/bin/python benchmarks/decoders.py --out runs/decoders                 # the README's run
     .venv/bin/python benchmarks/decoders.py --eval-texts 8 --calib-size 8 --out runs/decoders-smoke
@@ -48,6 +48,8 @@ def settings(ffn: float, params: tuple[float, ...]) -> list[tuple[str, str, dict
     """(setting, method label, PruneRequest keywords) of every point; "layerwise" marks the layer-wise path."""
     out = [(f"FFN {ffn:.0%}", "magnitude", dict(method="magnitude", sparsity=ffn)),
            (f"FFN {ffn:.0%}", "FLAP-style", dict(method="fluctuation", sparsity=ffn, **FLAP)),
+           (f"FFN {ffn:.0%}", "FLAP-style, uniform", dict(method="fluctuation", sparsity=ffn, compensation=FLAP["compensation"],
+                                                          allocation=Allocation(scope="local"))),
            (f"FFN {ffn:.0%}", "ours", dict(method="calibrated", sparsity=ffn)),
            (f"FFN {ffn:.0%}", "ours, layer-wise", dict(method="calibrated", sparsity=ffn, layerwise="sequential"))]
     for removed in params:

@@ -4,7 +4,8 @@ cell (tagged `parameters`, the papermill convention), `setup(...)`, then calls i
 
 Online (Colab, or ANATOMY_PRUNE_ONLINE=1): bert-base-uncased / gpt2 fine-tuned on the hub's IMDB with the
 paper's recipe (`train.finetune.PRESETS`: paper-bert, paper-gpt2). Offline: MiniLM fine-tuned as `make demo`
-does (reused from runs/demo when it is there), and SmolLM2-135M as a language model for the GPT notebooks.
+does (reused from runs/demo when it is there); SmolLM2-135M with a binary head for the GPT-2 notebooks, and as
+a language model for fine-pruning.
 Smoke (ANATOMY_PRUNE_SMOKE=1): the same path at a few examples, so CI can run every notebook.
 
 `setup` also makes the outputs clean (`quiet`: no progress bars, log lines or warnings; a UserError shown
@@ -189,55 +190,68 @@ class Setup:
         return str(finetune(self.finetune, self.run_dir, progress=progress).model_dir)
 
 
-def setup(family: str, online: bool | None = None, smoke: bool | None = None, runs: str | Path | None = None,
-          sparsities: list[float] | None = None, eval_size: int | None = None, model: str | None = None,
-          calib_size: int | None = None, seeds: int | None = None, offline: dict | None = None) -> Setup:
-    """Settings of a notebook. online / smoke / runs: None reads ANATOMY_PRUNE_ONLINE (default: online in
-    Colab), ANATOMY_PRUNE_SMOKE and ANATOMY_PRUNE_RUNS (default: ../runs, beside the notebooks). model,
-    sparsities, eval_size, calib_size, seeds: None keeps the mode's default; the rest are checked here.
-    offline: the notebook's own defaults offline at full size (keys eval_size, sparsities), where they differ."""
+@dataclass(frozen=True)
+class Params:
+    """A notebook's parameters cell, checked once when built. online / smoke / runs: None reads
+    ANATOMY_PRUNE_ONLINE (default: online in Colab), ANATOMY_PRUNE_SMOKE and ANATOMY_PRUNE_RUNS (default: ../runs,
+    beside the notebooks); sparsities, eval_size, model, calib_size, seeds: None keeps the mode's default."""
+
+    online: bool | None = None
+    smoke: bool | None = None
+    runs: str | Path | None = None
+    sparsities: list[float] | None = None
+    eval_size: int | None = None
+    model: str | None = None
+    calib_size: int | None = None
+    seeds: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsities is not None:
+            object.__setattr__(self, "sparsities", check_fractions(self.sparsities, "SPARSITIES"))
+        for value, what, example in ((self.eval_size, "EVAL_SIZE", 1000), (self.calib_size, "CALIB_SIZE", 256),
+                                     (self.seeds, "SEEDS", 3)):
+            if value is not None:
+                check_positive(value, what, example)
+        online = _flag(self.online, "ANATOMY_PRUNE_ONLINE", "google.colab" in sys.modules)
+        object.__setattr__(self, "online", online)
+        object.__setattr__(self, "smoke", _flag(self.smoke, "ANATOMY_PRUNE_SMOKE", False))
+        object.__setattr__(self, "runs", Path(self.runs or os.environ.get("ANATOMY_PRUNE_RUNS") or "../runs"))
+        object.__setattr__(self, "model", check_model(self.model, online))
+
+
+def _recipe(family: str, online: bool, smoke: bool) -> tuple[FinetuneConfig | None, str, str, list[str]]:
+    """The mode's fine-tune recipe, base model, data and notes, for a family (bert or gpt2)."""
+    small = dict(train_size=16, val_size=8, test_size=16, max_length=32, batch_size=8)  # online smoke: full-size models
+    if family == "bert":
+        ft = preset("paper-bert", **(small if smoke else {})) if online else preset("smoke" if smoke else "demo")
+        return ft, ft.model, ft.data, []
+    if online:
+        ft = preset("paper-gpt2", **(small if smoke else {}))
+        return ft, ft.model, "hf", []
+    if smoke:
+        return replace(preset("smoke"), model="tiny-gpt2"), "tiny-gpt2", "imdb", []
+    ft = preset("offline-gpt2")   # the paper's GPT-2 experiment on a CPU: SmolLM2-135M, binary head on the last token
+    return ft, ft.model, ft.data, ["offline on a CPU, SmolLM2-135M (dequantized from a 4-bit GGUF) stands in for "
+                                   "GPT-2, fine-tuned at CPU size (train.finetune.PRESETS['offline-gpt2']); online, "
+                                   "gpt2 is fine-tuned with the paper's recipe"]
+
+
+def setup(family: str, params: Params | None = None, offline: dict | None = None) -> Setup:
+    """Settings of a notebook: its family (bert or gpt2), its parameters cell (Params) and, in `offline`, the
+    notebook's own defaults offline at full size (keys eval_size, sparsities), where they differ."""
     quiet()
-    own = dict(offline or {})
+    p, own = params or Params(), dict(offline or {})
     if family not in ("bert", "gpt2"):
         raise UserError(f"family must be bert or gpt2, got {family!r}")
-    if sparsities is not None:
-        sparsities = check_fractions(sparsities, "SPARSITIES")
-    for value, what, example in ((eval_size, "EVAL_SIZE", 1000), (calib_size, "CALIB_SIZE", 256), (seeds, "SEEDS", 3)):
-        if value is not None:
-            check_positive(value, what, example)
-    online = _flag(online, "ANATOMY_PRUNE_ONLINE", "google.colab" in sys.modules)
-    smoke = _flag(smoke, "ANATOMY_PRUNE_SMOKE", False)
-    runs = Path(runs or os.environ.get("ANATOMY_PRUNE_RUNS") or "../runs")
-    small = dict(train_size=16, val_size=8, test_size=16, max_length=32, batch_size=8)  # online smoke: full-size models
-    notes = []
-    if family == "bert":
-        if online:
-            ft = preset("paper-bert", **(small if smoke else {}))
-        else:
-            ft = preset("smoke") if smoke else preset("demo")
-        base = ft.model
-        data = ft.data
-    else:
-        if online:
-            ft = preset("paper-gpt2", **(small if smoke else {}))
-            base, data = ft.model, "hf"
-        elif smoke:
-            ft = replace(preset("smoke"), model="tiny-gpt2")
-            base, data = "tiny-gpt2", "imdb"
-        else:  # the paper's GPT-2 experiment on a CPU: SmolLM2-135M with a binary head on the last real token
-            ft = preset("offline-gpt2")
-            base, data = ft.model, ft.data
-            notes.append("offline on a CPU, SmolLM2-135M (dequantized from a 4-bit GGUF) stands in for GPT-2, "
-                         "fine-tuned at CPU size (train.finetune.PRESETS['offline-gpt2']); online, gpt2 is "
-                         "fine-tuned with the paper's recipe")
-    model = check_model(model, online)
-    if model is not None:  # another model studied the same way: fine-tuned with the mode's recipe, or as it is
-        ft = replace(ft, model=model) if ft is not None else None
-        base = model
-    return Setup(family=family, online=online, smoke=smoke, runs=runs, finetune=ft, base=base,
-                 eval_size=eval_size or (16 if smoke else own.get("eval_size", 1000) if ft is not None and not online
-                                         else 1000 if ft is not None else 64),
-                 calib_size=calib_size or (16 if smoke else 256),
-                 sparsities=sparsities or ([0.5] if smoke else own.get("sparsities", [0.1, 0.3, 0.5, 0.7, 0.9])
-                                          if not online else [0.1, 0.3, 0.5, 0.7, 0.9]), data=data,
-                 seeds=seeds or (2 if smoke else 5), notes=notes)
+    online, smoke = p.online, p.smoke
+    ft, base, data, notes = _recipe(family, online, smoke)
+    if p.model is not None:  # another model studied the same way: fine-tuned with the mode's recipe, or as it is
+        ft = replace(ft, model=p.model) if ft is not None else None
+        base = p.model
+    return Setup(family=family, online=online, smoke=smoke, runs=p.runs, finetune=ft, base=base,
+                 eval_size=p.eval_size or (16 if smoke else own.get("eval_size", 1000) if ft is not None and not online
+                                           else 1000 if ft is not None else 64),
+                 calib_size=p.calib_size or (16 if smoke else 256),
+                 sparsities=p.sparsities or ([0.5] if smoke else own.get("sparsities", [0.1, 0.3, 0.5, 0.7, 0.9])
+                                             if not online else [0.1, 0.3, 0.5, 0.7, 0.9]), data=data,
+                 seeds=p.seeds or (2 if smoke else 5), notes=notes)
