@@ -51,17 +51,6 @@ def check_entry_name(name: str) -> str:
     return name
 
 
-def safe_child(folder: Path, relative: str) -> Path:
-    """folder / relative, where every component is a plain name: nothing can point outside `folder`."""
-    parts = Path(relative).parts
-    if not parts or Path(relative).is_absolute():
-        raise UserError(f"'{relative}' is not a relative path inside the run folder")
-    for p in parts:
-        if p in (".", "..") or "/" in p or "\\" in p or p.startswith(".anatomy-prune"):
-            raise UserError(f"'{relative}' would leave the run folder; use plain names")
-    return folder.joinpath(*parts)
-
-
 def check_out_path(out: str | Path, what: str = "--out") -> Path:
     """Refuse an output path that is no place for a run folder; returns it unresolved."""
     text = str(out)
