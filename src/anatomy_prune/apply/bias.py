@@ -50,7 +50,7 @@ def bias_compensate(model: nn.Module, plan: PruningPlan, stats) -> dict:
     heads = []
     if plan.heads is not None:
         for s in attention_sites(model):
-            gone = [u for u in range(s.n_units) if u not in set(plan.heads[s.layer])]
+            gone = plan.removed_heads(s.layer)
             heads.append(fold_mean(get_module(base, s.o), stats.heads.gram[s.layer], s.q_features(gone), s.layer))
     mean = lambda rows, k: sum(e[k] for e in rows) / max(1, len(rows))  # noqa: E731
     report = {"kind": "bias", "layers": layers, "mean_rel_err_removed": mean(layers, "rel_err_removed"),

@@ -128,11 +128,10 @@ def _plan_for_target(loaded: Loaded, scores, target: dict, allocation: dict, who
     elif "params" in target:
         cm = params_cost(loaded)
         budget, what = cm.dense * float(target["params"]), f"--target-params {target['params']}"
-    elif target.get("cost_model"):
-        cm = CostModel.saved(target["cost_model"], loaded, target["batch_size"], target["seq_len"])
-        budget, what = cm.dense / float(target["speedup"]), f"--target-speedup {target['speedup']}"
-    else:
-        cm = latency_cost(loaded, batch_size=target["batch_size"], seq_len=target["seq_len"])
+    else:   # a saved latency model (--cost-model) is reused; otherwise one is fitted by timing
+        cm = (CostModel.saved(target["cost_model"], loaded, target["batch_size"], target["seq_len"])
+              if target.get("cost_model") else latency_cost(loaded, batch_size=target["batch_size"],
+                                                            seq_len=target["seq_len"]))
         budget, what = cm.dense / float(target["speedup"]), f"--target-speedup {target['speedup']}"
     normalize = allocation.get("normalize", "none")
     plan = plan_under_budget(scores, {"neurons": cm.per_neuron, "heads": cm.per_head}, cm.base, budget,
