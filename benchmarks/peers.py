@@ -3,7 +3,8 @@ int8 stacked on it), Torch-Pruning (Taylor and magnitude importance; FFN channel
 (its FFN and head pruning with its own importance scores), on the same fine-tuned model, the same calibration
 reviews and the same held-out reviews, in one process. For every point: accuracy with its 95% interval,
 McNemar against our point of the nearest measured speedup, parameters, pruning time and the measured speedup
-(dense and pruned timed interleaved at batch 32 x 128 tokens on this CPU).
+(dense and pruned timed interleaved at batch 32 x 128 tokens on this CPU). Under speedup targets the latency
+model is fitted once, at the first target (its pruning time includes the timing), and reused for the others.
 
     make peers      # builds .venv-peers (the peers, benchmarks/peer_requirements.txt), then runs:
     PYTHONPATH=src .venv-peers/bin/python benchmarks/peers.py --model runs/demo/finetune --out runs/peers
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                    "where timings are all overhead)")
     p.add_argument("--grid", type=float, nargs="+", default=[x for g in GRID for x in g],
                    help="FFN and head sparsities of the peers, in pairs")
-    p.add_argument("--peers", nargs="+", default=["torch-pruning-taylor", "torch-pruning-magnitude", "textpruner"])
-    p.add_argument("--int8", action="store_true", default=True)
+    p.add_argument("--peers", nargs="*", default=["torch-pruning-taylor", "torch-pruning-magnitude", "textpruner"],
+                   help="the peers to run (none: ours only; the peers need a BERT-like layout, so not mpnet-base)")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time ours with int8 stacked (default: on)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="runs/peers")
     p.add_argument("--force", action="store_true")
@@ -92,13 +97,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"method": "dense", "accuracy": dense_ev["accuracy"], "accuracy_interval": dense_ev["accuracy_interval"],
                          "measured_speedup": 1.0, "params": sum(q.numel() for q in clf.model.parameters()),
                          "prune_s": 0.0, "correct": dense_ev["correct"]})
+            saved = Path(tempfile.mkdtemp(prefix="peers-cost-")) / "cost_model.json"
             for s in args.targets:
                 t0 = time.perf_counter()
                 tgt = {"speedup": s} if args.target_kind == "speedup" else {"flops": 1.0 / s}
+                reuse = args.target_kind == "speedup" and saved.is_file()    # one latency model for every target
+                if reuse:
+                    tgt["cost_model"] = str(saved)
                 res = prune_step(calib, PruneRequest(method="calibrated", target={**tgt, "batch_size": 32, "seq_len": 128}))
                 secs = time.perf_counter() - t0
+                if args.target_kind == "speedup" and not reuse:
+                    saved.write_text(json.dumps(res.cost_model, default=float))
                 point("ours", res.loaded, secs, {"target_speedup": s, "ffn_widths": res.plan.kept_widths,
-                                                 "heads": res.plan.kept_heads})
+                                                 "heads": res.plan.kept_heads,
+                                                 "cost_model": "reused" if reuse else "fitted"})
                 if args.int8:
                     q = copy_loaded(res.loaded)
                     t1 = time.perf_counter()

@@ -342,3 +342,29 @@ def test_finetune_of_the_top_blocks_only_moves_them_and_the_head(tiny_csv):
     assert "train_layers" not in FinetuneConfig().settings() and cfg.settings()["train_layers"] == 1
     with pytest.raises(UserError, match="train_layers"):
         FinetuneConfig(train_layers=-1).validate()
+
+
+def test_top_blocks_only_freezes_mpnets_shared_position_bias(tiny_csv):
+    """MPNet adds one relative-position bias table to every block's attention: it must be frozen with the lower
+    blocks, or the backward pass runs through all of them (the mpnet-base preset trains the top 6 of 12)."""
+    from anatomy_prune.data.splits import load_splits
+    from anatomy_prune.models.classifier import BinaryClassifier
+    from anatomy_prune.models.loading import Loaded
+    from anatomy_prune.train.finetune import FinetuneConfig, preset, train_classifier
+
+    base = load_model("tiny-mpnet", device="cpu")
+    torch.manual_seed(0)
+    model = BinaryClassifier(base.model)
+    loaded = Loaded(model=model, tokenizer=base.tokenizer, kind="classifier", spec="x", info={}, dtype=base.dtype)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    cfg = FinetuneConfig(model="tiny-mpnet", data=str(tiny_csv), train_size=16, val_size=0, test_size=4,
+                         max_length=16, batch_size=8, lr=1e-2, train_layers=1)
+    train_classifier(loaded, load_splits(str(tiny_csv), (16, 0, 4), 0).train, cfg, progress=False)
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    last = len(model.backbone.encoder.layer) - 1
+    assert "dense.weight" in moved and any(k.startswith(f"backbone.encoder.layer.{last}.") for k in moved)
+    assert all(k.startswith((f"backbone.encoder.layer.{last}.", "backbone.pooler.", "dense.")) for k in moved), moved
+    assert all(p.requires_grad for p in model.parameters())
+    rec = preset("mpnet-base")
+    rec.validate()
+    assert (rec.model, rec.train_layers, rec.train_size) == ("mpnet-base", 6, 2000)
