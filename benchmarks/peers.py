@@ -1,9 +1,10 @@
-"""Peers side by side: ours (`calibrated` under a measured-latency target, heads and FFN neurons together, and
-int8 stacked on it), Torch-Pruning (Taylor and magnitude importance; FFN channels and heads) and TextPruner
-(its FFN and head pruning with its own importance scores), on the same fine-tuned model, the same calibration
-reviews and the same held-out reviews, in one process. For every point: accuracy with its 95% interval,
-McNemar against our point of the nearest measured speedup, parameters, pruning time and the measured speedup
-(dense and pruned timed interleaved at batch 32 x 128 tokens on this CPU). Under speedup targets the latency
+"""Peers side by side: ours (`calibrated` under a measured-latency target, heads and FFN neurons together),
+Torch-Pruning (Taylor and magnitude importance; FFN channels and heads) and TextPruner (its FFN and head pruning
+with its own importance scores), each also with torch's dynamic int8 stacked on it, on the same fine-tuned
+model, the same calibration reviews and the same held-out reviews, in one process. For every point: accuracy
+with its 95% interval, McNemar against our point of the nearest measured speedup (an int8 point against ours +
+int8), parameters, pruning time and the measured speedup (dense and pruned timed interleaved at batch 32 x 128
+tokens on this CPU). Under speedup targets the latency
 model is fitted once, at the first target (its pruning time includes the timing), and reused for the others.
 
     make peers      # builds .venv-peers (the peers, benchmarks/peer_requirements.txt), then runs:
@@ -129,9 +130,16 @@ def main(argv: list[str] | None = None) -> int:
                     point(peer, work, out["seconds"], {"ffn_sparsity": ffn, "head_sparsity": heads,
                                                        "ffn_widths": out["ffn_widths"], "heads": out["heads_per_layer"],
                                                        "notes": out.get("notes", "")})
-            ours = [r for r in rows if r["method"] == "ours"]
+                    if args.int8:     # the same int8 as ours, timed the same way (issue 25, item 5)
+                        q = copy_loaded(work)
+                        t1 = time.perf_counter()
+                        q.model = quantize_int8(q.model)
+                        point(f"{peer} + int8", q, out["seconds"] + time.perf_counter() - t1,
+                              {"ffn_sparsity": ffn, "head_sparsity": heads}, work)
             for r in rows[1:]:
-                if r["method"] != "ours" and ours:
+                # int8 rows are compared with ours + int8, float rows with ours
+                ours = [o for o in rows if o["method"] == ("ours + int8" if r["method"].endswith("int8") else "ours")]
+                if r["method"] not in ("ours", "ours + int8") and ours:
                     ref = min(ours, key=lambda o: abs(o["measured_speedup"] - r["measured_speedup"]))
                     r["vs_ours"] = {**mcnemar(r["correct"], ref["correct"]), "ours_speedup": ref["measured_speedup"]}
                 r["vs_dense"] = mcnemar(r["correct"], rows[0]["correct"])
@@ -167,7 +175,7 @@ def int8_speedup(dense, flt, q, repeats: int) -> dict:
 def table(result: dict) -> str:
     dense = result["rows"][0]["accuracy"]
     lines = [f"{result['n_eval']} held-out reviews; speedup measured at batch 32 x 128 tokens, interleaved with the "
-             "dense model; McNemar against ours at the nearest speedup (p < 0.05 = supported).", "",
+             "dense model; McNemar against ours at the nearest speedup, int8 against ours + int8 (p < 0.05 = supported).", "",
              "| method | setting | speedup | accuracy % [95%] | vs dense (pts) | vs ours (pts, p) | params M | prune s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -1,4 +1,5 @@
-"""`anatomy-prune prune`: load -> calibration sample -> prune_step (or prune_layerwise) -> evaluate -> run folder.
+"""`anatomy-prune prune`: load -> calibration sample -> prune_step (or prune_layerwise, prune_iterative) ->
+evaluate -> run folder.
 
 The folder holds plan.json, model/ (the pruned model: the folder is itself a model spec) and metrics.json.
 Calibration texts are a seeded sample of the training split with every evaluation text removed.
@@ -17,6 +18,7 @@ from ..models.saved import save_model
 from ..runfolder import RunFolder, now_iso
 from ..scores.calibration import Calibration, make_calibration
 from ..validate import text
+from .iterative import prune_iterative
 from .layerwise import prune_layerwise
 from .requests import PruneRequest
 from .step import PruneResult, copy_loaded, needs_calibration, prune_step
@@ -40,6 +42,8 @@ def prune(req: PruneRequest, out: str | Path, *, progress: bool = True, force: b
         dense_copy = copy_loaded(loaded) if (req.target or req.quantize) else None  # for the measured speedup
         if req.layerwise:
             res = prune_layerwise(calib, req, inplace=True, progress=progress)
+        elif req.steps > 1:
+            res = prune_iterative(calib, req, inplace=True)
         else:
             res = prune_step(calib, req, inplace=True, keep_float=True)
         log.info("evaluating on %d texts", len(eval_data))

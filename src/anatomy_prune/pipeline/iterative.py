@@ -1,0 +1,47 @@
+"""Iterative pruning (`prune --steps N`): the requested FFN sparsity in N equal shares, each share one
+prune_step on statistics collected again from the model pruned so far (the same calibration texts). The
+returned plan maps every kept neuron back to the dense model's ids, so plan.json describes the whole cut.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..plan.plan import PruningPlan
+from ..scores.calibration import Calibration
+from .requests import PruneRequest
+from .step import PruneResult, prune_step
+
+
+def step_sparsities(sparsity: float, steps: int) -> list[float]:
+    """The sparsity each step asks of the model it gets: after step i the model keeps 1 - sparsity x i / steps
+    of the dense neurons (allocation rounds each step's counts)."""
+    kept = [1.0 - sparsity * i / steps for i in range(steps + 1)]
+    return [1.0 - kept[i] / kept[i - 1] for i in range(1, steps + 1)]
+
+
+def compose(plans: list[PruningPlan]) -> PruningPlan:
+    """One plan on the dense model from plans made one after another (each on the model the last one left)."""
+    keep = [list(k) for k in plans[0].keep]
+    for p in plans[1:]:
+        keep = [[ids[j] for j in k] for ids, k in zip(keep, p.keep)]
+    first, last = plans[0], plans[-1]
+    return PruningPlan(keep=keep, widths=first.widths, base_model=first.base_model, method=last.method,
+                       params={**last.params, "steps": len(plans),
+                               "step_sparsities": [round(p.sparsity, 6) for p in plans]}, seed=last.seed)
+
+
+def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = False) -> PruneResult:
+    """Prune `calib`'s model to req.sparsity in req.steps shares, recalibrating between them (see the module
+    doc); a copy unless `inplace`. prune_s adds up the steps' (each step's statistics included)."""
+    loaded, seconds = calib.loaded, 0.0
+    plans, reports, res = [], [], None
+    for i, share in enumerate(step_sparsities(req.sparsity, req.steps)):
+        # the first step reads the statistics `calib` may hold already; later ones collect them on the pruned model
+        step_calib = Calibration(loaded, calib.texts, calib.labels, max_length=calib.max_length,
+                                 batch_size=calib.batch_size, seed=calib.seed) if i else calib
+        res = prune_step(step_calib, replace(req, sparsity=round(share, 9), steps=1), inplace=inplace or i > 0)
+        loaded, seconds = res.loaded, seconds + res.prune_s
+        plans.append(res.plan)
+        reports.append(res.compensation)
+    report = None if all(r is None for r in reports) else {"steps": reports}
+    return PruneResult(loaded, compose(plans), report, seconds, res.scores)
