@@ -1,10 +1,10 @@
 """Techniques tried on a decoder (issue 25, item 2), each against ours all at once on the same texts, at the same
-final FFN sparsity: the same scores with the same width in every layer (the allocation the layer-wise path
-keeps), and iterative pruning that recalibrates between steps (the model pruned part of the way is scored again
-on the calibration texts, its Gram matrices and gradients recomputed, before the next share goes: `prune
---steps N`, pipeline.iterative).
+final FFN sparsity: the same scores with nearly the same width in every layer (a floor of 0.9 x the kept share;
+the layer-wise path keeps equal widths), and iterative pruning that recalibrates between steps (`prune --steps
+N`, pipeline.iterative: the model pruned part of the way is scored again on the calibration texts, its Gram
+matrices and gradients recomputed, before the next share goes).
 
-    .venv/bin/python benchmarks/decoder_variants.py --out runs/decoder-variants          # the README's run
+    .venv/bin/python benchmarks/decoder_variants.py --calib-size 128 --out runs/decoder-variants   # the README's run
     .venv/bin/python benchmarks/decoder_variants.py --eval-texts 8 --calib-size 8 --steps 2 --out /tmp/dv
 
 Every variant is evaluated on the same held-out IMDB test reviews as benchmarks/decoders.py: perplexity with a
