@@ -1,6 +1,6 @@
 """Techniques tried on a decoder (issue 25, item 2), each against ours all at once on the same texts, at the same
 final FFN sparsity: the same scores with nearly the same width in every layer (a floor of 0.9 x the kept share;
-the layer-wise path keeps equal widths), and iterative pruning that recalibrates between steps (`prune --steps
+the layer-wise path keeps equal widths), and iterative pruning that recalibrates between steps (`prune --iterations
 N`, pipeline.iterative: the model pruned part of the way is scored again on the calibration texts, its Gram
 matrices and gradients recomputed, before the next share goes).
 
@@ -37,10 +37,10 @@ from anatomy_prune.scores import make_calibration  # noqa: E402
 
 
 def iterative(loaded, sparsity: float, steps: int, args, exclude) -> tuple[object, float]:
-    """`prune --steps N`: the library's iterative path (pipeline.iterative), on a fresh calibration sample."""
+    """`prune --iterations N`: the library's iterative path (pipeline.iterative), on a fresh calibration sample."""
     calib = make_calibration(loaded, args.calib_size, args.max_length, seed=0, exclude=exclude, batch_size=8)
-    res = prune_iterative(calib, PruneRequest(method="calibrated", sparsity=sparsity, steps=steps))
-    print(f"  {steps} steps: {res.plan.params['step_sparsities']}", flush=True)
+    res = prune_iterative(calib, PruneRequest(method="calibrated", sparsity=sparsity, iterations=steps))
+    print(f"  {steps} steps: {res.plan.params['iteration_sparsities']}", flush=True)
     return res.loaded, res.prune_s
 
 

@@ -1,6 +1,6 @@
-"""Iterative pruning (pipeline.iterative, `prune --steps N`): N prune steps, each on statistics of the model the
-last one left, equal a hand-made chain of prune_step calls; the composed plan describes the whole cut on the
-dense model; the request refuses what it cannot do."""
+"""Iterative pruning (pipeline.iterative, `prune --iterations N`): N prune steps, each on statistics of the
+model the last one left, equal a hand-made chain of prune_step calls; the composed plan describes the whole cut
+on the dense model; the request refuses what it cannot do."""
 import json
 
 import pytest
@@ -42,14 +42,14 @@ def test_compose_maps_later_plans_back_to_the_dense_ids():
     a = PruningPlan(keep=[[0, 2, 5, 7], [1, 3]], widths=[8, 4], method="m")
     b = PruningPlan(keep=[[1, 3], [0]], widths=[4, 2], method="m")
     c = compose([a, b])
-    assert c.keep == ((2, 7), (1,)) and c.widths == (8, 4) and c.params["steps"] == 2
+    assert c.keep == ((2, 7), (1,)) and c.widths == (8, 4) and c.params["iterations"] == 2
 
 
 @pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
 def test_two_steps_equal_two_prune_steps_on_fresh_statistics(alias):
     loaded = load_model(alias, device="cpu")
     dense = sum(ffn_widths(loaded.model))
-    req = PruneRequest(method="calibrated", sparsity=0.5, steps=2)
+    req = PruneRequest(method="calibrated", sparsity=0.5, iterations=2)
     res = prune_iterative(_calib(loaded), req)
     assert sum(ffn_widths(loaded.model)) == dense              # the input model is untouched (a copy was pruned)
     assert abs(sum(ffn_widths(res.loaded.model)) - dense // 2) <= len(ffn_widths(loaded.model))
@@ -61,7 +61,7 @@ def test_two_steps_equal_two_prune_steps_on_fresh_statistics(alias):
     assert torch.allclose(_logits(r2.loaded), _logits(res.loaded), atol=1e-5)
     # the composed plan is the whole cut on the dense model: its kept ids are the dense ids both steps kept
     plan = res.plan
-    assert plan.widths == tuple(ffn_widths(loaded.model)) and plan.params["steps"] == 2
+    assert plan.widths == tuple(ffn_widths(loaded.model)) and plan.params["iterations"] == 2
     assert [len(k) for k in plan.keep] == ffn_widths(res.loaded.model)
     assert plan.keep == tuple(tuple(r1.plan.keep[l][j] for j in k) for l, k in enumerate(r2.plan.keep))
     # and it differs from one step all at once on the dense statistics (else the feature does nothing)
@@ -70,34 +70,34 @@ def test_two_steps_equal_two_prune_steps_on_fresh_statistics(alias):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (dict(target={"flops": 0.5}, sparsity=None), "--steps"),
+    (dict(target={"flops": 0.5}, sparsity=None), "--iterations"),
     (dict(mode="mask"), "--mode physical"),
-    (dict(layerwise="sequential"), "--steps"),
-    (dict(quantize="int8"), "--steps"),
-    (dict(steps=17), "at most 16"),
-    (dict(steps=0), "--steps"),
-    (dict(steps=2.0), "whole number"),
+    (dict(layerwise="sequential"), "--iterations"),
+    (dict(quantize="int8"), "--iterations"),
+    (dict(iterations=17), "at most 16"),
+    (dict(iterations=0), "--iterations"),
+    (dict(iterations=2.0), "whole number"),
 ])
-def test_the_request_refuses_what_steps_cannot_do(extra, match):
-    kw = dict(method="calibrated", sparsity=0.5, steps=2)
+def test_the_request_refuses_what_iterations_cannot_do(extra, match):
+    kw = dict(method="calibrated", sparsity=0.5, iterations=2)
     kw.update(extra)
     with pytest.raises(UserError, match=match):
         PruneRequest(**kw)
 
 
-def test_cli_steps_writes_the_composed_plan_and_refuses_in_one_line(tmp_path, capsys):
+def test_cli_iterations_writes_the_composed_plan_and_refuses_in_one_line(tmp_path, capsys):
     out = tmp_path / "it"
-    assert main(["prune", "--model", "tiny-llama", "--method", "calibrated", "--sparsity", "0.5", "--steps", "2",
+    assert main(["prune", "--model", "tiny-llama", "--method", "calibrated", "--sparsity", "0.5", "--iterations", "2",
                  "--calib-size", "8", "--eval-size", "4", "--out", str(out)]) == 0
     plan = json.loads((out / "plan.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert plan["params"]["steps"] == 2 and len(plan["params"]["step_sparsities"]) == 2
+    assert plan["params"]["iterations"] == 2 and len(plan["params"]["iteration_sparsities"]) == 2
     assert metrics["mode"] == "physical" and metrics["sparsity"] == pytest.approx(0.5, abs=0.05)
     reloaded = load_model(str(out), device="cpu")
     assert [len(k) for k in plan["keep"]] == ffn_widths(reloaded.model)
     capsys.readouterr()
     bad = tmp_path / "bad"
-    assert main(["prune", "--model", "tiny-llama", "--method", "calibrated", "--sparsity", "0.5", "--steps", "2",
+    assert main(["prune", "--model", "tiny-llama", "--method", "calibrated", "--sparsity", "0.5", "--iterations", "2",
                  "--mode", "mask", "--out", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--steps" in err[0] and not bad.exists()
+    assert len(err) == 1 and "--iterations" in err[0] and not bad.exists()

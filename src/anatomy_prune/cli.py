@@ -147,7 +147,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--method", default=None, help=f"one of: {_method_names()}")
     p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of all FFN neurons to remove, in [0, 1)")
-    p.add_argument("--steps", type=int, default=1, help="iterative: remove the sparsity in N equal shares, the "
+    p.add_argument("--iterations", type=int, default=1, help="iterative: remove the sparsity in N equal shares, the "
                    "statistics collected again on the pruned model before each (physical; default: 1)")
     p.add_argument("--mode", default=None, help="mask (zero, the paper's way) or physical (remove) (default: mask; "
                    "physical with a target or --quantize)")
@@ -188,14 +188,15 @@ def _run_prune(args) -> int:
                   **{k: v for k, v in given.items() if v is not None}}
         args.method = args.method or ("calibrated" if args.plan is None else None)
     if args.mode is None:
-        args.mode = "physical" if (target or args.quantize or args.steps > 1) else "mask"
+        args.mode = "physical" if (target or args.quantize or args.iterations > 1) else "mask"
     req = PruneRequest(model=args.model, method=args.method, sparsity=args.sparsity, params=_method_params(args),
                        plan_file=args.plan, mode=args.mode, compensate=args.compensate, allocation=_allocation(args),
                        compensation=_compensation(args),
                        target=target, quantize=args.quantize, eval=_eval_spec(args), calib=_calib_spec(args),
                        device=args.device, dtype=args.dtype, layerwise=args.layerwise, device_map=args.device_map,
                        max_memory=args.max_memory, offload_folder=args.offload_folder,
-                       weights_dtype=args.weights_dtype, max_shard_size=args.max_shard_size, steps=args.steps)
+                       weights_dtype=args.weights_dtype, max_shard_size=args.max_shard_size,
+                       iterations=args.iterations)
     m = prune(req, args.out, force=args.force)
     keys = ("accuracy", "accuracy_interval", "perplexity", "latency_s", "n_eval", "sparsity", "neurons_removed",
             "heads_removed", "params", "flops_per_token", "flops_ratio", "measured_speedup", "prune_s", "peak_mem_mb")

@@ -1,4 +1,4 @@
-"""Iterative pruning (`prune --steps N`): the requested FFN sparsity in N equal shares, each share one
+"""Iterative pruning (`prune --iterations N`): the requested FFN sparsity in N equal shares, each share one
 prune_step on statistics collected again from the model pruned so far (the same calibration texts). The
 returned plan maps every kept neuron back to the dense model's ids, so plan.json describes the whole cut.
 """
@@ -26,22 +26,22 @@ def compose(plans: list[PruningPlan]) -> PruningPlan:
         keep = [[ids[j] for j in k] for ids, k in zip(keep, p.keep)]
     first, last = plans[0], plans[-1]
     return PruningPlan(keep=keep, widths=first.widths, base_model=first.base_model, method=last.method,
-                       params={**last.params, "steps": len(plans),
-                               "step_sparsities": [round(p.sparsity, 6) for p in plans]}, seed=last.seed)
+                       params={**last.params, "iterations": len(plans),
+                               "iteration_sparsities": [round(p.sparsity, 6) for p in plans]}, seed=last.seed)
 
 
 def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = False) -> PruneResult:
-    """Prune `calib`'s model to req.sparsity in req.steps shares, recalibrating between them (see the module
+    """Prune `calib`'s model to req.sparsity in req.iterations shares, recalibrating between them (see the module
     doc); a copy unless `inplace`. prune_s adds up the steps' (each step's statistics included)."""
     loaded, seconds = calib.loaded, 0.0
     plans, reports, res = [], [], None
-    for i, share in enumerate(step_sparsities(req.sparsity, req.steps)):
+    for i, share in enumerate(step_sparsities(req.sparsity, req.iterations)):
         # the first step reads the statistics `calib` may hold already; later ones collect them on the pruned model
         step_calib = Calibration(loaded, calib.texts, calib.labels, max_length=calib.max_length,
                                  batch_size=calib.batch_size, seed=calib.seed) if i else calib
-        res = prune_step(step_calib, replace(req, sparsity=round(share, 9), steps=1), inplace=inplace or i > 0)
+        res = prune_step(step_calib, replace(req, sparsity=round(share, 9), iterations=1), inplace=inplace or i > 0)
         loaded, seconds = res.loaded, seconds + res.prune_s
         plans.append(res.plan)
         reports.append(res.compensation)
-    report = None if all(r is None for r in reports) else {"steps": reports}
+    report = None if all(r is None for r in reports) else {"iterations": reports}
     return PruneResult(loaded, compose(plans), report, seconds, res.scores)

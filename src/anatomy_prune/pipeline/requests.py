@@ -27,7 +27,7 @@ MAX_TOKENS = 1 << 20
 MAX_BATCH = 1 << 16
 MAX_SEEDS = 100
 MAX_TASK_RESOURCES = 1024  # CPUs / GPUs one Ray task may ask for
-MAX_STEPS = 16             # iterative pruning: each step collects the statistics again
+MAX_ITERATIONS = 16        # iterative pruning: each iteration collects the statistics again
 
 SPLITS = ("test", "validation", "heldout")
 MODES = ("mask", "physical")
@@ -197,7 +197,7 @@ class PruneRequest:
     max_shard_size: str | None = None
     plan: PruningPlan | None = None    # a plan already in memory (plan_file is read into it)
     compensation: Compensation | None = None   # None: the method's own recipe (calibrated's), else none
-    steps: int = 1                     # > 1: iterative, the sparsity in equal shares, recalibrated between them
+    iterations: int = 1                # > 1: iterative, the sparsity in equal shares, recalibrated between them
 
     def __post_init__(self) -> None:
         one_of(self.mode, MODES, "--mode")
@@ -277,12 +277,12 @@ class PruneRequest:
             if unknown:
                 raise UserError(f"--layerwise takes the parameters {', '.join(LAYERWISE_PARAMS + LAYERWISE_OPTIONS)}; "
                                 f"not {', '.join(unknown)}")
-        _set(self, steps=whole(self.steps, "--steps", 1))
-        if self.steps > MAX_STEPS:
-            raise UserError(f"--steps must be at most {MAX_STEPS}, got {self.steps}")
-        if self.steps > 1 and (self.sparsity is None or self.plan is not None or self.target or self.layerwise
+        _set(self, iterations=whole(self.iterations, "--iterations", 1))
+        if self.iterations > MAX_ITERATIONS:
+            raise UserError(f"--iterations must be at most {MAX_ITERATIONS}, got {self.iterations}")
+        if self.iterations > 1 and (self.sparsity is None or self.plan is not None or self.target or self.layerwise
                                or self.quantize or self.mode != "physical"):
-            raise UserError("--steps N prunes a --sparsity in N shares, physically, recalibrating between them; "
+            raise UserError("--iterations N prunes a --sparsity in N shares, physically, recalibrating between them; "
                             "leave out --plan, targets, --layerwise and --quantize, and keep --mode physical")
         Placement.make(self.device_map, self.max_memory, self.offload_folder, self.weights_dtype, bool(self.layerwise))
         if self.max_shard_size is not None:
@@ -323,7 +323,7 @@ class PruneRequest:
                     calib_data=self.calib.source(self.eval.data), data=self.eval.data, eval_size=self.eval.size,
                     split=self.eval.split, batch_size=self.eval.batch_size, max_length=self.eval.max_length,
                     seed=self.calib.seed, quantize=self.quantize, target=self.target, **self.big_options(),
-                    **({"steps": self.steps} if self.steps > 1 else {}))
+                    **({"iterations": self.iterations} if self.iterations > 1 else {}))
 
 
 @dataclass(frozen=True)
