@@ -42,7 +42,7 @@ def prune(req: PruneRequest, out: str | Path, *, progress: bool = True, force: b
         dense_copy = copy_loaded(loaded) if (req.target or req.quantize) else None  # for the measured speedup
         if req.layerwise:
             res = prune_layerwise(calib, req, inplace=True, progress=progress)
-        elif req.steps > 1:
+        elif req.iterations > 1:
             res = prune_iterative(calib, req, inplace=True)
         else:
             res = prune_step(calib, req, inplace=True, keep_float=True)
