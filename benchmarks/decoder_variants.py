@@ -34,6 +34,7 @@ from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
 from anatomy_prune.pipeline.step import prune_step  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores import make_calibration  # noqa: E402
+from decoders import _ppl  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 
 def iterative(loaded, sparsity: float, steps: int, args, exclude) -> tuple[object, float]:
@@ -79,10 +80,6 @@ def measure(args) -> dict:
         print(f"iterative {steps}: {p['perplexity']:.2f} ({secs:.0f} s)", flush=True)
     return {"model": args.model, "ffn_removed": args.ffn, "eval_texts": len(texts), "eval_tokens": dense["n_tokens"],
             "calib_size": args.calib_size, "max_length": args.max_length, "rows": rows}
-
-
-def _ppl(p: dict) -> dict:
-    return {"perplexity": p["perplexity"], "interval": p["perplexity_interval"]}
 
 
 def _test(t: dict | None) -> str:
