@@ -74,6 +74,7 @@ def test_two_steps_equal_two_prune_steps_on_fresh_statistics(alias):
     (dict(mode="mask"), "--mode physical"),
     (dict(layerwise="sequential"), "--iterations"),
     (dict(quantize="int8"), "--iterations"),
+    (dict(allocation={"head_sparsity": 0.5}), "--head-sparsity"),
     (dict(iterations=17), "at most 16"),
     (dict(iterations=0), "--iterations"),
     (dict(iterations=2.0), "whole number"),
