@@ -4,8 +4,8 @@ with its own importance scores), each also with torch's dynamic int8 stacked on 
 model, the same calibration reviews and the same held-out reviews, in one process. For every point: accuracy
 with its 95% interval, McNemar against our point of the nearest measured speedup (an int8 point against ours +
 int8), parameters, pruning time and the measured speedup (dense and pruned timed interleaved at batch 32 x 128
-tokens on this CPU). Under speedup targets the latency
-model is fitted once, at the first target (its pruning time includes the timing), and reused for the others.
+tokens on this CPU). Under speedup targets the latency model is fitted once, at the first target (its pruning
+time includes the timing), and reused for the others.
 
     make peers      # builds .venv-peers (the peers, benchmarks/peer_requirements.txt), then runs:
     PYTHONPATH=src .venv-peers/bin/python benchmarks/peers.py --model runs/demo/finetune --out runs/peers
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", nargs="*", default=["torch-pruning-taylor", "torch-pruning-magnitude", "textpruner"],
                    help="the peers to run (none: ours only; the peers need a BERT-like layout, so not mpnet-base)")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time ours with int8 stacked (default: on)")
+                   help="also give every point an int8 twin, ours and the peers' (default: on)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="runs/peers")
     p.add_argument("--force", action="store_true")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = list(zip(args.grid[0::2], args.grid[1::2]))
     try:
         with RunFolder(args.out, "peers-benchmark", {k: v for k, v in vars(args).items() if k != "out"},
-                       force=args.force) as rf:
+                       force=args.force) as rf, tempfile.TemporaryDirectory(prefix="peers-cost-") as tmp:
             clf = load_model(args.model, device="cpu")
             if clf.kind != "classifier":
                 raise UserError(f"--model must be a fine-tuned classifier, not a {clf.kind}")
@@ -93,16 +93,23 @@ def main(argv: list[str] | None = None) -> int:
                 rf.write_resume({"rows": rows})
                 return row
 
+            def int8_point(name: str, flt, seconds: float, extra: dict) -> None:
+                """The float point's int8 twin (torch's dynamic int8), timed against dense and its float model."""
+                q = copy_loaded(flt)
+                t1 = time.perf_counter()
+                q.model = quantize_int8(q.model)
+                point(f"{name} + int8", q, seconds + time.perf_counter() - t1, extra, flt)
+
             rows: list[dict] = []
             dense_ev = evaluate_classifier(clf, data, 64, progress=False)
             rows.append({"method": "dense", "accuracy": dense_ev["accuracy"], "accuracy_interval": dense_ev["accuracy_interval"],
                          "measured_speedup": 1.0, "params": sum(q.numel() for q in clf.model.parameters()),
                          "prune_s": 0.0, "correct": dense_ev["correct"]})
-            saved = Path(tempfile.mkdtemp(prefix="peers-cost-")) / "cost_model.json"
+            saved = Path(tmp) / "cost_model.json"     # the first target's latency model, reused by the others
             for s in args.targets:
                 t0 = time.perf_counter()
                 tgt = {"speedup": s} if args.target_kind == "speedup" else {"flops": 1.0 / s}
-                reuse = args.target_kind == "speedup" and saved.is_file()    # one latency model for every target
+                reuse = args.target_kind == "speedup" and saved.is_file()
                 if reuse:
                     tgt["cost_model"] = str(saved)
                 res = prune_step(calib, PruneRequest(method="calibrated", target={**tgt, "batch_size": 32, "seq_len": 128}))
@@ -113,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "heads": res.plan.kept_heads,
                                                  "cost_model": "reused" if reuse else "fitted"})
                 if args.int8:
-                    q = copy_loaded(res.loaded)
-                    t1 = time.perf_counter()
-                    q.model = quantize_int8(q.model)
-                    point("ours + int8", q, secs + time.perf_counter() - t1, {"target_speedup": s}, res.loaded)
+                    int8_point("ours", res.loaded, secs, {"target_speedup": s})
             for peer in args.peers:
                 for ffn, heads in grid:
                     work = copy_loaded(clf)
@@ -131,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "ffn_widths": out["ffn_widths"], "heads": out["heads_per_layer"],
                                                        "notes": out.get("notes", "")})
                     if args.int8:     # the same int8 as ours, timed the same way (issue 25, item 5)
-                        q = copy_loaded(work)
-                        t1 = time.perf_counter()
-                        q.model = quantize_int8(q.model)
-                        point(f"{peer} + int8", q, out["seconds"] + time.perf_counter() - t1,
-                              {"ffn_sparsity": ffn, "head_sparsity": heads}, work)
+                        int8_point(peer, work, out["seconds"], {"ffn_sparsity": ffn, "head_sparsity": heads})
             for r in rows[1:]:
                 # int8 rows are compared with ours + int8, float rows with ours
                 ours = [o for o in rows if o["method"] == ("ours + int8" if r["method"].endswith("int8") else "ours")]

@@ -317,23 +317,30 @@ def test_minilm_imdb_finepruning_runs(tmp_path):
     assert len(r.results["redundancy"]["layers"]) == 6
 
 
-def test_finetune_of_the_top_blocks_only_moves_them_and_the_head(tiny_csv):
-    """train_layers=N (the offline GPT-2 recipe's CPU saving) trains the top N blocks, the final norm and the
-    head; every lower block and the embeddings stay as they were, and requires_grad is restored after."""
+def _train_top_block(alias: str, tiny_csv):
+    """A tiny classifier fine-tuned with train_layers=1: (model, names of the parameters that moved, config)."""
     from anatomy_prune.data.splits import load_splits
     from anatomy_prune.models.classifier import BinaryClassifier
     from anatomy_prune.models.loading import Loaded
     from anatomy_prune.train.finetune import FinetuneConfig, train_classifier
 
-    base = load_model("tiny-gpt2", device="cpu")
+    base = load_model(alias, device="cpu")
     torch.manual_seed(0)
     model = BinaryClassifier(base.model)
     loaded = Loaded(model=model, tokenizer=base.tokenizer, kind="classifier", spec="x", info={}, dtype=base.dtype)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    cfg = FinetuneConfig(model="tiny-gpt2", data=str(tiny_csv), train_size=16, val_size=0, test_size=4,
+    cfg = FinetuneConfig(model=alias, data=str(tiny_csv), train_size=16, val_size=0, test_size=4,
                          max_length=16, batch_size=8, lr=1e-2, train_layers=1)
     train_classifier(loaded, load_splits(str(tiny_csv), (16, 0, 4), 0).train, cfg, progress=False)
-    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    return model, {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}, cfg
+
+
+def test_finetune_of_the_top_blocks_only_moves_them_and_the_head(tiny_csv):
+    """train_layers=N (the offline GPT-2 recipe's CPU saving) trains the top N blocks, the final norm and the
+    head; every lower block and the embeddings stay as they were, and requires_grad is restored after."""
+    from anatomy_prune.train.finetune import FinetuneConfig
+
+    model, moved, cfg = _train_top_block("tiny-gpt2", tiny_csv)
     last = len(model.backbone.h) - 1
     assert moved and all(k.startswith((f"backbone.h.{last}.", "backbone.ln_f.", "dense.")) for k in moved)
     assert any(k.startswith(f"backbone.h.{last}.") for k in moved) and "dense.weight" in moved
@@ -347,20 +354,9 @@ def test_finetune_of_the_top_blocks_only_moves_them_and_the_head(tiny_csv):
 def test_top_blocks_only_freezes_mpnets_shared_position_bias(tiny_csv):
     """MPNet adds one relative-position bias table to every block's attention: it must be frozen with the lower
     blocks, or the backward pass runs through all of them (the mpnet-base preset trains the top 6 of 12)."""
-    from anatomy_prune.data.splits import load_splits
-    from anatomy_prune.models.classifier import BinaryClassifier
-    from anatomy_prune.models.loading import Loaded
-    from anatomy_prune.train.finetune import FinetuneConfig, preset, train_classifier
+    from anatomy_prune.train.finetune import preset
 
-    base = load_model("tiny-mpnet", device="cpu")
-    torch.manual_seed(0)
-    model = BinaryClassifier(base.model)
-    loaded = Loaded(model=model, tokenizer=base.tokenizer, kind="classifier", spec="x", info={}, dtype=base.dtype)
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    cfg = FinetuneConfig(model="tiny-mpnet", data=str(tiny_csv), train_size=16, val_size=0, test_size=4,
-                         max_length=16, batch_size=8, lr=1e-2, train_layers=1)
-    train_classifier(loaded, load_splits(str(tiny_csv), (16, 0, 4), 0).train, cfg, progress=False)
-    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    model, moved, _cfg = _train_top_block("tiny-mpnet", tiny_csv)
     last = len(model.backbone.encoder.layer) - 1
     assert "dense.weight" in moved and any(k.startswith(f"backbone.encoder.layer.{last}.") for k in moved)
     assert all(k.startswith((f"backbone.encoder.layer.{last}.", "backbone.pooler.", "dense.")) for k in moved), moved

@@ -37,8 +37,7 @@ def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
     plans, reports, res = [], [], None
     for i, share in enumerate(step_sparsities(req.sparsity, req.iterations)):
         # the first step reads the statistics `calib` may hold already; later ones collect them on the pruned model
-        step_calib = Calibration(loaded, calib.texts, calib.labels, max_length=calib.max_length,
-                                 batch_size=calib.batch_size, seed=calib.seed) if i else calib
+        step_calib = calib.for_model(loaded) if i else calib
         res = prune_step(step_calib, replace(req, sparsity=round(share, 9), iterations=1), inplace=inplace or i > 0)
         loaded, seconds = res.loaded, seconds + res.prune_s
         plans.append(res.plan)

@@ -58,7 +58,7 @@ def prune_layerwise(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
     if dispatched and not inplace:
         raise UserError("a model placed by --device-map is pruned in place (a copy would not fit); pass inplace=True")
     work = loaded if inplace else copy_loaded(loaded)
-    shadow = Calibration(work, calib.texts, calib.labels, calib.max_length, calib.batch_size, calib.seed)
+    shadow = calib.for_model(work)
     start = time.perf_counter()
     batches, hidden = block_inputs(work, shadow)
     done = _Done()

@@ -64,6 +64,10 @@ class Calibration:
     used: set = field(default_factory=set, repr=False)
     deps: dict = field(default_factory=dict, repr=False)
 
+    def for_model(self, loaded: Loaded) -> "Calibration":
+        """The same sample (texts, labels, length, batch, seed) for another model, with no statistics yet."""
+        return Calibration(loaded, self.texts, self.labels, self.max_length, self.batch_size, self.seed)
+
     def batches(self, with_labels: bool = False) -> Iterator[dict]:
         labels = self.labels if with_labels else None
         for b in batches(self.loaded.tokenizer, self.texts, self.batch_size, self.max_length, labels):
