@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=float, nargs="+", default=[x for g in GRID for x in g],
                    help="FFN and head sparsities of the peers, in pairs")
     p.add_argument("--peers", nargs="*", default=["torch-pruning-taylor", "torch-pruning-magnitude", "textpruner"],
-                   help="the peers to run (none: ours only; the peers need a BERT-like layout, so not mpnet-base)")
+                   help="the peers to run (none: ours only); they run on BERT-, RoBERTa- and MPNet-layout models")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="also give every point an int8 twin, ours and the peers' (default: on)")
     p.add_argument("--repeats", type=int, default=5)

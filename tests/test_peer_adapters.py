@@ -1,4 +1,5 @@
-"""benchmarks/peer_adapters.py: Torch-Pruning and TextPruner on our BinaryClassifier (tiny random BERT).
+"""benchmarks/peer_adapters.py: Torch-Pruning and TextPruner on our BinaryClassifier (tiny random BERT, and
+tiny random MPNet: other names, and one relative position bias shared by every layer).
 
 Skipped where the peers are not installed (they are not in requirements.txt): install them with
 `pip install torch-pruning==1.6.1` and `pip install --no-deps textpruner==1.1.post2`.
@@ -53,9 +54,9 @@ def textpruner():
     return pytest.importorskip("textpruner", exc_type=ImportError)
 
 
-@pytest.fixture
-def setup():
-    loaded = make_classifier("tiny-bert")
+@pytest.fixture(params=["tiny-bert", "tiny-mpnet"])
+def setup(request):
+    loaded = make_classifier(request.param)
     texts = TEXTS * 2
     calib = _batches(loaded.tokenizer, texts, [1, 0, 1, 0] * 2, 4)
     probe = _batches(loaded.tokenizer, ["A fine film.", "Nothing works here, not even the jokes or the music."],
@@ -72,22 +73,24 @@ def _match_rows(orig, new, size=1):
     return eq.float().argmax(1).tolist()
 
 
-def _masked_reference(dense, pruned):
+def _masked_reference(pa, dense, pruned):
     """The dense model with every unit the pruned one lacks zeroed (its output contribution removed)."""
     ref = copy.deepcopy(dense)
-    for lo, lp in zip(ref.backbone.encoder.layer, pruned.backbone.encoder.layer):
-        kept = _match_rows(lo.intermediate.dense.weight, lp.intermediate.dense.weight)
-        drop = sorted(set(range(lo.intermediate.dense.weight.shape[0])) - set(kept))
+    for lo, lp in zip(pa._blocks(ref), pa._blocks(pruned)):
+        kept = _match_rows(lo.up.weight, lp.up.weight)
+        drop = sorted(set(range(lo.up.weight.shape[0])) - set(kept))
         with torch.no_grad():
-            lo.intermediate.dense.weight[drop] = 0
-            lo.intermediate.dense.bias[drop] = 0
-        size = lo.attention.self.attention_head_size
-        heads = _match_rows(lo.attention.self.query.weight, lp.attention.self.query.weight, size)
-        assert heads == _match_rows(lo.attention.self.value.weight, lp.attention.self.value.weight, size)
-        n = lo.attention.self.query.weight.shape[0] // size
+            lo.up.weight[drop] = 0
+            lo.up.bias[drop] = 0
+        size = lo.head_size
+        heads = _match_rows(lo.q.weight, lp.q.weight, size)
+        assert heads == _match_rows(lo.v.weight, lp.v.weight, size)
+        if getattr(lp.attn, "head_index", None) is not None:  # MPNet: the kept heads' position-bias rows
+            assert lp.attn.head_index.tolist() == heads
+        n = lo.q.weight.shape[0] // size
         with torch.no_grad():
             for h in set(range(n)) - set(heads):
-                lo.attention.output.dense.weight[:, h * size:(h + 1) * size] = 0
+                lo.o.weight[:, h * size:(h + 1) * size] = 0
     return ref
 
 
@@ -106,14 +109,13 @@ def _check(pa, dense, pruned, result, probe, ffn_sparsity, head_sparsity, d_ff, 
         assert abs(sum(result["heads_per_layer"]) - heads * layers * (1 - head_sparsity)) <= layers
     assert min(result["heads_per_layer"]) >= 1 and min(result["ffn_widths"]) >= 1
     pa.check_consistent(pruned)
-    for layer in pruned.backbone.encoder.layer:
-        att = layer.attention.self
-        assert att.num_attention_heads * att.attention_head_size == att.all_head_size == att.query.out_features
+    for b in pa._blocks(pruned):
+        assert b.attn.num_attention_heads * b.head_size == b.attn.all_head_size == b.q.out_features
     assert all(p.grad is None for p in pruned.parameters())
     with torch.no_grad():
         out = pruned(probe["input_ids"], probe["attention_mask"])
         one = pruned(probe["input_ids"][:1, :5], probe["attention_mask"][:1, :5])
-        ref = _masked_reference(dense, pruned)(probe["input_ids"], probe["attention_mask"])
+        ref = _masked_reference(pa, dense, pruned)(probe["input_ids"], probe["attention_mask"])
     assert out.shape == (2,) and one.shape == (1,) and torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
@@ -165,3 +167,10 @@ def test_textpruner_even(textpruner, setup):
                                       n_iters=1, even_masking=True)
     assert result["ffn_widths"] == [18] * 3 and result["heads_per_layer"] == [3] * 3
     _check(pa, dense, model, result, probe, 0.5, 0.25, 37, 4, 3)
+
+
+def test_other_layouts_are_refused_by_name():
+    pa = _adapters()
+    model = make_classifier("tiny-distilbert").model
+    with pytest.raises(ValueError, match="support model types bert, roberta, mpnet, got distilbert"):
+        pa.ffn_widths(model)

@@ -200,13 +200,20 @@ def keep_heads(model: nn.Module, keep: Sequence[Sequence[int]]) -> nn.Module:
         for name in lay.fields:
             setattr(attn, name, sizes[name])
         if base.config.model_type == "mpnet":
-            heads = torch.as_tensor(units, dtype=torch.long, device=dev)  # group 1: units are heads
-            if getattr(attn, "head_index", None) is not None:
-                attn.head_index = attn.head_index[heads]  # pruned before: ids of the original heads
-            else:
-                attn.__class__ = _head_indexed(type(attn))
-                attn.register_buffer("head_index", heads)
+            select_position_bias(attn, units)  # group 1: units are heads
     return model
+
+
+def select_position_bias(attn: nn.Module, heads: Sequence[int]) -> None:
+    """An MPNet self-attention that now keeps only `heads` (numbered as the layer was before this cut) reads
+    only their rows of the shared relative position bias; a layer cut before composes with its `head_index`."""
+    dev = next(attn.parameters()).device
+    heads = torch.as_tensor([int(h) for h in heads], dtype=torch.long, device=dev)
+    if getattr(attn, "head_index", None) is not None:
+        attn.head_index = attn.head_index[heads]  # pruned before: ids of the original heads
+    else:
+        attn.__class__ = _head_indexed(type(attn))
+        attn.register_buffer("head_index", heads)
 
 
 def check_head_indices(model: nn.Module) -> None:
