@@ -350,6 +350,28 @@ def test_head_removal_error_is_the_direct_output_error(alias):
         assert min(want) > 0
 
 
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])
+def test_rebuilt_head_error_is_what_the_other_heads_cannot_rebuild(alias):
+    """With rebuilt=True a head unit's error is the output error left after a least-squares fit of its
+    context on the other heads' (as compensate_heads refits): never above the direct error, below it where
+    heads overlap, and the direct error's own formula on that leftover covariance."""
+    from anatomy_prune.linalg import unexplained_blocks
+    from anatomy_prune.scores.calibrated import head_removal_error
+
+    loaded, cal, stats = head_calibration(alias)
+    base = base_model(loaded.model)
+    raw = head_removal_error(loaded.model, stats)
+    got = head_removal_error(loaded.model, stats, rebuilt=True, ridge=1e-2)
+    for site, g, r, e in zip(attention_sites(loaded.model), stats.gram, raw, got):
+        assert bool((e <= r * (1 + 1e-5)).all()) and float(e.sum()) < float(r.sum())
+        w = weight_out_in(get_module(base, site.o)).detach().double()
+        blocks = [site.q_features([u]) for u in range(site.n_units)]
+        for u, left in enumerate(unexplained_blocks(g, blocks, 1e-2)):
+            wu = w[:, blocks[u]]
+            want = min(float(r[u]), float(torch.trace(wu @ left @ wu.t())))
+            assert float(e[u]) == pytest.approx(want, rel=1e-4, abs=1e-9)
+
+
 def test_joint_scores_share_one_scale_and_protect_a_loud_head():
     from anatomy_prune.scores.calibrated import joint_scores
     from anatomy_prune.scores.calibration import ffn_input_stats

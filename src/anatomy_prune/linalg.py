@@ -100,6 +100,22 @@ def unexplained_share(g: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
     return (1.0 / (var * inv_diag)).clamp(0.0, 1.0)
 
 
+def unexplained_blocks(g: Tensor, blocks: list[list[int]], ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
+    """Per block of inputs (a head's context features), the covariance that a ridge fit on all other inputs
+    (and a constant) leaves unexplained: the Schur complement C_bb - C_bo (C_oo + lam I)^-1 C_ob, plus lam I,
+    read off one inverse as ((C + lam I)^-1_bb)^-1 (the block version of `unexplained_share`'s 1 / inv_jj,
+    lam = ridge x mean(C_jj)): [|b|, |b|] each, float64 on the CPU."""
+    a = second_moment(g.detach().double().cpu(), centred=True)
+    lam = ridge * float(torch.diagonal(a).clamp(min=1e-12).mean())
+    a.diagonal().add_(lam)
+    inv = torch.linalg.inv(a)
+    out = []
+    for b in blocks:
+        idx = torch.as_tensor(b, dtype=torch.long)
+        out.append(torch.linalg.inv(inv.index_select(0, idx).index_select(1, idx)))
+    return out
+
+
 def _inverse_diagonal_inplace(a: Tensor) -> Tensor | None:
     """diag(a^-1) for a symmetric positive definite float64 CPU matrix, overwriting `a` (LAPACK potrf and
     potri in place). None if `a` is not positive definite."""

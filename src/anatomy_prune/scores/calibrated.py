@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..linalg import DEFAULT_RIDGE, column_energy, moment_diagonal, quad, second_moment, unexplained_share
+from ..linalg import (DEFAULT_RIDGE, column_energy, moment_diagonal, quad, second_moment, unexplained_blocks,
+                      unexplained_share)
 from ..models.families import attention_sites, base_model, ffn_sites, get_module, weight_out_in
 from ..validate import finite
 from .calibration import Calibration, FFNStats, HeadStats, calibration_pass
@@ -87,20 +88,26 @@ def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0
     return scores
 
 
-def head_removal_error(model, heads: HeadStats) -> list[Tensor]:
-    """Per head unit, the mean squared error its removal leaves in the attention output per token, before
-    any refit: trace(W_u C_u W_u^T), W_u the output projection's columns of the unit's heads and C_u the
-    (centred, where the projection has a bias to carry the mean) second moment of their context: [units]."""
+def head_removal_error(model, heads: HeadStats, rebuilt: bool = False, ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
+    """Per head unit, the mean squared error its removal leaves in the attention output per token: [units].
+
+    trace(W_u C_u W_u^T), W_u the output projection's columns of the unit's heads and C_u the (centred, where
+    the projection has a bias to carry the mean) second moment of their context. With `rebuilt`, C_u is what a
+    least-squares fit on the other heads' context cannot rebuild (linalg.unexplained_blocks, leave-one-unit-
+    out, at most the error before the fit), as the neurons' term is and as compensate_heads refits."""
     base = base_model(model)
     errs = []
     for site, g in zip(attention_sites(model), heads.gram):
         o = get_module(base, site.o)
         w = weight_out_in(o).detach().double().cpu()                          # [d_model, heads*head_dim]
         m2 = second_moment(g, centred=getattr(o, "bias", None) is not None)  # [heads*head_dim, heads*head_dim]
+        blocks = [site.q_features([u]) for u in range(site.n_units)]
+        left = unexplained_blocks(g, blocks, ridge) if rebuilt and site.n_units > 1 else None
         out = []
-        for u in range(site.n_units):
-            cols = torch.tensor(site.q_features([u]), dtype=torch.long)
-            out.append(quad(w[:, cols], m2[cols][:, cols]))
+        for u, cols in enumerate(blocks):
+            c = torch.tensor(cols, dtype=torch.long)
+            err = quad(w[:, c], m2[c][:, c])
+            out.append(min(err, quad(w[:, c], left[u])) if left is not None else err)
         errs.append(torch.tensor(out, dtype=torch.float32).clamp(min=0.0))
     return errs
 
@@ -116,7 +123,7 @@ def joint_scores(ffn: FFNStats, heads: HeadStats, model, score: str = "fisher", 
     neurons, units = [f / f_mean for f in f_n], [f / f_mean for f in f_h]
     if beta > 0:
         e_n = removal_error(model, ffn, rebuilt, ridge)
-        e_h = head_removal_error(model, heads)
+        e_h = head_removal_error(model, heads, rebuilt, ridge)
         e_mean = torch.cat(e_n + e_h).mean().clamp(min=1e-30)
         neurons = [s + beta * e / e_mean for s, e in zip(neurons, e_n)]
         units = [s + beta * e / e_mean for s, e in zip(units, e_h)]
