@@ -1,0 +1,121 @@
+"""Techniques tried on an encoder classifier (issue 25, item 2), each paired against ours on the same reviews:
+
+1. the head units' removal error after a refit from the other heads' context (`calibrated`'s default since
+   issue 25), against the direct error it replaced (`head_rebuilt=False`), under FLOPs targets: heads and FFN
+   neurons ranked jointly, as `prune --target-flops F` does;
+2. iterative pruning that recalibrates between shares (`prune --iterations N`, pipeline.iterative), against all
+   at once, at FFN sparsities (FFN only: `--iterations` takes no head sparsity).
+
+Accuracy on the validation split (1,000 reviews) and on --eval-size held-out reviews, each with McNemar against
+the reference variant. FLOPs targets, not measured speedups, so that the plans do not depend on this machine's
+timings (benchmarks/peers.py measures speedups).
+
+    .venv/bin/python benchmarks/encoder_variants.py --model runs/demo/finetune --out runs/encoder-variants
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.evaluate.metrics import evaluate_classifier, evaluation_set  # noqa: E402
+from anatomy_prune.evaluate.stats import mcnemar  # noqa: E402
+from anatomy_prune.models.loading import load_model  # noqa: E402
+from anatomy_prune.pipeline.iterative import prune_iterative  # noqa: E402
+from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
+from anatomy_prune.pipeline.step import prune_step  # noqa: E402
+from anatomy_prune.runfolder import RunFolder  # noqa: E402
+from anatomy_prune.scores.calibration import make_calibration  # noqa: E402
+
+
+def _row(name: str, setting: str, res, sets: dict, ref: dict | None) -> dict:
+    row = {"variant": name, "setting": setting, "ffn_widths": res.plan.kept_widths, "heads": res.plan.kept_heads,
+           "prune_s": round(res.prune_s, 1)}
+    for split, data in sets.items():
+        ev = evaluate_classifier(res.loaded, data, 64, progress=False)
+        row[split] = {"accuracy": ev["accuracy"], "interval": ev["accuracy_interval"], "correct": ev["correct"]}
+        if ref is not None:
+            row[split]["vs_ref"] = mcnemar(ev["correct"], ref[split]["correct"])
+    print(f"{setting:12s} {name:34s} " + "  ".join(f"{k} {100 * row[k]['accuracy']:.2f}" for k in sets), flush=True)
+    return row
+
+
+def measure(args) -> dict:
+    clf = load_model(args.model, device="cpu")
+    if clf.kind != "classifier":
+        raise UserError(f"--model must be a fine-tuned classifier, not a {clf.kind}")
+    sets = {"validation": evaluation_set(clf, "imdb", 1000, "validation"),
+            "heldout": evaluation_set(clf, "imdb", args.eval_size, "heldout")}
+    calib = make_calibration(clf, args.calib_size, exclude=sets["validation"].texts + sets["heldout"].texts)
+    rows = []
+    for f in args.flops:
+        target = {"flops": f, "batch_size": 32, "seq_len": 128}
+        ref = _row("heads: direct error (before)", f"flops {f}", prune_step(
+            calib, PruneRequest(method="calibrated", target=target, params={"head_rebuilt": False})), sets, None)
+        new = _row("heads: error after refit (kept)", f"flops {f}",
+                   prune_step(calib, PruneRequest(method="calibrated", target=target)), sets, ref)
+        rows += [ref, new]
+    for s in args.sparsity:
+        ref = _row("all at once", f"FFN {s:.0%}", prune_step(calib, PruneRequest(method="calibrated", sparsity=s)),
+                   sets, None)
+        rows.append(ref)
+        for n in args.steps:
+            res = prune_iterative(calib, PruneRequest(method="calibrated", sparsity=s, iterations=n))
+            rows.append(_row(f"iterative, {n} iterations", f"FFN {s:.0%}", res, sets, ref))
+    return {"model": args.model, "calib_size": args.calib_size, "n": {k: len(v) for k, v in sets.items()},
+            "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['n']['validation']} validation and {result['n']['heldout']} held-out reviews, "
+             f"{result['calib_size']} calibration reviews; McNemar against the first variant of each setting", "",
+             "| setting | variant | heads kept | FFN kept | validation % (vs ref, p) | held-out % [95%] (vs ref, p) |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = []
+        for split in ("validation", "heldout"):
+            x = r[split]
+            lo, hi = x["interval"]
+            t = x.get("vs_ref")
+            vs = f" ({100 * t['diff']:+.1f}, p={t['p_value']:.2g})" if t else ""
+            cells.append(f"{100 * x['accuracy']:.1f}" + (f" [{100 * lo:.1f}-{100 * hi:.1f}]" if split == "heldout" else "") + vs)
+        heads = sum(r["heads"]) if r["heads"] else "all"
+        lines.append(f"| {r['setting']} | {r['variant']} | {heads} | {sum(r['ffn_widths'])} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="runs/demo/finetune")
+    p.add_argument("--eval-size", type=int, default=2000, help="held-out reviews (default: 2000)")
+    p.add_argument("--calib-size", type=int, default=128)
+    p.add_argument("--flops", type=float, nargs="*", default=[0.5, 0.33], help="FLOPs targets (fractions kept)")
+    p.add_argument("--sparsity", type=float, nargs="*", default=[0.5, 0.7, 0.85], help="FFN sparsities, iterative")
+    p.add_argument("--steps", type=int, nargs="*", default=[2, 4], help="iterations of the iterative variants")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--out", default="runs/encoder-variants")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        with RunFolder(args.out, "encoder-variants", {**vars(args), "out": None}, force=args.force) as rf:
+            result = measure(args)
+            strip = {**result, "rows": [{k: ({kk: vv for kk, vv in v.items() if kk != "correct"} if isinstance(v, dict)
+                                              else v) for k, v in r.items()} for r in result["rows"]]}
+            rf.write_json("variants.json", strip)
+            rf.write_text("table.md", table(result))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
