@@ -149,6 +149,8 @@ class CalibratedOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", finite(self.beta, "beta", 0.0))
         object.__setattr__(self, "ridge", finite(self.ridge, "ridge", 0.0))
+        if not isinstance(self.head_rebuilt, bool):
+            raise UserError(f"head_rebuilt must be true or false, got {self.head_rebuilt!r}")
 
 
 @register("calibrated", "Fisher sensitivity of each neuron on the calibration set plus the error its removal "
