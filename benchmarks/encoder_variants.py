@@ -35,13 +35,15 @@ from anatomy_prune.scores.calibration import make_calibration  # noqa: E402
 
 
 def _row(name: str, setting: str, res, sets: dict, ref: dict | None) -> dict:
+    """One variant's row; `_correct` (per split, for the paired tests) is dropped before the row is written."""
     row = {"variant": name, "setting": setting, "ffn_widths": res.plan.kept_widths, "heads": res.plan.kept_heads,
-           "prune_s": round(res.prune_s, 1)}
+           "prune_s": round(res.prune_s, 1), "_correct": {}}
     for split, data in sets.items():
         ev = evaluate_classifier(res.loaded, data, 64, progress=False)
-        row[split] = {"accuracy": ev["accuracy"], "interval": ev["accuracy_interval"], "correct": ev["correct"]}
+        row["_correct"][split] = ev["correct"]
+        row[split] = {"accuracy": ev["accuracy"], "interval": ev["accuracy_interval"]}
         if ref is not None:
-            row[split]["vs_ref"] = mcnemar(ev["correct"], ref[split]["correct"])
+            row[split]["vs_ref"] = mcnemar(ev["correct"], ref["_correct"][split])
     print(f"{setting:12s} {name:34s} " + "  ".join(f"{k} {100 * row[k]['accuracy']:.2f}" for k in sets), flush=True)
     return row
 
@@ -104,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
+        if any(n < 2 for n in args.steps):
+            raise UserError("--steps: each iterative variant needs at least 2 iterations (1 is all at once)")
         with RunFolder(args.out, "encoder-variants", {**vars(args), "out": None}, force=args.force) as rf:
             result = measure(args)
-            strip = {**result, "rows": [{k: ({kk: vv for kk, vv in v.items() if kk != "correct"} if isinstance(v, dict)
-                                              else v) for k, v in r.items()} for r in result["rows"]]}
-            rf.write_json("variants.json", strip)
+            rf.write_json("variants.json", {**result, "rows": [{k: v for k, v in r.items() if k != "_correct"}
+                                                               for r in result["rows"]]})
             rf.write_text("table.md", table(result))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

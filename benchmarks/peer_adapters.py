@@ -168,13 +168,12 @@ def _check_sparsities(ffn_sparsity: float, head_sparsity: float) -> None:
 
 
 @contextlib.contextmanager
-def _detached_position_bias(backbone: nn.Module):
-    """MPNet computes one relative position bias and adds it to every layer's attention scores. Torch-Pruning
-    groups whatever the traced graph joins, so that shared tensor would tie every layer's heads (and the bias
-    table) into one group. Detached for the call, each layer's heads form their own group, as in BERT; the
-    bias table gets no gradient (it is not pruned either way). Other models: nothing changes."""
-    enc = getattr(backbone, "encoder", None)
-    if backbone.config.model_type != "mpnet" or "compute_position_bias" in vars(enc):
+def _detached_position_bias(enc: nn.Module):
+    """MPNet's encoder computes one relative position bias and adds it to every layer's attention scores.
+    Torch-Pruning groups whatever the traced graph joins, so that shared tensor would tie every layer's heads
+    (and the bias table) into one group. Detached for the call, each layer's heads form their own group, as in
+    BERT; the bias table gets no gradient (it is not pruned either way)."""
+    if "compute_position_bias" in vars(enc):      # already wrapped by a caller: leave it to them
         yield
         return
     compute = enc.compute_position_bias
@@ -198,9 +197,7 @@ def _kept_heads(dense_q: Tensor, q: Tensor, head_size: int) -> list[int]:
 
 def _index_position_bias(model: nn.Module, dense_q: Sequence[Tensor]) -> None:
     """MPNet after a peer removed heads: each pruned layer takes the position-bias rows of the heads it kept
-    (models.surgery.select_position_bias, what our own keep_heads does). Other models: nothing to do."""
-    if base_model(model).config.model_type != "mpnet":
-        return
+    (models.surgery.select_position_bias, what our own keep_heads does)."""
     for b, q0 in zip(_blocks(model), dense_q):
         if b.q is not None and b.q.weight.shape[0] < q0.shape[0]:
             select_position_bias(b.attn, _kept_heads(q0, b.q.weight, b.head_size))
@@ -235,6 +232,7 @@ def prune_with_torch_pruning(model: nn.Module, calib_batches: Sequence[dict], *,
     device = _device(model)
     blocks = _blocks(model)
     backbone = base_model(model)
+    mpnet = backbone.config.model_type == "mpnet"
     example = {k: v for k, v in _to(calib_batches[0], device).items() if k in ("input_ids", "attention_mask")}
 
     num_heads: dict[nn.Module, int] = {}
@@ -255,7 +253,7 @@ def prune_with_torch_pruning(model: nn.Module, calib_batches: Sequence[dict], *,
         ignored.append(backbone.pooler)  # not on the classifier's path: no gradients there
 
     imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=2)
-    with _grad_mode(model), _detached_position_bias(backbone):
+    with _grad_mode(model), (_detached_position_bias(backbone.encoder) if mpnet else contextlib.nullcontext()):
         pruner = tp.pruner.MetaPruner(
             model, example, importance=imp, global_pruning=global_pruning, pruning_ratio=0.0,
             pruning_ratio_dict=ratio_dict, iterative_steps=iterative_steps, ignored_layers=ignored,
@@ -266,10 +264,12 @@ def prune_with_torch_pruning(model: nn.Module, calib_batches: Sequence[dict], *,
                 model.zero_grad(set_to_none=True)
                 for batch in calib_batches:
                     loss_fn(model, _to(batch, device)).backward()
-            before = [b.q.weight.detach().clone() for b in _blocks(model)]  # to read back the kept heads
+            if mpnet:   # to read back which heads the step kept
+                before = [b.q.weight.detach().clone() for b in _blocks(model)]
             pruner.step()
             _set_head_fields(model)
-            _index_position_bias(model, before)
+            if mpnet:
+                _index_position_bias(model, before)
     seconds = time.perf_counter() - t0
     counted = [pruner.num_heads[b.q] for b in blocks]
     warn = ""
@@ -281,7 +281,7 @@ def prune_with_torch_pruning(model: nn.Module, calib_batches: Sequence[dict], *,
              "whole heads removed (prune_num_heads=True, prune_head_dims=False), attention_head_size kept, "
              "num_attention_heads/all_head_size set from the pruned weights; hidden size untouched"
              + ("; MPNet's shared position bias detached while tracing, each layer then reads its kept heads' rows"
-                if backbone.config.model_type == "mpnet" else "") + warn)
+                if mpnet else "") + warn)
     return _result(model, seconds, notes)
 
 

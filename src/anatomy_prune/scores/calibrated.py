@@ -113,12 +113,12 @@ def head_removal_error(model, heads: HeadStats, rebuilt: bool = False, ridge: fl
 
 
 def joint_scores(ffn: FFNStats, heads: HeadStats, model, score: str = "fisher", beta: float = DEFAULT_BETA,
-                 rebuilt: bool = True, ridge: float = DEFAULT_RIDGE, head_rebuilt: bool | None = None
+                 rebuilt: bool = True, ridge: float = DEFAULT_RIDGE, head_rebuilt: bool = True
                  ) -> tuple[list[Tensor], list[Tensor]]:
     """Scores of FFN neurons and attention head units on one scale, so one ranking (or one budget) covers
     both: Fisher information of each unit's mask (loss units for both kinds) divided by its mean over all
     units, plus beta x the error its removal leaves divided by that error's mean over all units. The heads' error
-    is after a refit from the other heads like the neurons' (`rebuilt`) unless head_rebuilt=False (the direct
+    is after a refit from the other heads, like the neurons' (`rebuilt`), unless head_rebuilt=False (the direct
     error, this scorer's rule before issue 25)."""
     f_n = _sensitivity(ffn, score)
     f_h = _sensitivity(heads, score)
@@ -126,7 +126,7 @@ def joint_scores(ffn: FFNStats, heads: HeadStats, model, score: str = "fisher", 
     neurons, units = [f / f_mean for f in f_n], [f / f_mean for f in f_h]
     if beta > 0:
         e_n = removal_error(model, ffn, rebuilt, ridge)
-        e_h = head_removal_error(model, heads, rebuilt if head_rebuilt is None else head_rebuilt, ridge)
+        e_h = head_removal_error(model, heads, rebuilt and head_rebuilt, ridge)
         e_mean = torch.cat(e_n + e_h).mean().clamp(min=1e-30)
         neurons = [s + beta * e / e_mean for s, e in zip(neurons, e_n)]
         units = [s + beta * e / e_mean for s, e in zip(units, e_h)]
@@ -161,17 +161,17 @@ def calibrated_scores(calib: Calibration, sparsity: float, opts: CalibratedOptio
     """Scores of every FFN neuron; heads=True also scores the attention head units on the neurons' scale
     (joint_scores), for a cost target or a head sparsity."""
     score, beta, rebuilt, ridge, heads = opts.score, opts.beta, opts.rebuilt, opts.ridge, bool(opts.heads)
-    head_rebuilt = bool(opts.head_rebuilt)
     collected = calibration_pass(calib, grads=True, heads=heads)
     stats = collected.ffn
     head_values = None
     if heads:
         values, head_values = joint_scores(stats, collected.heads, calib.loaded.model, score, beta, rebuilt, ridge,
-                                           head_rebuilt)
+                                           opts.head_rebuilt)
     else:
         values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge)
-    params = dict(score=score, beta=beta, rebuilt=rebuilt, **({"head_rebuilt": head_rebuilt} if heads else {}),
-                  calib_inputs=stats.n_examples,
-                  calib_tokens=stats.n_tokens, calib_max_length=stats.info.get("max_length"))
+    params = dict(score=score, beta=beta, rebuilt=rebuilt, calib_inputs=stats.n_examples, calib_tokens=stats.n_tokens,
+                  calib_max_length=stats.info.get("max_length"))
+    if heads:
+        params["head_rebuilt"] = opts.head_rebuilt
     return Scores(values, params, seed=calib.seed, head_values=head_values)
 
