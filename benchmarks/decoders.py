@@ -44,20 +44,28 @@ FLAP = dict(allocation=Allocation(scope="global", normalize="standard"), compens
 GOALS = {"FFN 50%": 1.6, "params -20%": 1.25}   # issue 25: perplexity at most this x dense
 
 
-def settings(ffn: float, params: tuple[float, ...]) -> list[tuple[str, str, dict]]:
-    """(setting, method label, PruneRequest keywords) of every point; "layerwise" marks the layer-wise path."""
-    out = [(f"FFN {ffn:.0%}", "magnitude", dict(method="magnitude", sparsity=ffn)),
-           (f"FFN {ffn:.0%}", "FLAP-style", dict(method="fluctuation", sparsity=ffn, **FLAP)),
-           (f"FFN {ffn:.0%}", "FLAP-style, uniform", dict(method="fluctuation", sparsity=ffn, compensation=FLAP["compensation"],
-                                                          allocation=Allocation(scope="local"))),
-           (f"FFN {ffn:.0%}", "ours", dict(method="calibrated", sparsity=ffn)),
-           (f"FFN {ffn:.0%}", "ours, layer-wise", dict(method="calibrated", sparsity=ffn, layerwise="sequential"))]
+METHODS = ("magnitude", "FLAP-style", "FLAP-style, uniform", "ours", "ours, layer-wise")
+
+
+def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[str, ...] = METHODS
+             ) -> list[tuple[str, str, dict]]:
+    """(setting, method label, PruneRequest keywords) of every point, for the methods asked for; "layerwise"
+    marks the layer-wise path. FFN-only settings come first, then parameter targets."""
+    out = []
+    for ffn in ffns:
+        out += [(f"FFN {ffn:.0%}", "magnitude", dict(method="magnitude", sparsity=ffn)),
+                (f"FFN {ffn:.0%}", "FLAP-style", dict(method="fluctuation", sparsity=ffn, **FLAP)),
+                (f"FFN {ffn:.0%}", "FLAP-style, uniform", dict(method="fluctuation", sparsity=ffn,
+                                                               compensation=FLAP["compensation"],
+                                                               allocation=Allocation(scope="local"))),
+                (f"FFN {ffn:.0%}", "ours", dict(method="calibrated", sparsity=ffn)),
+                (f"FFN {ffn:.0%}", "ours, layer-wise", dict(method="calibrated", sparsity=ffn, layerwise="sequential"))]
     for removed in params:
         target = {"params": round(1.0 - removed, 6)}
         out += [(f"params -{removed:.0%}", "magnitude", dict(method="magnitude", target=target)),
                 (f"params -{removed:.0%}", "FLAP-style", dict(method="fluctuation", target=target, **FLAP)),
                 (f"params -{removed:.0%}", "ours", dict(method="calibrated", target=target))]
-    return out
+    return [(setting, label, kw) for setting, label, kw in out if label in methods]
 
 
 def run_point(calib, kwargs: dict):
@@ -79,7 +87,7 @@ def measure(args) -> dict:
     rows = [{"setting": "dense", "method": "dense", "params": n_dense, **_ppl(dense)}]
     print(f"dense {dense['perplexity']:.2f} ({dense['n_tokens']} tokens, {len(texts)} texts)", flush=True)
     scored: dict[tuple[str, str], dict] = {}     # (setting, method) -> its perplexity result (per-text losses)
-    for setting, label, kwargs in settings(args.ffn, tuple(args.params_removed)):
+    for setting, label, kwargs in settings(tuple(args.ffn), tuple(args.params_removed), tuple(args.methods)):
         try:
             res = run_point(calib, kwargs)
         except UserError as exc:
@@ -134,13 +142,50 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def figure(result: dict, folder) -> str:
+    """Perplexity x dense [95% paired interval] against the share removed: FFN settings (left) and parameter
+    targets (right), one line per method; the issue's goals as dotted marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (("FFN", "ffn_removed", "share of FFN neurons removed", (0.5, GOALS["FFN 50%"])),
+              ("params", "params_removed", "share of all parameters removed", (0.2, GOALS["params -20%"])))
+    for ax, (prefix, key, xlabel, goal) in zip(axes, panels):
+        rows = [r for r in result["rows"][1:] if r["setting"].startswith(prefix) and r["vs_dense"]["ratio"] < 50]
+        for name in dict.fromkeys(r["method"] for r in rows):
+            rs = sorted((r for r in rows if r["method"] == name), key=lambda r: r[key])
+            ys = [r["vs_dense"]["ratio"] for r in rs]
+            err = [[y - r["vs_dense"]["low"] for y, r in zip(ys, rs)], [r["vs_dense"]["high"] - y for y, r in zip(ys, rs)]]
+            ax.errorbar([r[key] for r in rs], ys, yerr=err, marker="o", capsize=2, label=name)
+        ax.plot([goal[0]], [goal[1]], marker="*", markersize=12, color="black", linestyle="none",
+                label=f"goal: <= {goal[1]}x at {goal[0]:.0%}")
+        ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity / dense (95% paired interval)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['model']} without retraining: {result['eval_texts']} held-out IMDB reviews "
+                 f"({result['eval_tokens']} tokens); magnitude is off the scale", fontsize=10)
+    path = folder / "perplexity_vs_removed.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--ffn", type=float, default=0.5, help="fraction of FFN neurons removed (default: 0.5)")
+    p.add_argument("--ffn", type=float, nargs="*", default=[0.5],
+                   help="fractions of FFN neurons removed, one setting each (default: 0.5)")
     p.add_argument("--params-removed", type=float, nargs="*", default=[0.2, 0.5],
                    help="fractions of all parameters removed, FFN and heads (default: 0.2 0.5)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"which methods to run (default: all of {', '.join(METHODS)})")
     p.add_argument("--calib-size", type=int, default=256, help="calibration reviews (default: 256)")
     p.add_argument("--eval-texts", type=int, default=100, help="held-out IMDB test reviews (default: 100)")
     p.add_argument("--max-length", type=int, default=128, help="(default: 128)")
@@ -161,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                       "load_start": os.getloadavg(), **measure(args), "load_end": os.getloadavg()}
             rf.write_json("decoders.json", result)
             rf.write_text("table.md", table(result) + "\n")
+            figure(result, rf.stage_dir("figures"))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
