@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the peers to run (none: ours only); they run on BERT-, RoBERTa- and MPNet-layout models")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="also give every point an int8 twin, ours and the peers' (default: on)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="time each speedup target's plan against dense and correct its budget (default: on)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="runs/peers")
     p.add_argument("--force", action="store_true")
@@ -112,13 +114,16 @@ def main(argv: list[str] | None = None) -> int:
                 reuse = args.target_kind == "speedup" and saved.is_file()
                 if reuse:
                     tgt["cost_model"] = str(saved)
+                if args.target_kind == "speedup":
+                    tgt["check"] = args.check     # each target's plan timed against dense and corrected
                 res = prune_step(calib, PruneRequest(method="calibrated", target={**tgt, "batch_size": 32, "seq_len": 128}))
                 secs = time.perf_counter() - t0
                 if args.target_kind == "speedup" and not reuse:
                     saved.write_text(json.dumps(res.cost_model, default=float))
                 point("ours", res.loaded, secs, {"target_speedup": s, "ffn_widths": res.plan.kept_widths,
                                                  "heads": res.plan.kept_heads,
-                                                 "cost_model": "reused" if reuse else "fitted"})
+                                                 "cost_model": "reused" if reuse else "fitted",
+                                                 "checked": (res.cost_model or {}).get("checked")})
                 if args.int8:
                     int8_point("ours", res.loaded, secs, {"target_speedup": s})
             for peer in args.peers:

@@ -218,7 +218,7 @@ def test_units_that_cost_nothing_are_all_kept():
 def test_a_saved_latency_model_gives_the_same_plan_without_timing(tmp_path, monkeypatch):
     """--cost-model: the latency model a target run wrote is reused (no timing at all), so the same request
     gives the same plan; a model or shape it was not fitted for is refused in one line."""
-    import anatomy_prune.pipeline.step as step
+    import anatomy_prune.pipeline.target as step
 
     loaded = make_classifier("tiny-bert")
     calib = Calibration(loaded, TEXTS * 2, [i % 2 for i in range(2 * len(TEXTS))], max_length=24)
@@ -249,3 +249,91 @@ def test_cost_model_without_a_speedup_target_is_one_line(tmp_path, capsys):
                  "--cost-model", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "goes with --target-speedup" in err[0] and not (tmp_path / "o").exists()
+
+
+def _fake_latency(loaded, **_k):
+    """A latency model where pruning pays (the tiny model's real time is mostly overhead)."""
+    from anatomy_prune.evaluate.cost import CostModel, _attention_shape, model_signature
+    from anatomy_prune.models.families import ffn_widths
+    neurons, heads = ffn_widths(loaded.model), _attention_shape(loaded.model)[0]
+    return CostModel("latency", 1.0, [0.01] * len(neurons), [0.1] * len(heads), neurons, heads,
+                     {"batch_size": 4, "seq_len": 16, "model": model_signature(loaded)})
+
+
+def test_a_speedup_plan_is_timed_and_corrected_then_replays_without_timing(tmp_path, monkeypatch):
+    """The check: a plan that runs 15% slower than its latency model says is timed, its budget scaled, and the
+    plan made again until it measures within 2% of the target; the scale is recorded, so reusing the cost model
+    gives that plan with no timing. A stub that never corrects (or never times) fails the asserts."""
+    import anatomy_prune.pipeline.target as target
+
+    calls = []
+
+    def slow_by_15(loaded, plan, batch_size, seq_len, repeats=5):
+        cm = _fake_latency(loaded)
+        calls.append(plan)
+        speedup = cm.dense / (1.15 * cm.predict(plan.kept_widths, plan.kept_heads))
+        return {"speedup": speedup, "q1": speedup, "q3": speedup}
+
+    monkeypatch.setattr(target, "latency_cost", _fake_latency)
+    monkeypatch.setattr(target, "measured_speedup", slow_by_15)
+    loaded = make_classifier("tiny-bert")
+    calib = Calibration(loaded, TEXTS * 2, [i % 2 for i in range(2 * len(TEXTS))], max_length=24)
+    req = dict(method="calibrated", target={"speedup": 1.5, "batch_size": 4, "seq_len": 16, "floor": 0.25})
+    res = prune_step(calib, PruneRequest(**req))
+    rounds = res.cost_model["checked"]
+    assert 2 <= len(rounds) <= target.CHECK_ROUNDS and len(calls) == len(rounds)
+    assert rounds[0]["speedup"] == pytest.approx(rounds[0]["predicted_speedup"] / 1.15)
+    assert abs(rounds[-1]["speedup"] / 1.5 - 1) <= target.CHECK_TOLERANCE
+    scale = res.cost_model["info"]["budget_scale"]["1.5"]
+    assert scale == pytest.approx(1 / 1.15, rel=0.03) and res.cost_model["budget"] == pytest.approx(
+        scale * res.cost_model["dense"] / 1.5)
+    path = tmp_path / "cost_model.json"
+    path.write_text(json.dumps(res.cost_model, default=float))
+    monkeypatch.setattr(target, "measured_speedup", lambda *a, **k: pytest.fail("timed again"))
+    monkeypatch.setattr(target, "latency_cost", lambda *a, **k: pytest.fail("fitted again"))
+    again = prune_step(calib, PruneRequest(method="calibrated", target={**req["target"], "cost_model": str(path)}))
+    assert again.plan.keep == res.plan.keep and again.plan.heads == res.plan.heads and "checked" not in again.cost_model
+    unchecked = prune_step(calib, PruneRequest(method="calibrated",
+                                               target={**req["target"], "speedup": 1.4, "cost_model": str(path)}))
+    assert "checked" not in unchecked.cost_model      # another target on a reused model: not timed unless asked
+    path.write_text(json.dumps({**res.cost_model, "info": {**res.cost_model["info"], "budget_scale": {"1.5": "x"}}}))
+    with pytest.raises(UserError, match="budget_scale"):
+        prune_step(calib, PruneRequest(method="calibrated", target={**req["target"], "cost_model": str(path)}))
+
+
+def test_the_check_can_be_turned_off_and_takes_a_bool_for_speedup_only(monkeypatch):
+    import anatomy_prune.pipeline.target as target
+
+    monkeypatch.setattr(target, "latency_cost", _fake_latency)
+    monkeypatch.setattr(target, "measured_speedup", lambda *a, **k: pytest.fail("timed"))
+    loaded = make_classifier("tiny-bert")
+    calib = Calibration(loaded, TEXTS * 2, [i % 2 for i in range(2 * len(TEXTS))], max_length=24)
+    res = prune_step(calib, PruneRequest(method="calibrated", target={"speedup": 1.5, "batch_size": 4, "seq_len": 16,
+                                                                      "check": False}))
+    assert "checked" not in res.cost_model and "budget_scale" not in res.cost_model["info"]
+    for bad in ({"speedup": 1.5, "check": "yes"}, {"flops": 0.5, "check": True}):
+        with pytest.raises(UserError, match="check"):
+            PruneRequest(method="calibrated", target=bad)
+
+
+def test_the_check_times_the_real_plan_on_tiny_bert(monkeypatch):
+    """The plan's shapes are really timed against dense (the tiny model's time is mostly overhead, so its latency
+    model is the fake one where pruning pays); each round is recorded with its quartiles."""
+    import anatomy_prune.pipeline.target as target
+
+    monkeypatch.setattr(target, "latency_cost", _fake_latency)
+    loaded = make_classifier("tiny-bert")
+    calib = Calibration(loaded, TEXTS * 2, [i % 2 for i in range(2 * len(TEXTS))], max_length=24)
+    res = prune_step(calib, PruneRequest(method="magnitude", target={"speedup": 1.2, "batch_size": 4, "seq_len": 16,
+                                                                     "floor": 0.25}))
+    rounds = res.cost_model["checked"]
+    assert 1 <= len(rounds) <= target.CHECK_ROUNDS
+    assert all(r["speedup"] > 0 and r["q1"] <= r["q3"] and r["predicted_speedup"] >= 1.0 - 1e-9 for r in rounds)
+    assert res.cost_model["info"]["budget_scale"]["1.2"] in [r["budget_scale"] for r in rounds]
+
+
+def test_check_speedup_without_a_speedup_target_is_one_line(tmp_path, capsys):
+    assert main(["prune", "--model", "tiny-bert", "--method", "magnitude", "--sparsity", "0.5", "--no-check-speedup",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "go with --target-speedup" in err[0] and not (tmp_path / "o").exists()

@@ -160,10 +160,15 @@ def _add_prune(sub) -> None:
                    help="keep at most this fraction of the dense parameters (embeddings count), e.g. 0.8")
     g.add_argument("--target-speedup", type=float, default=None,
                    help="measured speedup to reach, e.g. 2.0: a latency cost model is fitted by timing the model's "
-                   "own shapes on this device at --target-batch x --target-length and written to the run folder")
+                   "own shapes on this device at --target-batch x --target-length and written to the run folder; "
+                   "the plan is then timed and its budget corrected until it measures within 2%% of the target")
     g.add_argument("--cost-model", default=None, metavar="FILE",
                    help="with --target-speedup: reuse the latency model an earlier run wrote (its cost_model.json) "
                    "instead of timing again, so the same command gives the same plan")
+    g.add_argument("--check-speedup", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --target-speedup: time the plan against dense and correct its budget (default: on "
+                   "when the latency model is fitted in this run; off with --cost-model, whose recorded correction "
+                   "for the same target is reused)")
     g.add_argument("--target-batch", type=int, default=32, help="batch size the target is for (default: 32)")
     g.add_argument("--target-length", type=int, default=128, help="tokens per input the target is for (default: 128)")
     p.add_argument("--out", required=True, help="output folder")
@@ -183,9 +188,13 @@ def _run_prune(args) -> int:
     given = {k: getattr(args, f"target_{k}") for k in ("flops", "params", "speedup")}
     if args.cost_model is not None and given["speedup"] is None:
         raise UserError("--cost-model FILE (a run folder's cost_model.json) goes with --target-speedup")
+    if args.check_speedup is not None and given["speedup"] is None:
+        raise UserError("--check-speedup / --no-check-speedup go with --target-speedup")
     if any(v is not None for v in given.values()):
         target = {"batch_size": args.target_batch, "seq_len": args.target_length, "cost_model": args.cost_model,
                   **{k: v for k, v in given.items() if v is not None}}
+        if args.check_speedup is not None:
+            target["check"] = args.check_speedup
         args.method = args.method or ("calibrated" if args.plan is None else None)
     if args.mode is None:
         args.mode = "physical" if (target or args.quantize or args.iterations > 1) else "mask"

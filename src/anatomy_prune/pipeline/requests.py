@@ -35,7 +35,7 @@ QUANTIZE = ("int8",)
 LAYERWISE = ("sequential", "dense")
 EXECUTORS = ("local", "ray")
 TARGET_METHODS = ("calibrated", "fluctuation", "magnitude")   # scorers that score neurons and heads
-TARGET_KEYS = ("flops", "speedup", "params", "batch_size", "seq_len", "floor", "cost_model")
+TARGET_KEYS = ("flops", "speedup", "params", "batch_size", "seq_len", "floor", "cost_model", "check")
 LAYERWISE_METHOD = "calibrated"    # the recipe the layer-wise path follows (without Fisher)
 LAYERWISE_PARAMS = ("rebuilt",)                 # its method parameters; and of the request: ridge, floor, multiple_of
 LAYERWISE_OPTIONS = ("ridge", "floor", "multiple_of")
@@ -165,6 +165,8 @@ def check_target(target: Mapping, floor: float | None = None) -> dict:
             raise UserError("--cost-model FILE (a run folder's cost_model.json) goes with --target-speedup")
     else:
         t.pop("cost_model", None)
+    if "check" in t and ("speedup" not in t or not isinstance(t["check"], bool)):
+        raise UserError("a target's check (time the plan and correct it) is true or false, for --target-speedup only")
     t["floor"] = fraction(t["floor"], "--floor")
     return t
 

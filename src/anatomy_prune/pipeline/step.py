@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from ..apply.compensate import compensate as refit, compensate_heads
 from ..apply.modes import apply_plan
 from ..errors import UserError
-from ..evaluate.cost import CostModel, flops_cost, latency_cost, params_cost
 from ..models.loading import Loaded
 from ..models.quantize import check_quantize, quantize_int8
-from ..plan.allocate import plan_from_scores, plan_under_budget
+from ..plan.allocate import plan_from_scores
 from ..plan.plan import PruningPlan
 from ..scores.calibration import Calibration, calibration_pass
 from ..scores.registry import Scores, check_params, get_scorer
 from .allocation import Resolved, resolve
 from .compensation import compensation_recipe
 from .requests import PruneRequest
+from .target import plan_for_target
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def plan_step(calib: Calibration, req: PruneRequest) -> tuple[PruningPlan, Score
     how = resolve(method, params, req.sparsity, req.allocation, req.compensation, readout=loaded.kind == "classifier")
     cost_model = None
     if req.target is not None:
-        plan, cost_model = _plan_for_target(loaded, scores, req.target, how.allocation, (method, calib.seed))
+        plan, cost_model = plan_for_target(loaded, scores, req.target, how.allocation, (method, calib.seed))
     else:
         plan = plan_from_scores(scores, req.sparsity, allocation=how.allocation, base_model=loaded.base_spec,
                                 method=method, seed=calib.seed if scores.seed is None else scores.seed)
@@ -116,26 +116,3 @@ def compensate_with(model, plan: PruningPlan, calib: Calibration, recipe: dict) 
         report.update(heads_rel_err_removed=h["mean_rel_err_removed"],
                       heads_rel_err_compensated=h["mean_rel_err_compensated"])
     return report
-
-
-def _plan_for_target(loaded: Loaded, scores, target: dict, allocation: dict, who: tuple[str, int]
-                     ) -> tuple[PruningPlan, dict]:
-    """The joint plan of neurons and heads under the target's budget (ranked as the allocation's normalize
-    says), and the cost model (as a dict); who: (method, seed) for the plan."""
-    if "flops" in target:
-        cm = flops_cost(loaded, seq_len=target["seq_len"])
-        budget, what = cm.dense * float(target["flops"]), f"--target-flops {target['flops']}"
-    elif "params" in target:
-        cm = params_cost(loaded)
-        budget, what = cm.dense * float(target["params"]), f"--target-params {target['params']}"
-    else:   # a saved latency model (--cost-model) is reused; otherwise one is fitted by timing
-        cm = (CostModel.saved(target["cost_model"], loaded, target["batch_size"], target["seq_len"])
-              if target.get("cost_model") else latency_cost(loaded, batch_size=target["batch_size"],
-                                                            seq_len=target["seq_len"]))
-        budget, what = cm.dense / float(target["speedup"]), f"--target-speedup {target['speedup']}"
-    normalize = allocation.get("normalize", "none")
-    plan = plan_under_budget(scores, {"neurons": cm.per_neuron, "heads": cm.per_head}, cm.base, budget,
-                             floor=float(target["floor"]), what=what, normalize=normalize,
-                             fields={"base_model": loaded.base_spec, "method": who[0], "seed": who[1],
-                                     "params": {"target": target, "cost_kind": cm.kind, "normalize": normalize}})
-    return plan, {**cm.to_dict(), "budget": budget, "predicted": cm.predict(plan.kept_widths, plan.kept_heads)}
