@@ -86,12 +86,32 @@ def test_quantize_refuses_a_gpu_and_unknown_kinds(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_quantized_linear_modules_replace_every_nonempty_linear():
+def test_int8_keeps_the_ffn_output_projections_float_and_int8_all_none():
+    """int8 quantizes every non-empty Linear but the FFN output projections (their inputs' outliers cost
+    all-mpnet-base-v2 36 points under int8-all); int8-all quantizes every one; a saved folder reloads the recipe."""
+    from anatomy_prune.models.families import base_model, ffn_sites, get_module
+    from anatomy_prune.models.quantize import float_layers
+
     clf = make_classifier("tiny-bert")
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in clf.model.modules())
-    q = quantize_int8(clf.model)
-    assert sum(is_quantized_linear(m) for m in q.modules()) == n_linear
-    assert json.dumps({"ok": True})
+    every = quantize_int8(make_classifier("tiny-bert").model, "int8-all")
+    assert sum(is_quantized_linear(m) for m in every.modules()) == n_linear
+    downs = {get_module(base_model(clf.model), s.down) for s in ffn_sites(clf.model)}
+    kept = float_layers(clf.model, "int8")
+    assert len(kept) == len(downs) == 3 and all(n.endswith("output.dense") and "attention" not in n for n in kept)
+    q = quantize_int8(clf.model, "int8")
+    assert sum(is_quantized_linear(m) for m in q.modules()) == n_linear - 3
+    assert all(type(m) is torch.nn.Linear for name, m in q.named_modules() if name in kept)
+    with pytest.raises(UserError, match="unknown int8 recipe"):
+        quantize_int8(make_classifier("tiny-bert").model, "int4")
+
+
+def test_a_saved_int8_all_folder_reloads_every_linear_quantized(tmp_path):
+    for recipe, left_float in (("int8-all", 0), ("int8", 3)):     # tiny-bert: 3 FFNs
+        folder = save_model(make_classifier("tiny-bert"), tmp_path / recipe, quantize=recipe)
+        again = load_model(str(folder), device="cpu")
+        plain = [m for m in again.model.modules() if type(m) is torch.nn.Linear and m.weight.numel() > 0]
+        assert len(plain) == left_float and sum(is_quantized_linear(m) for m in again.model.modules()) > 10
 
 
 def test_prune_to_a_flops_target_removes_heads_and_neurons(tmp_path, tiny_csv):

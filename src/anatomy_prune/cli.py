@@ -151,8 +151,9 @@ def _add_prune(sub) -> None:
                    "statistics collected again on the pruned model before each (physical; default: 1)")
     p.add_argument("--mode", default=None, help="mask (zero, the paper's way) or physical (remove) (default: mask; "
                    "physical with a target or --quantize)")
-    p.add_argument("--quantize", default=None, choices=("int8",),
-                   help="then quantize the pruned model: int8 = torch's dynamic int8 Linear layers (CPU)")
+    p.add_argument("--quantize", default=None, choices=("int8", "int8-all"),
+                   help="then quantize the pruned model with torch's dynamic int8 Linear layers (CPU): int8 keeps the "
+                   "FFN output projections in float (their inputs have outliers), int8-all quantizes every Linear")
     g = p.add_argument_group("a target instead of a sparsity (FFN neurons and attention heads pruned together)")
     g.add_argument("--target-flops", type=float, default=None,
                    help="keep at most this fraction of the dense FLOPs per token, e.g. 0.5")
@@ -234,7 +235,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--targets", default=None,
                    help="points pruned to a constraint instead of a sparsity, comma-separated: flops:0.5 (keep half the "
                    "FLOPs), speedup:2 (measured latency, batch 32 x 128); calibrated, heads and neurons together")
-    p.add_argument("--quantize", default=None, choices=("int8",), help="stack int8 (dynamic, CPU) on every point")
+    p.add_argument("--quantize", default=None, choices=("int8", "int8-all"),
+                   help="stack int8 (dynamic, CPU) on every point; int8 keeps the FFN output projections float")
     p.add_argument("--seeds", type=int, default=5,
                    help="seeds of a method whose scores are random draws (random): each point runs this many "
                    "times; results give the mean, the standard deviation and each seed (default: 5)")

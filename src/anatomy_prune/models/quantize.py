@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .families import Conv1D
+from .families import Conv1D, base_model, ffn_sites, get_module
 from .surgery import SafeConv1D
 
-QUANTIZE = ("int8",)
+QUANTIZE = ("int8", "int8-all")   # int8: FFN output projections stay float; int8-all: every Linear
 
 
 def _linear_from_conv1d(mod: nn.Module) -> nn.Linear:
@@ -54,14 +54,26 @@ def check_quantize(quantize: str | None, device: torch.device) -> str | None:
     return quantize
 
 
+def float_layers(model: nn.Module, quantize: str) -> set[str]:
+    """The Linear layers a recipe keeps in float: "int8" keeps every FFN's output projection (its input, after
+    the activation, has a few very large values that set the per-tensor int8 scale), "int8-all" none."""
+    if quantize == "int8-all":
+        return set()
+    base = base_model(model)
+    downs = {id(get_module(base, site.down)) for site in ffn_sites(model)}
+    return {name for name, m in model.named_modules() if id(m) in downs}
+
+
 @torch.no_grad()
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of every non-empty Linear (Conv1D turned into Linear first), in place
-    where possible; returns the quantized model (eval mode)."""
+def quantize_int8(model: nn.Module, quantize: str = "int8") -> nn.Module:
+    """Dynamic int8 quantization of the non-empty Linear layers (Conv1D turned into Linear first) that the recipe
+    does not keep in float (float_layers), in place where possible; returns the quantized model (eval mode)."""
+    if quantize not in QUANTIZE:
+        raise UserError(f"unknown int8 recipe '{quantize}'; choose one of {', '.join(QUANTIZE)}")
     conv1d_to_linear(model)
-    empty = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.numel() == 0}
+    keep = float_layers(model, quantize)
     spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name not in empty}
+            if isinstance(m, nn.Linear) and m.weight.numel() > 0 and name not in keep}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch marks eager-mode quantization deprecated in favour of torchao
         return torch.ao.quantization.quantize_dynamic(model.eval(), spec, dtype=torch.qint8, inplace=True)

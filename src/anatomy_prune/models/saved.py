@@ -340,8 +340,8 @@ def load_saved(folder: Path, spec: str) -> Loaded:
     if len(ffn_sites(model)) != n_layers and n_layers:
         raise _bad(folder, "its layers do not match its config")
     if meta.get("quantize") is not None:  # the float weights are stored; int8 is re-derived, deterministically
-        if meta["quantize"] != "int8":
-            raise _bad(folder, f"{SAVED_META} asks for quantize {meta['quantize']!r}; only int8 is known")
-        from .quantize import quantize_int8
-        model = quantize_int8(model)
+        from .quantize import QUANTIZE, quantize_int8
+        if meta["quantize"] not in QUANTIZE:
+            raise _bad(folder, f"{SAVED_META} asks for quantize {meta['quantize']!r}; known: {', '.join(QUANTIZE)}")
+        model = quantize_int8(model, meta["quantize"])
     return Loaded(model=model, tokenizer=tok, kind=meta["kind"], spec=spec, info=meta)

@@ -31,7 +31,7 @@ MAX_ITERATIONS = 16        # iterative pruning: each iteration collects the stat
 
 SPLITS = ("test", "validation", "heldout")
 MODES = ("mask", "physical")
-QUANTIZE = ("int8",)
+QUANTIZE = ("int8", "int8-all")      # models.quantize.QUANTIZE: the FFN output projections float, or none
 LAYERWISE = ("sequential", "dense")
 EXECUTORS = ("local", "ray")
 TARGET_METHODS = ("calibrated", "fluctuation", "magnitude")   # scorers that score neurons and heads

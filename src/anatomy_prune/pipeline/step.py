@@ -96,7 +96,7 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
     float_loaded = None
     if quantize:
         float_loaded = copy_loaded(work) if keep_float else None
-        work = Loaded(quantize_int8(work.model), work.tokenizer, work.kind, work.spec,
+        work = Loaded(quantize_int8(work.model, quantize), work.tokenizer, work.kind, work.spec,
                       {**work.info, "quantize": quantize}, dtype=work.dtype)
     return PruneResult(work, plan, report, cost["seconds"], scores, quantize, float_loaded, cost_model)
 
