@@ -116,6 +116,40 @@ def unexplained_blocks(g: Tensor, blocks: list[list[int]], ridge: float = DEFAUL
     return out
 
 
+def removal_path(g: Tensor, w: Tensor, m2: Tensor, blocks: list[list[int]], ridge: float = DEFAULT_RIDGE
+                 ) -> tuple[list[int], list[float]]:
+    """Backward elimination of input blocks (a layer's head units) feeding one projection w [out, n]: at each step
+    the block whose removal, together with those already removed, leaves the least output error after a ridge
+    refit from the blocks still kept; returns (the order, the error of removing the first k blocks, k = 1..n).
+
+    The error of removing a set S is trace(W_S C W_S^T), C the Schur complement of S given the kept blocks, read
+    off one inverse as ((C_all + lam I)^-1_SS)^-1 (unexplained_blocks' rule for a set), and never above the
+    direct error trace(W_S m2_SS W_S^T) (m2: the second moment the direct error uses). With every block removed
+    nothing is left to refit from, so the last step costs what the layer's blocks carry together: what
+    leave-one-out errors miss when each block can be rebuilt from the others but not all of them at once."""
+    a = second_moment(g.detach().double().cpu(), centred=True)
+    lam = ridge * float(torch.diagonal(a).clamp(min=1e-12).mean())
+    a.diagonal().add_(lam)
+    inv = torch.linalg.inv(a)
+    w, m2 = w.detach().double().cpu(), m2.detach().double().cpu()
+
+    def error(idx: Tensor) -> float:
+        left = torch.linalg.inv(inv.index_select(0, idx).index_select(1, idx))
+        return min(quad(w[:, idx], m2.index_select(0, idx).index_select(1, idx)), quad(w[:, idx], left))
+
+    order: list[int] = []
+    path: list[float] = []
+    remaining = list(range(len(blocks)))
+    while remaining:
+        tried = {u: error(torch.as_tensor([j for b in order + [u] for j in blocks[b]], dtype=torch.long))
+                 for u in remaining}
+        u = min(tried, key=tried.get)
+        order.append(u)
+        path.append(tried[u])
+        remaining.remove(u)
+    return order, path
+
+
 def _inverse_diagonal_inplace(a: Tensor) -> Tensor | None:
     """diag(a^-1) for a symmetric positive definite float64 CPU matrix, overwriting `a` (LAPACK potrf and
     potri in place). None if `a` is not positive definite."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..linalg import (DEFAULT_RIDGE, column_energy, moment_diagonal, quad, second_moment, unexplained_blocks,
+from ..linalg import (DEFAULT_RIDGE, column_energy, moment_diagonal, quad, second_moment, removal_path,
                       unexplained_share)
 from ..models.families import attention_sites, base_model, ffn_sites, get_module, weight_out_in
 from ..validate import finite
@@ -91,10 +91,13 @@ def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0
 def head_removal_error(model, heads: HeadStats, rebuilt: bool = False, ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
     """Per head unit, the mean squared error its removal leaves in the attention output per token: [units].
 
-    trace(W_u C_u W_u^T), W_u the output projection's columns of the unit's heads and C_u the (centred, where
-    the projection has a bias to carry the mean) second moment of their context. With `rebuilt`, C_u is what a
-    least-squares fit on the other heads' context cannot rebuild (linalg.unexplained_blocks, leave-one-unit-
-    out, at most the error before the fit), as the neurons' term is and as compensate_heads refits."""
+    Direct: trace(W_u C_u W_u^T), W_u the output projection's columns of the unit's heads and C_u the (centred,
+    where the projection has a bias to carry the mean) second moment of their context. With `rebuilt`, the
+    error is after a least-squares refit from the heads kept (as compensate_heads refits), and a unit's score is
+    its step on the layer's removal path (linalg.removal_path): the error of removing it with the units removed
+    before it, less the error before it (made non-decreasing along the path, so a plan removes a layer's units in
+    the path's order). The steps add up to the error of removing any first k units together, so the last heads
+    of a layer, which the others cannot rebuild once they are gone too, carry what the layer does."""
     base = base_model(model)
     errs = []
     for site, g in zip(attention_sites(model), heads.gram):
@@ -102,12 +105,15 @@ def head_removal_error(model, heads: HeadStats, rebuilt: bool = False, ridge: fl
         w = weight_out_in(o).detach().double().cpu()                          # [d_model, heads*head_dim]
         m2 = second_moment(g, centred=getattr(o, "bias", None) is not None)  # [heads*head_dim, heads*head_dim]
         blocks = [site.q_features([u]) for u in range(site.n_units)]
-        left = unexplained_blocks(g, blocks, ridge) if rebuilt and site.n_units > 1 else None
-        out = []
-        for u, cols in enumerate(blocks):
-            c = torch.tensor(cols, dtype=torch.long)
-            err = quad(w[:, c], m2[c][:, c])
-            out.append(min(err, quad(w[:, c], left[u])) if left is not None else err)
+        if rebuilt and site.n_units > 1:
+            order, path = removal_path(g, w, m2, blocks, ridge)
+            steps = torch.tensor(path, dtype=torch.float64).diff(prepend=torch.zeros(1, dtype=torch.float64))
+            steps = torch.cummax(steps.clamp(min=0.0), dim=0).values
+            out = torch.empty(site.n_units, dtype=torch.float64)
+            out[torch.as_tensor(order)] = steps
+            errs.append(out.float())
+            continue
+        out = [quad(w[:, c], m2[c][:, c]) for c in (torch.tensor(cols, dtype=torch.long) for cols in blocks)]
         errs.append(torch.tensor(out, dtype=torch.float32).clamp(min=0.0))
     return errs
 
