@@ -351,11 +351,11 @@ def test_head_removal_error_is_the_direct_output_error(alias):
 
 
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])
-def test_rebuilt_head_error_is_what_the_other_heads_cannot_rebuild(alias):
-    """With rebuilt=True a head unit's error is the output error left after a least-squares fit of its
-    context on the other heads' (as compensate_heads refits): never above the direct error, below it where
-    heads overlap, and the direct error's own formula on that leftover covariance."""
-    from anatomy_prune.linalg import unexplained_blocks
+def test_rebuilt_head_error_is_each_units_step_on_the_removal_path(alias):
+    """With rebuilt=True a head unit's score is its step on the layer's removal path: the first unit removed
+    scores what the other heads cannot rebuild of it (the leave-one-out refit error, at most its direct error),
+    the steps in path order never decrease, and they add up to at least the error of removing the whole layer."""
+    from anatomy_prune.linalg import removal_path, second_moment, unexplained_blocks
     from anatomy_prune.scores.calibrated import head_removal_error
 
     loaded, cal, stats = head_calibration(alias)
@@ -363,13 +363,17 @@ def test_rebuilt_head_error_is_what_the_other_heads_cannot_rebuild(alias):
     raw = head_removal_error(loaded.model, stats)
     got = head_removal_error(loaded.model, stats, rebuilt=True, ridge=1e-2)
     for site, g, r, e in zip(attention_sites(loaded.model), stats.gram, raw, got):
-        assert bool((e <= r * (1 + 1e-5)).all()) and float(e.sum()) < float(r.sum())
-        w = weight_out_in(get_module(base, site.o)).detach().double()
+        o = get_module(base, site.o)
+        w = weight_out_in(o).detach().double()
+        m2 = second_moment(g, centred=getattr(o, "bias", None) is not None)
         blocks = [site.q_features([u]) for u in range(site.n_units)]
-        for u, left in enumerate(unexplained_blocks(g, blocks, 1e-2)):
-            wu = w[:, blocks[u]]
-            want = min(float(r[u]), float(torch.trace(wu @ left @ wu.t())))
-            assert float(e[u]) == pytest.approx(want, rel=1e-4, abs=1e-9)
+        order, path = removal_path(g, w, m2, blocks, 1e-2)
+        loo = [min(float(r[u]), float(torch.trace(w[:, blocks[u]] @ left @ w[:, blocks[u]].t())))
+               for u, left in enumerate(unexplained_blocks(g, blocks, 1e-2))]
+        assert float(e[order[0]]) == pytest.approx(min(loo), rel=1e-4, abs=1e-9) and order[0] == loo.index(min(loo))
+        steps = [float(e[u]) for u in order]
+        assert all(b >= a for a, b in zip(steps, steps[1:]))
+        assert sum(steps) >= path[-1] * (1 - 1e-4) > 0
 
 
 def test_joint_scores_share_one_scale_and_protect_a_loud_head():

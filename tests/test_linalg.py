@@ -186,3 +186,23 @@ def test_unexplained_blocks_is_the_schur_complement_plus_the_ridge():
     raw = second_moment(gram(copied).double(), centred=True)
     assert float(torch.trace(left[0])) < 1e-3 * float(torch.trace(raw[:3, :3]))
     assert float(torch.trace(left[2])) > 0.5 * float(torch.trace(raw[6:, 6:]))    # independent inputs stay
+
+
+def test_removal_path_removes_a_copied_block_first_and_pays_for_the_pair_at_the_end():
+    """Two copies of one block and an independent one: either copy can be rebuilt from the other, so it goes
+    first at almost no error; once one copy is gone the other carries the signal alone, and removing everything
+    costs the direct error of all blocks. A leave-one-out score would call both copies free."""
+    from anatomy_prune.linalg import gram, quad, removal_path, second_moment
+
+    g0 = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 3, generator=g0, dtype=torch.float64)
+    other = torch.randn(400, 3, generator=g0, dtype=torch.float64)
+    x = torch.cat([base, base, other], dim=1)                          # blocks [0-2], [3-5] (copy), [6-8]
+    w = torch.randn(5, 9, generator=g0, dtype=torch.float64)
+    g = gram(x).double()
+    m2 = second_moment(g, centred=True)
+    blocks = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    order, path = removal_path(g, w, m2, blocks, ridge=1e-6)
+    assert set(order[:1]) <= {0, 1} and path[0] < 1e-3 * path[-1]
+    assert path[-1] == pytest.approx(quad(w, m2), rel=1e-3)
+    assert path[1] > 10 * path[0] and path[2] >= path[1] * (1 - 1e-6)

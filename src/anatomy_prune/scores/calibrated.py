@@ -96,7 +96,7 @@ def head_removal_error(model, heads: HeadStats, rebuilt: bool = False, ridge: fl
     error is after a least-squares refit from the heads kept (as compensate_heads refits), and a unit's score is
     its step on the layer's removal path (linalg.removal_path): the error of removing it with the units removed
     before it, less the error before it (made non-decreasing along the path, so a plan removes a layer's units in
-    the path's order). The steps add up to the error of removing any first k units together, so the last heads
+    the path's order). The first k steps add up to at least the error of removing those k units together, so the last heads
     of a layer, which the others cannot rebuild once they are gone too, carry what the layer does."""
     base = base_model(model)
     errs = []
