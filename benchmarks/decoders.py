@@ -156,10 +156,11 @@ def figure(result: dict, folder) -> str:
     for ax, (prefix, key, xlabel, goal) in zip(axes, panels):
         rows = [r for r in result["rows"][1:] if r["setting"].startswith(prefix) and r["vs_dense"]["ratio"] < 50]
         for name in dict.fromkeys(r["method"] for r in rows):
+            color = f"C{METHODS.index(name)}" if name in METHODS else None   # one colour per method in both panels
             rs = sorted((r for r in rows if r["method"] == name), key=lambda r: r[key])
             ys = [r["vs_dense"]["ratio"] for r in rs]
             err = [[y - r["vs_dense"]["low"] for y, r in zip(ys, rs)], [r["vs_dense"]["high"] - y for y, r in zip(ys, rs)]]
-            ax.errorbar([r[key] for r in rs], ys, yerr=err, marker="o", capsize=2, label=name)
+            ax.errorbar([r[key] for r in rs], ys, yerr=err, marker="o", capsize=2, label=name, color=color)
         ax.plot([goal[0]], [goal[1]], marker="*", markersize=12, color="black", linestyle="none",
                 label=f"goal: <= {goal[1]}x at {goal[0]:.0%}")
         ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
