@@ -167,9 +167,7 @@ def _add_prune(sub) -> None:
                    help="with --target-speedup: reuse the latency model an earlier run wrote (its cost_model.json) "
                    "instead of timing again, so the same command gives the same plan")
     g.add_argument("--check-speedup", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --target-speedup: time the plan against dense and correct its budget (default: on "
-                   "when the latency model is fitted in this run; off with --cost-model, whose recorded correction "
-                   "for the same target is reused)")
+                   help="time the plan against dense and correct it (default: on, off with --cost-model)")
     g.add_argument("--target-batch", type=int, default=32, help="batch size the target is for (default: 32)")
     g.add_argument("--target-length", type=int, default=128, help="tokens per input the target is for (default: 128)")
     p.add_argument("--out", required=True, help="output folder")
@@ -193,9 +191,8 @@ def _run_prune(args) -> int:
         raise UserError("--check-speedup / --no-check-speedup go with --target-speedup")
     if any(v is not None for v in given.values()):
         target = {"batch_size": args.target_batch, "seq_len": args.target_length, "cost_model": args.cost_model,
-                  **{k: v for k, v in given.items() if v is not None}}
-        if args.check_speedup is not None:
-            target["check"] = args.check_speedup
+                  **{k: v for k, v in given.items() if v is not None},
+                  **({} if args.check_speedup is None else {"check": args.check_speedup})}
         args.method = args.method or ("calibrated" if args.plan is None else None)
     if args.mode is None:
         args.mode = "physical" if (target or args.quantize or args.iterations > 1) else "mask"
