@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from anatomy_prune.evaluate.timing import load_average, machine_info
     from anatomy_prune.models.loading import load_model
     from anatomy_prune.models.quantize import quantize_int8
-    from anatomy_prune.pipeline.prune import measure_speedup
+    from anatomy_prune.evaluate.timing import measure_speedup
     from anatomy_prune.pipeline.requests import PruneRequest
     from anatomy_prune.pipeline.step import copy_loaded, prune_step
     from anatomy_prune.runfolder import RunFolder

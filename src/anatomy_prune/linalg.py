@@ -100,20 +100,25 @@ def unexplained_share(g: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
     return (1.0 / (var * inv_diag)).clamp(0.0, 1.0)
 
 
+def _ridged_inverse(g: Tensor, ridge: float) -> Tensor:
+    """(C + lam I)^-1, C the covariance from the Gram of [x; 1], lam = ridge x mean(C_jj): float64 on the CPU."""
+    a = second_moment(g.detach().double().cpu(), centred=True)
+    a.diagonal().add_(ridge * float(torch.diagonal(a).clamp(min=1e-12).mean()))
+    return torch.linalg.inv(a)
+
+
+def _unexplained(inv: Tensor, idx: Tensor) -> Tensor:
+    """The covariance of inputs idx that a fit on the others leaves: ((C + lam I)^-1_idx,idx)^-1."""
+    return torch.linalg.inv(inv.index_select(0, idx).index_select(1, idx))
+
+
 def unexplained_blocks(g: Tensor, blocks: list[list[int]], ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
     """Per block of inputs (a head's context features), the covariance that a ridge fit on all other inputs
     (and a constant) leaves unexplained: the Schur complement C_bb - C_bo (C_oo + lam I)^-1 C_ob, plus lam I,
     read off one inverse as ((C + lam I)^-1_bb)^-1 (the block version of `unexplained_share`'s 1 / inv_jj,
     lam = ridge x mean(C_jj)): [|b|, |b|] each, float64 on the CPU."""
-    a = second_moment(g.detach().double().cpu(), centred=True)
-    lam = ridge * float(torch.diagonal(a).clamp(min=1e-12).mean())
-    a.diagonal().add_(lam)
-    inv = torch.linalg.inv(a)
-    out = []
-    for b in blocks:
-        idx = torch.as_tensor(b, dtype=torch.long)
-        out.append(torch.linalg.inv(inv.index_select(0, idx).index_select(1, idx)))
-    return out
+    inv = _ridged_inverse(g, ridge)
+    return [_unexplained(inv, torch.as_tensor(b, dtype=torch.long)) for b in blocks]
 
 
 def removal_path(g: Tensor, w: Tensor, m2: Tensor, blocks: list[list[int]], ridge: float = DEFAULT_RIDGE
@@ -127,15 +132,12 @@ def removal_path(g: Tensor, w: Tensor, m2: Tensor, blocks: list[list[int]], ridg
     direct error trace(W_S m2_SS W_S^T) (m2: the second moment the direct error uses). With every block removed
     nothing is left to refit from, so the last step costs what the layer's blocks carry together: what
     leave-one-out errors miss when each block can be rebuilt from the others but not all of them at once."""
-    a = second_moment(g.detach().double().cpu(), centred=True)
-    lam = ridge * float(torch.diagonal(a).clamp(min=1e-12).mean())
-    a.diagonal().add_(lam)
-    inv = torch.linalg.inv(a)
+    inv = _ridged_inverse(g, ridge)
     w, m2 = w.detach().double().cpu(), m2.detach().double().cpu()
 
     def error(idx: Tensor) -> float:
-        left = torch.linalg.inv(inv.index_select(0, idx).index_select(1, idx))
-        return min(quad(w[:, idx], m2.index_select(0, idx).index_select(1, idx)), quad(w[:, idx], left))
+        direct = quad(w[:, idx], m2.index_select(0, idx).index_select(1, idx))
+        return min(direct, quad(w[:, idx], _unexplained(inv, idx)))
 
     order: list[int] = []
     path: list[float] = []

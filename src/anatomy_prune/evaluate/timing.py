@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..models.families import base_model
 
 
 @dataclass
@@ -225,3 +226,16 @@ def peak_mem_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def measure_speedup(dense, pruned, batch_size: int = 32, seq_len: int = 128, repeats: int = 5) -> dict:
+    """Dense and pruned models timed interleaved on fixed inputs of the target's shape: the measured speedup
+    (ratio of medians) with the round-by-round ratios' quartiles."""
+    vocab = int(base_model(dense.model).get_input_embeddings().num_embeddings)
+    seq_len = min(seq_len, dense.max_positions)
+    inputs = fixed_inputs(vocab, batch_size, seq_len, dense.device)
+    t = time_interleaved({"dense": forward_fn(dense.model, inputs), "pruned": forward_fn(pruned.model, inputs)},
+                         warmup=1, repeats=repeats, device=dense.device)
+    sp = paired_speedup(t["dense"], t["pruned"])
+    return {"measured_speedup": sp["speedup"], "speedup_paired_q1": sp["paired_q1"], "speedup_paired_q3": sp["paired_q3"],
+            "speedup_shape": [batch_size, seq_len], "dense_forward_s": t["dense"].median, "pruned_forward_s": t["pruned"].median}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..evaluate.counts import flops_per_token, size_report
 from ..evaluate.metrics import evaluate, evaluation_set, metric_name
-from ..evaluate.timing import peak_mem_mb
+from ..evaluate.timing import measure_speedup, peak_mem_mb
 from ..models.loading import Loaded, load_model
 from ..models.offload import parse_size
 from ..models.saved import save_model
@@ -86,18 +86,3 @@ def _save(rf: RunFolder, req: PruneRequest, res: PruneResult, max_length: int | 
                        "compensated": res.compensation is not None}, max_length=max_length,
                max_shard_size=parse_size(req.max_shard_size, "--max-shard-size") if req.max_shard_size else None)
 
-
-def measure_speedup(dense, pruned, batch_size: int = 32, seq_len: int = 128, repeats: int = 5) -> dict:
-    """Dense and pruned models timed interleaved on fixed inputs of the target's shape: the measured speedup
-    (ratio of medians) with the round-by-round ratios' quartiles."""
-    from ..evaluate.timing import fixed_inputs, forward_fn, paired_speedup, time_interleaved
-    from ..models.families import base_model
-
-    vocab = int(base_model(dense.model).get_input_embeddings().num_embeddings)
-    seq_len = min(seq_len, dense.max_positions)
-    inputs = fixed_inputs(vocab, batch_size, seq_len, dense.device)
-    t = time_interleaved({"dense": forward_fn(dense.model, inputs), "pruned": forward_fn(pruned.model, inputs)},
-                         warmup=1, repeats=repeats, device=dense.device)
-    sp = paired_speedup(t["dense"], t["pruned"])
-    return {"measured_speedup": sp["speedup"], "speedup_paired_q1": sp["paired_q1"], "speedup_paired_q3": sp["paired_q3"],
-            "speedup_shape": [batch_size, seq_len], "dense_forward_s": t["dense"].median, "pruned_forward_s": t["pruned"].median}

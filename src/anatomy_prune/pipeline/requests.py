@@ -13,6 +13,7 @@ from ..anatomy.measures import DEFAULT_THRESHOLD, check_threshold
 from ..data.splits import CALIB_SIZE
 from ..errors import UserError
 from ..models.offload import Placement, parse_size
+from ..models.quantize import QUANTIZE
 from ..plan.plan import PruningPlan
 from ..linalg import DEFAULT_RIDGE
 from ..scores.calibration import CALIB_MAX_LENGTH
@@ -31,7 +32,6 @@ MAX_ITERATIONS = 16        # iterative pruning: each iteration collects the stat
 
 SPLITS = ("test", "validation", "heldout")
 MODES = ("mask", "physical")
-QUANTIZE = ("int8", "int8-all")      # models.quantize.QUANTIZE: the FFN output projections float, or none
 LAYERWISE = ("sequential", "dense")
 EXECUTORS = ("local", "ray")
 TARGET_METHODS = ("calibrated", "fluctuation", "magnitude")   # scorers that score neurons and heads

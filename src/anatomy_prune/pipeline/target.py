@@ -19,8 +19,7 @@ import torch
 from ..apply.modes import physical
 from ..errors import UserError
 from ..evaluate.cost import CostModel, flops_cost, latency_cost, params_cost
-from ..evaluate.timing import fixed_inputs, forward_fn, paired_speedup, time_interleaved
-from ..models.families import base_model
+from ..evaluate.timing import measure_speedup
 from ..models.loading import Loaded
 from ..plan.allocate import plan_under_budget
 from ..plan.plan import PruningPlan
@@ -115,12 +114,7 @@ def _checked_plan(loaded: Loaded, cm: CostModel, target: dict, budget: float, ma
 def measured_speedup(loaded: Loaded, plan: PruningPlan, batch_size: int, seq_len: int, repeats: int = 5) -> dict:
     """The plan's shapes (physically pruned in a scratch copy, uncompensated: compensation changes values, not
     shapes) timed interleaved with the dense model: speedup (ratio of medians) with the paired ratios' quartiles."""
-    dense = loaded.model.eval()
-    pruned = physical(copy.deepcopy(dense), plan).eval()
-    vocab = int(base_model(dense).get_input_embeddings().num_embeddings)
-    inputs = fixed_inputs(vocab, batch_size, seq_len, loaded.device, 0)
-    t = time_interleaved({"dense": forward_fn(dense, inputs), "plan": forward_fn(pruned, inputs)},
-                         warmup=1, repeats=repeats, device=loaded.device)
-    s = paired_speedup(t["dense"], t["plan"])
-    del pruned
-    return {"speedup": s["speedup"], "q1": s["paired_q1"], "q3": s["paired_q3"]}
+    pruned = Loaded(physical(copy.deepcopy(loaded.model), plan).eval(), loaded.tokenizer, loaded.kind, loaded.spec,
+                    dict(loaded.info))
+    s = measure_speedup(loaded, pruned, batch_size, seq_len, repeats)
+    return {"speedup": s["measured_speedup"], "q1": s["speedup_paired_q1"], "q3": s["speedup_paired_q3"]}
