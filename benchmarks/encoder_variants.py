@@ -4,7 +4,9 @@
    issue 25), against the direct error it replaced (`head_rebuilt=False`), under FLOPs targets: heads and FFN
    neurons ranked jointly, as `prune --target-flops F` does;
 2. iterative pruning that recalibrates between shares (`prune --iterations N`, pipeline.iterative), against all
-   at once, at FFN sparsities (FFN only: `--iterations` takes no head sparsity).
+   at once, at FFN sparsities (FFN only: `--iterations` takes no head sparsity);
+3. the FFN neurons' error along an elimination path (`neuron_path=True`: the refit updated as the layer's
+   neurons go, linalg.elimination_path) against leave-one-out, at the FLOPs targets and the FFN sparsities.
 
 Accuracy on the validation split (1,000 reviews) and on --eval-size held-out reviews, each with McNemar against
 the reference variant. FLOPs targets, not measured speedups, so that the plans do not depend on this machine's
@@ -56,17 +58,25 @@ def measure(args) -> dict:
             "heldout": evaluation_set(clf, "imdb", args.eval_size, "heldout")}
     calib = make_calibration(clf, args.calib_size, exclude=sets["validation"].texts + sets["heldout"].texts)
     rows = []
+    heads = {"direct": ("heads: direct error (before)", {"head_rebuilt": False}),
+             "path": ("heads: removal path", {}),
+             "neuron-path": ("heads: removal path, neurons: elimination path", {"neuron_path": True})}
     for f in args.flops:
         target = {"flops": f, "batch_size": 32, "seq_len": 128}
-        ref = _row("heads: direct error (before)", f"flops {f}", prune_step(
-            calib, PruneRequest(method="calibrated", target=target, params={"head_rebuilt": False})), sets, None)
-        new = _row("heads: error after refit (kept)", f"flops {f}",
-                   prune_step(calib, PruneRequest(method="calibrated", target=target)), sets, ref)
-        rows += [ref, new]
+        ref = None
+        for v in args.variants:        # the first variant is the reference of the others
+            name, params = heads[v]
+            row = _row(name, f"flops {f}", prune_step(
+                calib, PruneRequest(method="calibrated", target=target, params=params)), sets, ref)
+            ref = ref or row
+            rows.append(row)
     for s in args.sparsity:
         ref = _row("all at once", f"FFN {s:.0%}", prune_step(calib, PruneRequest(method="calibrated", sparsity=s)),
                    sets, None)
         rows.append(ref)
+        if args.neuron_path:
+            res = prune_step(calib, PruneRequest(method="calibrated", sparsity=s, params={"neuron_path": True}))
+            rows.append(_row("neurons: elimination path", f"FFN {s:.0%}", res, sets, ref))
         for n in args.steps:
             res = prune_iterative(calib, PruneRequest(method="calibrated", sparsity=s, iterations=n))
             rows.append(_row(f"iterative, {n} iterations", f"FFN {s:.0%}", res, sets, ref))
@@ -100,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flops", type=float, nargs="*", default=[0.5, 0.33], help="FLOPs targets (fractions kept)")
     p.add_argument("--sparsity", type=float, nargs="*", default=[0.5, 0.7, 0.85], help="FFN sparsities, iterative")
     p.add_argument("--steps", type=int, nargs="*", default=[2, 4], help="iterations of the iterative variants")
+    p.add_argument("--variants", nargs="+", choices=["direct", "path", "neuron-path"],
+                   default=["direct", "path", "neuron-path"], help="scoring variants at the FLOPs targets (the first "
+                   "is the reference)")
+    p.add_argument("--neuron-path", action="store_true", help="at each FFN sparsity, the elimination path too")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true")
     p.add_argument("--out", default="runs/encoder-variants")

@@ -39,10 +39,14 @@ def test_registered_with_its_options_only():
     """The scorer's options are what it measures with; floor, normalize, readout_mix, head_sparsity are the
     request's (ridge stays: its error term's fit)."""
     m = get_scorer("calibrated")
-    assert m.needs_data and set(m.params) == {"score", "beta", "rebuilt", "ridge", "heads", "head_rebuilt"}
+    assert m.needs_data and set(m.params) == {"score", "beta", "rebuilt", "ridge", "heads", "head_rebuilt",
+                                              "neuron_path"}
     assert m.params["head_rebuilt"] is True                          # the head error after a refit (issue 25)
+    assert m.params["neuron_path"] is None                           # the elimination path with the heads only
     with pytest.raises(UserError, match="head_rebuilt must be true or false, got 'false'"):
         m.options(**{**m.params, "head_rebuilt": "false"})          # a string from a file is not a bool
+    with pytest.raises(UserError, match="neuron_path must be true or false, got 1"):
+        m.options(**{**m.params, "neuron_path": 1})
 
 
 @pytest.mark.parametrize("sparsity,floor", [(0.3, 0.1), (0.6, 0.3), (0.75, 0.2)])

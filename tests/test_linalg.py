@@ -206,3 +206,32 @@ def test_removal_path_removes_a_copied_block_first_and_pays_for_the_pair_at_the_
     assert set(order[:1]) <= {0, 1} and path[0] < 1e-3 * path[-1]
     assert path[-1] == pytest.approx(quad(w, m2), rel=1e-3)
     assert path[1] > 10 * path[0] and path[2] >= path[1] * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("steps", [12, 4])
+def test_elimination_path_starts_at_leave_one_out_and_adds_up_to_the_refit_error(steps):
+    """The path's first step is leave-one-out's error (||w_j||^2 C_jj x unexplained share); the steps of the first
+    blocks add up to the exact error of removing them together with the refit ((H^-1_SS)^-1); and a copied
+    neuron, free while its twin is kept, pays for the pair once the twin is gone."""
+    from anatomy_prune.linalg import elimination_path
+
+    x = data(d=12)
+    x[:, 9] = x[:, 0]                                                       # neuron 9 copies neuron 0
+    w = torch.randn(4, 12, generator=torch.Generator().manual_seed(1), dtype=D)
+    g = full_gram(x)
+    ridge = 1e-6
+    order, path = elimination_path(g, w, centred=True, ridge=ridge, steps=steps)
+    loo = column_energy(w) * moment_diagonal(g, True) * unexplained_share(g, ridge)
+    if steps == 12:                                                          # one at a time: the first step is LOO's
+        assert float(path.min()) == pytest.approx(float(loo.min()), rel=1e-6)
+    assert float(loo[0]) < 1e-3 * float(loo.max()) and float(loo[9]) < 1e-3 * float(loo.max())   # both look free
+    assert max(float(path[0]), float(path[9])) > 10 * float(loo[0] + loo[9])                     # the path: not both
+    c = second_moment(g, centred=True)
+    h_inv = torch.linalg.inv(c + ridge * float(c.diagonal().mean()) * torch.eye(12, dtype=D))
+    assert sorted(order.tolist()) == list(range(12))
+    assert bool((path[order].diff() >= 0).all())                             # non-decreasing along the path
+    block = -(-12 // steps)
+    for k in range(block, 12, block):                                        # block boundaries: exact, one at a time
+        s = order[:k]
+        exact = float(((w[:, s] @ torch.linalg.inv(h_inv[s][:, s])) * w[:, s]).sum())
+        assert float(path[s].sum()) >= exact * (1 - 1e-6)     # equal before the steps are made non-decreasing

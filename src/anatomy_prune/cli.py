@@ -162,7 +162,7 @@ def _add_prune(sub) -> None:
     g.add_argument("--target-speedup", type=float, default=None,
                    help="measured speedup to reach, e.g. 2.0: a latency cost model is fitted by timing the model's "
                    "own shapes on this device at --target-batch x --target-length and written to the run folder; "
-                   "the plan is then timed and its budget corrected until it measures within 2%% of the target")
+                   "the plan is then timed and its budget corrected until it measures within 3%% of the target")
     g.add_argument("--cost-model", default=None, metavar="FILE",
                    help="with --target-speedup: reuse the latency model an earlier run wrote (its cost_model.json) "
                    "instead of timing again, so the same command gives the same plan")

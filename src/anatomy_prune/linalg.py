@@ -152,6 +152,53 @@ def removal_path(g: Tensor, w: Tensor, m2: Tensor, blocks: list[list[int]], ridg
     return order, path
 
 
+def elimination_path(g: Tensor, w: Tensor, centred: bool, ridge: float = DEFAULT_RIDGE, steps: int = 64
+                     ) -> tuple[Tensor, Tensor]:
+    """The backward-elimination path of the inputs of one projection w [out, n] (a layer's FFN neurons), with the
+    refit of the kept inputs updated as inputs go (optimal brain surgeon, in blocks of n / steps): (the order
+    [n], each input's step [n], indexed by input).
+
+    Each block is the inputs whose removal leaves the least error ||w_j||^2 / H^-1_jj given the inputs still kept
+    (H: the covariance, or the second moment when not `centred`, plus lam I, lam = ridge x mean(H_jj)); the block's
+    error trace(W_S (H^-1_SS)^-1 W_S^T) is shared among its inputs in proportion to those errors, W takes the
+    refit (W -= W_S (H^-1_SS)^-1 H^-1_S.) and H^-1 loses the block. Steps are made non-decreasing along the path,
+    so the inputs a layer loses last carry what the others can no longer rebuild: the first step is
+    leave-one-out's error (unexplained_share), later steps are at least as large."""
+    g = g.detach().double().cpu()
+    h = second_moment(g, centred)
+    h.diagonal().add_(ridge * float(torch.diagonal(h).clamp(min=1e-12).mean()))
+    inv = torch.linalg.inv(h)                      # (torch.cholesky_inverse is far slower on the CPU)
+    del h
+    w = w.detach().double().cpu().clone()
+    n = w.shape[1]
+    alive = torch.arange(n)
+    block = max(1, -(-n // max(1, int(steps))))
+    order, marginal = [], []
+    while alive.numel():
+        err = w.pow(2).sum(0) / torch.diagonal(inv).clamp(min=1e-30)           # [remaining]
+        pick = torch.topk(err, min(block, alive.numel()), largest=False).indices
+        a, rows = inv.index_select(0, pick).index_select(1, pick), inv.index_select(0, pick)
+        a_inv = torch.linalg.inv(a)
+        x = a_inv @ rows                                                        # [k, remaining]
+        w_s = w.index_select(1, pick)
+        total = float(((w_s @ a_inv) * w_s).sum())                              # the block's error
+        share = err[pick] * (total / float(err[pick].sum().clamp(min=1e-30)))
+        order.append(alive[pick])
+        marginal.append(share)
+        mask = torch.ones(alive.numel(), dtype=torch.bool)
+        mask[pick] = False
+        keep = mask.nonzero().squeeze(1)
+        x = x.index_select(1, keep)
+        w = torch.addmm(w.index_select(1, keep), w_s, x, alpha=-1.0)
+        inv = torch.addmm(inv.index_select(0, keep).index_select(1, keep), rows.index_select(1, keep).t(), x, alpha=-1.0)
+        alive = alive.index_select(0, keep)
+    steps_ = torch.cummax(torch.cat(marginal).clamp(min=0.0), dim=0).values
+    order_ = torch.cat(order)
+    out = torch.empty(n, dtype=torch.float64)
+    out[order_] = steps_
+    return order_, out
+
+
 def _inverse_diagonal_inplace(a: Tensor) -> Tensor | None:
     """diag(a^-1) for a symmetric positive definite float64 CPU matrix, overwriting `a` (LAPACK potrf and
     potri in place). None if `a` is not positive definite."""

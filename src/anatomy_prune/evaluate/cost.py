@@ -151,6 +151,25 @@ def params_cost(loaded: Loaded) -> CostModel:
 
 HELD_BACK = ((0.75, 0.75), (0.4, 0.5))  # (FFN, head) fractions timed beside the fitted shapes but not fitted
 HELD_BACK_WARN = 0.1                    # a larger prediction error on them is logged as a warning
+STUB_LAYERS = 2                         # a model of at least 2 x this many blocks: the per-unit costs are timed on
+                                        # its first STUB_LAYERS blocks, the base on the whole dense model
+
+
+def _stub(model: nn.Module, layers: int) -> nn.Module:
+    """A copy of `model` with only its first `layers` blocks (the others are not copied)."""
+    from ..models.families import family_of, set_module
+
+    fam = family_of(model)
+    base = base_model(model)
+    blocks = get_module(base, fam.layers)
+    kept = nn.ModuleList(list(blocks)[:layers])
+    set_module(base, fam.layers, nn.ModuleList())          # the copy leaves the other blocks behind
+    try:
+        stub = copy.deepcopy(model)
+    finally:
+        set_module(base, fam.layers, blocks)
+    set_module(base_model(stub), fam.layers, copy.deepcopy(kept))
+    return stub
 
 
 def _pruned_copy(model: nn.Module, neurons: list[int], units: list[int], f_ffn: float, f_heads: float
@@ -183,12 +202,23 @@ def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repea
                  fractions: Sequence[float] = (1.0, 0.5, 0.25), seed: int = 0) -> CostModel:
     """Fit time = base + a_ffn * neurons + a_head * heads to the median times of the model's own shapes on its
     device (the dense model, copies with the FFNs or the attention at the given fractions), timed interleaved
-    with shapes held back from the fit (HELD_BACK, both kinds pruned at once), whose prediction error it reports."""
-    model = loaded.model.eval()
+    with shapes held back from the fit (HELD_BACK, both kinds pruned at once), whose prediction error it reports.
+    A model of at least 2 x STUB_LAYERS blocks has its shapes timed on a copy of its first STUB_LAYERS blocks (the
+    per-unit costs do not depend on the depth; a fraction of the time), and its base is the whole dense model's
+    time, timed in the same rounds, less what its units cost."""
+    full = loaded.model.eval()
     if seq_len > loaded.max_positions:
         raise UserError(f"length {seq_len} exceeds the model's {loaded.max_positions} positions")
-    vocab = int(base_model(model).get_input_embeddings().num_embeddings)
+    vocab = int(base_model(full).get_input_embeddings().num_embeddings)
     inputs = fixed_inputs(vocab, batch_size, seq_len, loaded.device, seed)
+    full_neurons, (full_units, _hd, _q) = ffn_widths(full), _attention_shape(full)
+    model = _stub(full, STUB_LAYERS) if len(full_neurons) >= 2 * STUB_LAYERS else full
+    if model is not full:
+        try:
+            forward_fn(model, inputs)()
+        except Exception as exc:  # noqa: BLE001 - a family whose forward needs every block: time the whole model
+            log.info("timing the whole model (a %d-block copy did not run: %s)", STUB_LAYERS, exc)
+            model = full
     neurons = ffn_widths(model)
     units, _hd, _q = _attention_shape(model)
     heads_prunable = all(u > 1 for u in units)
@@ -201,21 +231,30 @@ def latency_cost(loaded: Loaded, batch_size: int = 32, seq_len: int = 128, repea
     for f_n, f_h in HELD_BACK:
         f_h = f_h if heads_prunable else 1.0
         variants[f"held_ffn{f_n:g}_heads{f_h:g}"] = _pruned_copy(model, neurons, units, f_n, f_h)
-    timings = time_interleaved({k: forward_fn(m, inputs) for k, (m, _n, _h) in variants.items()},
-                               warmup=1, repeats=repeats, device=loaded.device)
+    fns = {k: forward_fn(m, inputs) for k, (m, _n, _h) in variants.items()}
+    if model is not full:
+        fns["whole"] = forward_fn(full, inputs)
+    timings = time_interleaved(fns, warmup=1, repeats=repeats, device=loaded.device)
     c0, a_n, a_h = fit_latency([variants[k][1:] for k in fitted], [timings[k].median for k in fitted])
-    n_layers = len(neurons)
-    cm = CostModel("latency", max(0.0, c0), [max(a_n, 0.0)] * n_layers, [max(a_h, 0.0)] * n_layers, neurons, units)
+    a_n, a_h = max(a_n, 0.0), max(a_h, 0.0)
+    stub_base = max(0.0, c0)
+    if model is not full:    # the whole dense model's time, less what its units cost, is its base
+        c0 = timings["whole"].median - a_n * sum(full_neurons) - a_h * sum(full_units)
+    n_layers = len(full_neurons)
+    cm = CostModel("latency", max(0.0, c0), [a_n] * n_layers, [a_h] * n_layers, full_neurons, full_units)
     timed = {}
     for k, (_m, n, h) in variants.items():
-        t, pred = timings[k], cm.base + cm.per_neuron[0] * n + cm.per_head[0] * h
+        t, pred = timings[k], stub_base + a_n * n + a_h * h
         timed[k] = {"neurons": int(n), "heads": int(h), "median_s": t.median, "q1_s": t.q1, "q3_s": t.q3,
                     "predicted_s": pred, "rel_error": (pred - t.median) / t.median, "fitted": k in fitted}
+    if model is not full:
+        timed["whole"] = {"neurons": sum(full_neurons), "heads": sum(full_units), "median_s": timings["whole"].median,
+                          "q1_s": timings["whole"].q1, "q3_s": timings["whole"].q3}
     cm.info = {"batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "device": str(loaded.device),
-               "model": model_signature(loaded),
+               "model": model_signature(loaded), "timed_blocks": len(neurons),
                "timed": timed, "heads_fitted": heads_prunable and any(f < 1.0 for f in fractions),
-               "max_rel_residual": max(abs(t["rel_error"]) for t in timed.values() if t["fitted"]),
-               "held_back_max_rel_error": max(abs(t["rel_error"]) for t in timed.values() if not t["fitted"]),
+               "max_rel_residual": max(abs(t["rel_error"]) for t in timed.values() if t.get("fitted")),
+               "held_back_max_rel_error": max(abs(t["rel_error"]) for t in timed.values() if t.get("fitted") is False),
                "machine": machine_info()}
     log.info("latency cost model: base %.4f s, %.2e s per neuron, %.2e s per head; max residual %.1f%%, "
              "held-back shapes predicted within %.1f%%", cm.base, a_n, a_h, 100 * cm.info["max_rel_residual"],

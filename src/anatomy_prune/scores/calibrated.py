@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..linalg import (DEFAULT_RIDGE, column_energy, moment_diagonal, quad, second_moment, removal_path,
-                      unexplained_share)
+from ..linalg import (DEFAULT_RIDGE, column_energy, elimination_path, moment_diagonal, quad, second_moment,
+                      removal_path, unexplained_share)
 from ..models.families import attention_sites, base_model, ffn_sites, get_module, weight_out_in
 from ..validate import finite
 from .calibration import Calibration, FFNStats, HeadStats, calibration_pass
@@ -39,24 +39,30 @@ def auto_floor(sparsity: float) -> float:
     return round(min(MAX_AUTO_FLOOR, (1.0 - sparsity) * 2.0 / 3.0), 4)
 
 
-def layer_removal_error(down, gram: Tensor, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> Tensor:
+def layer_removal_error(down, gram: Tensor, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE, path: bool = False
+                        ) -> Tensor:
     """Per neuron of one layer, the mean squared error its removal leaves in the layer output per token: [d_ff].
 
     ||w_j||^2 times the neuron's centred variance (its mean goes into the down bias) or, for a bias-free
     down projection, its second moment; with `rebuilt`, times the share that a least-squares fit on the
-    other neurons cannot rebuild (leave-one-out, so optimistic when many neurons go)."""
+    other neurons cannot rebuild (leave-one-out, so optimistic when many neurons go); with `path` too, the
+    neuron's step on the layer's elimination path (linalg.elimination_path: the refit updated as neurons go)."""
     g = gram.detach().double().cpu()
-    moment = moment_diagonal(g, centred=getattr(down, "bias", None) is not None)     # [d_ff]
+    centred = getattr(down, "bias", None) is not None
+    if rebuilt and path:
+        return elimination_path(g, weight_out_in(down), centred, ridge)[1].float()
+    moment = moment_diagonal(g, centred=centred)                                       # [d_ff]
     err = column_energy(weight_out_in(down)) * moment.clamp(min=0.0)
     if rebuilt:
         err = err * unexplained_share(g, ridge)
     return err.float()
 
 
-def removal_error(model, stats: FFNStats, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
+def removal_error(model, stats: FFNStats, rebuilt: bool = True, ridge: float = DEFAULT_RIDGE, path: bool = False
+                  ) -> list[Tensor]:
     """layer_removal_error of every FFN layer of `model`, from its calibration statistics."""
     base = base_model(model)
-    return [layer_removal_error(get_module(base, site.down), g, rebuilt, ridge)
+    return [layer_removal_error(get_module(base, site.down), g, rebuilt, ridge, path)
             for site, g in zip(ffn_sites(model), stats.gram)]
 
 
@@ -71,7 +77,7 @@ def _sensitivity(stats: FFNStats | HeadStats, score: str) -> list[Tensor]:
 
 
 def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0, model=None,
-                       rebuilt: bool = True, ridge: float = DEFAULT_RIDGE) -> list[Tensor]:
+                       rebuilt: bool = True, ridge: float = DEFAULT_RIDGE, path: bool = False) -> list[Tensor]:
     """One score per neuron and layer (higher = keep) from calibration statistics with gradients.
 
     beta > 0 adds the removal error of each neuron (`removal_error`, needs the model), both terms divided
@@ -81,7 +87,7 @@ def sensitivity_scores(stats: FFNStats, score: str = "fisher", beta: float = 0.0
     if beta > 0:
         if model is None:
             raise ValueError("beta > 0 needs the model (its down projections)")
-        errs = removal_error(model, stats, rebuilt, ridge)
+        errs = removal_error(model, stats, rebuilt, ridge, path)
         s_mean = torch.cat(scores).mean().clamp(min=1e-30)
         e_mean = torch.cat(errs).mean().clamp(min=1e-30)
         scores = [s / s_mean + beta * e / e_mean for s, e in zip(scores, errs)]
@@ -119,8 +125,8 @@ def head_removal_error(model, heads: HeadStats, rebuilt: bool = False, ridge: fl
 
 
 def joint_scores(ffn: FFNStats, heads: HeadStats, model, score: str = "fisher", beta: float = DEFAULT_BETA,
-                 rebuilt: bool = True, ridge: float = DEFAULT_RIDGE, head_rebuilt: bool = True
-                 ) -> tuple[list[Tensor], list[Tensor]]:
+                 rebuilt: bool = True, ridge: float = DEFAULT_RIDGE, head_rebuilt: bool = True,
+                 neuron_path: bool = False) -> tuple[list[Tensor], list[Tensor]]:
     """Scores of FFN neurons and attention head units on one scale, so one ranking (or one budget) covers
     both: Fisher information of each unit's mask (loss units for both kinds) divided by its mean over all
     units, plus beta x the error its removal leaves divided by that error's mean over all units. The heads' error
@@ -131,7 +137,7 @@ def joint_scores(ffn: FFNStats, heads: HeadStats, model, score: str = "fisher", 
     f_mean = torch.cat(f_n + f_h).mean().clamp(min=1e-30)
     neurons, units = [f / f_mean for f in f_n], [f / f_mean for f in f_h]
     if beta > 0:
-        e_n = removal_error(model, ffn, rebuilt, ridge)
+        e_n = removal_error(model, ffn, rebuilt, ridge, neuron_path)
         e_h = head_removal_error(model, heads, rebuilt and head_rebuilt, ridge)
         e_mean = torch.cat(e_n + e_h).mean().clamp(min=1e-30)
         neurons = [s + beta * e / e_mean for s, e in zip(neurons, e_n)]
@@ -151,12 +157,15 @@ class CalibratedOptions:
     ridge: float = DEFAULT_RIDGE   # scoring only (the removal error's fit); a request passes its refit's ridge
     heads: bool = False
     head_rebuilt: bool = True
+    neuron_path: bool | None = None   # None: with the heads (a target or a head sparsity), not for FFN alone
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", finite(self.beta, "beta", 0.0))
         object.__setattr__(self, "ridge", finite(self.ridge, "ridge", 0.0))
-        if not isinstance(self.head_rebuilt, bool):
-            raise UserError(f"head_rebuilt must be true or false, got {self.head_rebuilt!r}")
+        for name in ("head_rebuilt", "neuron_path"):
+            v = getattr(self, name)
+            if not (isinstance(v, bool) or (v is None and name == "neuron_path")):
+                raise UserError(f"{name} must be true or false, got {v!r}")
 
 
 @register("calibrated", "Fisher sensitivity of each neuron on the calibration set plus the error its removal "
@@ -167,17 +176,20 @@ def calibrated_scores(calib: Calibration, sparsity: float, opts: CalibratedOptio
     """Scores of every FFN neuron; heads=True also scores the attention head units on the neurons' scale
     (joint_scores), for a cost target or a head sparsity."""
     score, beta, rebuilt, ridge, heads = opts.score, opts.beta, opts.rebuilt, opts.ridge, bool(opts.heads)
+    path = heads if opts.neuron_path is None else opts.neuron_path
     collected = calibration_pass(calib, grads=True, heads=heads)
     stats = collected.ffn
     head_values = None
     if heads:
         values, head_values = joint_scores(stats, collected.heads, calib.loaded.model, score, beta, rebuilt, ridge,
-                                           opts.head_rebuilt)
+                                           opts.head_rebuilt, path)
     else:
-        values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge)
+        values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge, path)
     params = dict(score=score, beta=beta, rebuilt=rebuilt, calib_inputs=stats.n_examples, calib_tokens=stats.n_tokens,
                   calib_max_length=stats.info.get("max_length"))
     if heads:
         params["head_rebuilt"] = opts.head_rebuilt
+    if path:
+        params["neuron_path"] = True
     return Scores(values, params, seed=calib.seed, head_values=head_values)
 
