@@ -44,7 +44,8 @@ FLAP = dict(allocation=Allocation(scope="global", normalize="standard"), compens
 GOALS = {"FFN 50%": 1.6, "params -20%": 1.25}   # issue 25: perplexity at most this x dense
 
 
-METHODS = ("magnitude", "FLAP-style", "FLAP-style, uniform", "ours", "ours, layer-wise")
+METHODS = ("magnitude", "FLAP-style", "FLAP-style, uniform", "ours", "ours, layer-wise", "ours, neuron path",
+           "ours, leave-one-out neurons")
 
 
 def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[str, ...] = METHODS
@@ -59,12 +60,16 @@ def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[
                                                                compensation=FLAP["compensation"],
                                                                allocation=Allocation(scope="local"))),
                 (f"FFN {ffn:.0%}", "ours", dict(method="calibrated", sparsity=ffn)),
-                (f"FFN {ffn:.0%}", "ours, layer-wise", dict(method="calibrated", sparsity=ffn, layerwise="sequential"))]
+                (f"FFN {ffn:.0%}", "ours, layer-wise", dict(method="calibrated", sparsity=ffn, layerwise="sequential")),
+                (f"FFN {ffn:.0%}", "ours, neuron path", dict(method="calibrated", sparsity=ffn,
+                                                             params={"neuron_path": True}))]
     for removed in params:
         target = {"params": round(1.0 - removed, 6)}
         out += [(f"params -{removed:.0%}", "magnitude", dict(method="magnitude", target=target)),
                 (f"params -{removed:.0%}", "FLAP-style", dict(method="fluctuation", target=target, **FLAP)),
-                (f"params -{removed:.0%}", "ours", dict(method="calibrated", target=target))]
+                (f"params -{removed:.0%}", "ours", dict(method="calibrated", target=target)),
+                (f"params -{removed:.0%}", "ours, leave-one-out neurons", dict(method="calibrated", target=target,
+                                                                               params={"neuron_path": False}))]
     return [(setting, label, kw) for setting, label, kw in out if label in methods]
 
 
