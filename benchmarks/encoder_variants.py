@@ -6,7 +6,8 @@
 2. iterative pruning that recalibrates between shares (`prune --iterations N`, pipeline.iterative), against all
    at once, at FFN sparsities (FFN only: `--iterations` takes no head sparsity);
 3. the FFN neurons' error along an elimination path (`neuron_path=True`: the refit updated as the layer's
-   neurons go, linalg.elimination_path) against leave-one-out, at the FLOPs targets and the FFN sparsities.
+   neurons go, linalg.elimination_path) against leave-one-out, at the FLOPs targets and the FFN sparsities;
+4. other scorer settings at the FLOPs targets (--variants): beta, Taylor, a larger calibration sample.
 
 Accuracy on the validation split (1,000 reviews) and on --eval-size held-out reviews, each with McNemar against
 the reference variant. FLOPs targets, not measured speedups, so that the plans do not depend on this machine's
@@ -36,6 +37,17 @@ from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores.calibration import make_calibration  # noqa: E402
 
 
+# variant: (label, the calibrated scorer's params, calibration reviews or None for --calib-size); neurons go along
+# their elimination path whenever heads are scored (the default since issue 25), unless a variant says otherwise
+VARIANTS = {"direct": ("heads: direct error (before)", {"head_rebuilt": False, "neuron_path": False}, None),
+            "path": ("heads: removal path, neurons leave-one-out", {"neuron_path": False}, None),
+            "neuron-path": ("heads: removal path, neurons: elimination path", {}, None),
+            "beta-0.5": ("as neuron-path, beta 0.5", {"beta": 0.5}, None),
+            "beta-2": ("as neuron-path, beta 2", {"beta": 2.0}, None),
+            "taylor": ("as neuron-path, Taylor sensitivity", {"score": "taylor"}, None),
+            "calib-256": ("as neuron-path, 256 calibration reviews", {}, 256)}
+
+
 def _row(name: str, setting: str, res, sets: dict, ref: dict | None) -> dict:
     """One variant's row; `_correct` (per split, for the paired tests) is dropped before the row is written."""
     row = {"variant": name, "setting": setting, "ffn_widths": res.plan.kept_widths, "heads": res.plan.kept_heads,
@@ -58,16 +70,17 @@ def measure(args) -> dict:
             "heldout": evaluation_set(clf, "imdb", args.eval_size, "heldout")}
     calib = make_calibration(clf, args.calib_size, exclude=sets["validation"].texts + sets["heldout"].texts)
     rows = []
-    heads = {"direct": ("heads: direct error (before)", {"head_rebuilt": False}),
-             "path": ("heads: removal path", {}),
-             "neuron-path": ("heads: removal path, neurons: elimination path", {"neuron_path": True})}
+    calibs = {args.calib_size: calib}
     for f in args.flops:
         target = {"flops": f, "batch_size": 32, "seq_len": 128}
         ref = None
         for v in args.variants:        # the first variant is the reference of the others
-            name, params = heads[v]
+            name, params, n = VARIANTS[v]
+            n = n or args.calib_size
+            if n not in calibs:
+                calibs[n] = make_calibration(clf, n, exclude=sets["validation"].texts + sets["heldout"].texts)
             row = _row(name, f"flops {f}", prune_step(
-                calib, PruneRequest(method="calibrated", target=target, params=params)), sets, ref)
+                calibs[n], PruneRequest(method="calibrated", target=target, params=params)), sets, ref)
             ref = ref or row
             rows.append(row)
     for s in args.sparsity:
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flops", type=float, nargs="*", default=[0.5, 0.33], help="FLOPs targets (fractions kept)")
     p.add_argument("--sparsity", type=float, nargs="*", default=[0.5, 0.7, 0.85], help="FFN sparsities, iterative")
     p.add_argument("--steps", type=int, nargs="*", default=[2, 4], help="iterations of the iterative variants")
-    p.add_argument("--variants", nargs="+", choices=["direct", "path", "neuron-path"],
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                    default=["direct", "path", "neuron-path"], help="scoring variants at the FLOPs targets (the first "
                    "is the reference)")
     p.add_argument("--neuron-path", action="store_true", help="at each FFN sparsity, the elimination path too")

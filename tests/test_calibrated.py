@@ -277,3 +277,16 @@ def test_fisher_and_taylor_equal_per_example_autograd(alias, kind):
             torch.testing.assert_close(stats.fisher[layer], (g * g).sum(0), rtol=2e-3, atol=1e-9)
             torch.testing.assert_close(stats.taylor[layer], g.sum(0), rtol=2e-3, atol=1e-7)
     assert [len(f) for f in got.heads.fisher] == [s.n_units for s in sites]
+
+
+@pytest.mark.parametrize("alias,heads,expect", [("tiny-bert", False, False), ("tiny-llama", False, True)])
+def test_neurons_go_along_their_path_for_a_causal_lm_and_with_heads(alias, heads, expect):
+    """neuron_path unset: a causal LM's neurons (or any model's, with heads) are scored along the elimination path,
+    an encoder classifier's FFN alone leave-one-out; the plan records which; an explicit value wins."""
+    loaded = make_classifier(alias) if alias == "tiny-bert" else load_model(alias, device="cpu")
+    cal = calib(loaded)
+    plan, *_ = plan_step(cal, PruneRequest(method="calibrated", sparsity=0.5))
+    assert bool(plan.params.get("neuron_path")) is expect
+    forced, *_ = plan_step(cal, PruneRequest(method="calibrated", sparsity=0.5, params={"neuron_path": not expect}))
+    assert bool(forced.params.get("neuron_path")) is (not expect)
+    assert forced.keep != plan.keep

@@ -423,3 +423,24 @@ def test_head_compensation_removes_reconstruction_error_and_changes_nothing_with
         entry = report["layers"][site.layer]
         assert comp < 0.9 * plain
         assert entry["rel_err_removed"] / entry["rel_err_compensated"] == pytest.approx(float(plain / comp), rel=1e-2)
+
+
+def test_joint_scores_price_the_neurons_on_their_elimination_path():
+    """With heads scored too, a neuron's error term is its step on its layer's elimination path (linalg), not its
+    leave-one-out error: the path starts at the neuron leave-one-out finds cheapest, and the steps add up to more."""
+    from anatomy_prune.linalg import elimination_path
+    from anatomy_prune.scores.calibrated import joint_scores, removal_error
+    from anatomy_prune.scores.calibration import ffn_input_stats
+
+    loaded, cal, heads = head_calibration("tiny-llama")
+    ffn = ffn_input_stats(cal, progress=False)
+    loo = removal_error(loaded.model, ffn)
+    path = removal_error(loaded.model, ffn, path=True)
+    for site, g, a, b in zip(ffn_sites(loaded.model), ffn.gram, loo, path):
+        order, steps = elimination_path(g, weight_out_in(get_module(base_model(loaded.model), site.down)), False)
+        torch.testing.assert_close(b, steps.float())
+        assert float(a[order[0]]) <= float(a.min()) * (1 + 1e-3)     # the path starts where leave-one-out is least
+        assert float(b.sum()) > 1.5 * float(a.sum())
+    n_loo, _ = joint_scores(ffn, heads, loaded.model, neuron_path=False)
+    n_path, _ = joint_scores(ffn, heads, loaded.model, neuron_path=True)
+    assert not all(torch.allclose(x, y) for x, y in zip(n_loo, n_path))

@@ -18,7 +18,7 @@ from anatomy_prune.models.saved import save_model
 from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.layerwise import prune_layerwise
 from anatomy_prune.plan import plan_from_scores
-from anatomy_prune.scores.calibrated import removal_error
+from anatomy_prune.scores.calibrated import neuron_path_default, removal_error
 from anatomy_prune.scores.calibration import Calibration, ffn_input_stats
 
 from conftest import TEXTS, assert_tiny
@@ -50,7 +50,7 @@ def test_dense_inputs_equal_the_all_at_once_path(alias):
     cal = calib(loaded)
     # all at once: one pass of the whole model, the recipe's error term, a local plan, compensation, slicing
     stats = ffn_input_stats(cal, grads=False, progress=False)
-    errs = removal_error(loaded.model, stats)
+    errs = removal_error(loaded.model, stats, path=neuron_path_default(loaded.kind, heads=False))   # causal LMs: path
     plan = plan_from_scores(errs, SPARSITY)
     ref = copy.deepcopy(loaded.model)
     report = compensate(ref, plan, stats)

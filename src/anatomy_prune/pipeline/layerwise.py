@@ -25,7 +25,7 @@ from ..plan.allocate import keep_counts, select
 from ..plan.plan import PruningPlan
 from ..progress import tqdm
 from ..scores.calibration import Calibration
-from ..scores.calibrated import layer_removal_error
+from ..scores.calibrated import layer_removal_error, neuron_path_default
 from ..scores.layerwise import block_ffn_stats, block_inputs, check_width, run_block, stats_of
 from ..scores.registry import Scores
 from .requests import LAYERWISE_METHOD as METHOD, PruneRequest
@@ -51,6 +51,8 @@ def prune_layerwise(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
     (PruneResult.compensation) has one entry per block; keep_grams adds the per-block statistics (for tests),
     and on_block(entry) is called after each block."""
     loaded, p = calib.loaded, {**req.layerwise_settings(), "keep_grams": keep_grams}
+    if p["neuron_path"] is None:
+        p["neuron_path"] = neuron_path_default(loaded.kind, heads=False)
     if loaded.kind == "classifier":
         raise UserError("--layerwise prunes causal LMs and backbones; a classifier's readout token needs the "
                         "all-at-once calibrated method")
@@ -112,7 +114,7 @@ def _prune_block(work: Loaded, site, batches: list, hidden: list[Tensor], p: dic
         check_width(down, gram, site.layer)
         gram = gram.cpu()
         t2 = time.perf_counter()
-        err = layer_removal_error(down, gram, p["rebuilt"], p["ridge"])            # [d_ff]
+        err = layer_removal_error(down, gram, p["rebuilt"], p["ridge"], p["neuron_path"])   # [d_ff]
         count = keep_counts([err], req.sparsity, {"kind": "local", "multiple_of": p["multiple_of"]})[0]
         count = max(count, min(width, math.ceil(p["floor"] * width)))
         keep = select([err], [count])[0]
@@ -144,6 +146,8 @@ def _outcome(calib: Calibration, req: PruneRequest, done: _Done, batches: list, 
     params = dict(score="removal_error", rebuilt=p["rebuilt"], layerwise=req.layerwise, calib_inputs=len(calib.texts),
                   calib_tokens=n_tokens, calib_max_length=calib.max_length, allocation="local",
                   floor=p["floor"], compensate=True, ridge=p["ridge"], readout_mix=0.0)
+    if neuron_path_default(calib.loaded.kind, heads=False) if p["neuron_path"] is None else p["neuron_path"]:
+        params["neuron_path"] = True
     if p["multiple_of"] > 1:
         params["multiple_of"] = p["multiple_of"]
     plan = PruningPlan(keep=done.keep, widths=[b["width"] for b in blocks], base_model=calib.loaded.base_spec,

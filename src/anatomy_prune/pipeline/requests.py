@@ -37,7 +37,7 @@ EXECUTORS = ("local", "ray")
 TARGET_METHODS = ("calibrated", "fluctuation", "magnitude")   # scorers that score neurons and heads
 TARGET_KEYS = ("flops", "speedup", "params", "batch_size", "seq_len", "floor", "cost_model", "check")
 LAYERWISE_METHOD = "calibrated"    # the recipe the layer-wise path follows (without Fisher)
-LAYERWISE_PARAMS = ("rebuilt",)                 # its method parameters; and of the request: ridge, floor, multiple_of
+LAYERWISE_PARAMS = ("rebuilt", "neuron_path")  # its method parameters; and of the request: ridge, floor, multiple_of
 LAYERWISE_OPTIONS = ("ridge", "floor", "multiple_of")
 
 
@@ -279,6 +279,8 @@ class PruneRequest:
             if unknown:
                 raise UserError(f"--layerwise takes the parameters {', '.join(LAYERWISE_PARAMS + LAYERWISE_OPTIONS)}; "
                                 f"not {', '.join(unknown)}")
+            if not isinstance(self.params.get("neuron_path", False), bool):
+                raise UserError(f"neuron_path must be true or false, got {self.params['neuron_path']!r}")
         _set(self, iterations=whole(self.iterations, "--iterations", 1))
         if self.iterations > MAX_ITERATIONS:
             raise UserError(f"--iterations must be at most {MAX_ITERATIONS}, got {self.iterations}")
@@ -304,9 +306,11 @@ class PruneRequest:
         return params
 
     def layerwise_settings(self) -> dict:
-        """The layer-wise path's ridge, rebuilt, floor and multiple_of, defaults filled."""
+        """The layer-wise path's ridge, rebuilt, neuron_path (None: the scorer's default), floor and multiple_of,
+        defaults filled."""
         ridge = self.compensation.ridge if self.compensation is not None else None
         return {"ridge": DEFAULT_RIDGE if ridge is None else ridge, "rebuilt": bool(self.params.get("rebuilt", True)),
+                "neuron_path": self.params.get("neuron_path"),
                 "floor": self.allocation.floor or 0.0, "multiple_of": self.allocation.multiple_of}
 
     def big_options(self) -> dict:
