@@ -359,14 +359,15 @@ def test_check_speedup_without_a_speedup_target_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "go with --target-speedup" in err[0] and not (tmp_path / "o").exists()
 
 
-def test_latency_cost_times_the_units_on_a_few_blocks_and_the_base_on_the_whole_model(monkeypatch):
+@pytest.mark.parametrize("alias", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+def test_latency_cost_times_the_units_on_a_few_blocks_and_the_base_on_the_whole_model(monkeypatch, alias):
     """A deep enough model has its pruned shapes timed on a copy of its first blocks; the whole dense model, timed in
     the same rounds, sets the base, so the cost model predicts the whole model's time; the model is left as it was."""
     from anatomy_prune.evaluate import cost
     from anatomy_prune.models.families import ffn_widths
 
-    monkeypatch.setattr(cost, "STUB_LAYERS", 1)                 # tiny-bert's 3 blocks >= 2 x 1
-    loaded = load_model("tiny-bert", device="cpu")
+    monkeypatch.setattr(cost, "STUB_LAYERS", 1)                 # the tiny models' 3 blocks >= 2 x 1
+    loaded = load_model(alias, device="cpu")
     before = [p.detach().clone() for p in loaded.model.parameters()]
     cm = latency_cost(loaded, batch_size=2, seq_len=16, repeats=2)
     assert cm.info["timed_blocks"] == 1 and ffn_widths(loaded.model) == cm.neurons and len(cm.neurons) == 3
