@@ -162,8 +162,9 @@ def elimination_path(g: Tensor, w: Tensor, centred: bool, ridge: float = DEFAULT
     (H: the covariance, or the second moment when not `centred`, plus lam I, lam = ridge x mean(H_jj)); the block's
     error trace(W_S (H^-1_SS)^-1 W_S^T) is shared among its inputs in proportion to those errors, W takes the
     refit (W -= W_S (H^-1_SS)^-1 H^-1_S.) and H^-1 loses the block. Steps are made non-decreasing along the path,
-    so the inputs a layer loses last carry what the others can no longer rebuild: the first step is
-    leave-one-out's error (unexplained_share), later steps are at least as large."""
+    so the inputs a layer loses last carry what the others can no longer rebuild: the path starts where
+    leave-one-out's error (unexplained_share) is least (with blocks of one, the first step is that error), and later
+    steps are at least as large."""
     g = g.detach().double().cpu()
     h = second_moment(g, centred)
     h.diagonal().add_(ridge * float(torch.diagonal(h).clamp(min=1e-12).mean()))
@@ -192,10 +193,10 @@ def elimination_path(g: Tensor, w: Tensor, centred: bool, ridge: float = DEFAULT
         w = torch.addmm(w.index_select(1, keep), w_s, x, alpha=-1.0)
         inv = torch.addmm(inv.index_select(0, keep).index_select(1, keep), rows.index_select(1, keep).t(), x, alpha=-1.0)
         alive = alive.index_select(0, keep)
-    steps_ = torch.cummax(torch.cat(marginal).clamp(min=0.0), dim=0).values
+    path = torch.cummax(torch.cat(marginal).clamp(min=0.0), dim=0).values
     order_ = torch.cat(order)
     out = torch.empty(n, dtype=torch.float64)
-    out[order_] = steps_
+    out[order_] = path
     return order_, out
 
 
