@@ -100,9 +100,10 @@ def unexplained_share(g: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
     return (1.0 / (var * inv_diag)).clamp(0.0, 1.0)
 
 
-def _ridged_inverse(g: Tensor, ridge: float) -> Tensor:
-    """(C + lam I)^-1, C the covariance from the Gram of [x; 1], lam = ridge x mean(C_jj): float64 on the CPU."""
-    a = second_moment(g.detach().double().cpu(), centred=True)
+def _ridged_inverse(g: Tensor, ridge: float, centred: bool = True) -> Tensor:
+    """(C + lam I)^-1, C the covariance (or, not `centred`, the second moment) from the Gram of [x; 1],
+    lam = ridge x mean(C_jj): float64 on the CPU (torch.linalg.inv: torch.cholesky_inverse is far slower here)."""
+    a = second_moment(g.detach().double().cpu(), centred=centred)
     a.diagonal().add_(ridge * float(torch.diagonal(a).clamp(min=1e-12).mean()))
     return torch.linalg.inv(a)
 
@@ -165,11 +166,7 @@ def elimination_path(g: Tensor, w: Tensor, centred: bool, ridge: float = DEFAULT
     so the inputs a layer loses last carry what the others can no longer rebuild: the path starts where
     leave-one-out's error (unexplained_share) is least (with blocks of one, the first step is that error), and later
     steps are at least as large."""
-    g = g.detach().double().cpu()
-    h = second_moment(g, centred)
-    h.diagonal().add_(ridge * float(torch.diagonal(h).clamp(min=1e-12).mean()))
-    inv = torch.linalg.inv(h)                      # (torch.cholesky_inverse is far slower on the CPU)
-    del h
+    inv = _ridged_inverse(g, ridge, centred)
     w = w.detach().double().cpu().clone()
     n = w.shape[1]
     alive = torch.arange(n)

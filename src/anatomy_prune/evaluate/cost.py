@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.families import attention_sites, base_model, ffn_sites, ffn_widths, get_module, head_counts
+from ..models.families import (attention_sites, base_model, family_of, ffn_sites, ffn_widths, get_module, head_counts,
+                               set_module)
 from ..models.loading import Loaded
 from ..models.surgery import keep_ffn_neurons, keep_heads
 from .timing import fixed_inputs, forward_fn, machine_info, time_interleaved
@@ -157,8 +158,6 @@ STUB_LAYERS = 2                         # a model of at least 2 x this many bloc
 
 def _stub(model: nn.Module, layers: int) -> nn.Module:
     """A copy of `model` with only its first `layers` blocks (the others are not copied)."""
-    from ..models.families import family_of, set_module
-
     fam = family_of(model)
     base = base_model(model)
     blocks = get_module(base, fam.layers)

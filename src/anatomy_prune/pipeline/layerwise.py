@@ -77,7 +77,7 @@ def prune_layerwise(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
             on_block(dict(entry))
     set_config_widths(work.model, [len(k) for k in done.keep])
     seconds = time.perf_counter() - start
-    plan, report, scores = _outcome(calib, req, done, batches, dispatched)
+    plan, report, scores = _outcome(calib, req, p, done, batches, dispatched)
     if keep_grams:
         report["stats"] = stats_of(done.grams, batches, calib, seconds)
     log.info("layer-wise (%s): removed %d of %d FFN neurons (%.1f%%) in %.1f s", req.layerwise, plan.neurons_removed,
@@ -139,14 +139,14 @@ def _prune_block(work: Loaded, site, batches: list, hidden: list[Tensor], p: dic
     return keep, err, entry, gram, dense_out, pruned_out
 
 
-def _outcome(calib: Calibration, req: PruneRequest, done: _Done, batches: list, dispatched: bool) -> tuple:
-    """The plan, the report and the scores of a finished layer-wise run."""
-    p, blocks = req.layerwise_settings(), done.entries
+def _outcome(calib: Calibration, req: PruneRequest, p: dict, done: _Done, batches: list, dispatched: bool) -> tuple:
+    """The plan, the report and the scores of a finished layer-wise run (p: its settings, defaults resolved)."""
+    blocks = done.entries
     n_tokens = int(sum(int(b.mask.sum()) for b in batches))
     params = dict(score="removal_error", rebuilt=p["rebuilt"], layerwise=req.layerwise, calib_inputs=len(calib.texts),
                   calib_tokens=n_tokens, calib_max_length=calib.max_length, allocation="local",
                   floor=p["floor"], compensate=True, ridge=p["ridge"], readout_mix=0.0)
-    if neuron_path_default(calib.loaded.kind, heads=False) if p["neuron_path"] is None else p["neuron_path"]:
+    if p["neuron_path"]:
         params["neuron_path"] = True
     if p["multiple_of"] > 1:
         params["multiple_of"] = p["multiple_of"]

@@ -279,8 +279,7 @@ class PruneRequest:
             if unknown:
                 raise UserError(f"--layerwise takes the parameters {', '.join(LAYERWISE_PARAMS + LAYERWISE_OPTIONS)}; "
                                 f"not {', '.join(unknown)}")
-            if not isinstance(self.params.get("neuron_path", False), bool):
-                raise UserError(f"neuron_path must be true or false, got {self.params['neuron_path']!r}")
+            get_scorer(LAYERWISE_METHOD).options(**check_params(LAYERWISE_METHOD, self.params))   # their values
         _set(self, iterations=whole(self.iterations, "--iterations", 1))
         if self.iterations > MAX_ITERATIONS:
             raise UserError(f"--iterations must be at most {MAX_ITERATIONS}, got {self.iterations}")

@@ -169,10 +169,10 @@ class CalibratedOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", finite(self.beta, "beta", 0.0))
         object.__setattr__(self, "ridge", finite(self.ridge, "ridge", 0.0))
-        for name in ("head_rebuilt", "neuron_path"):
-            v = getattr(self, name)
-            if not (isinstance(v, bool) or (v is None and name == "neuron_path")):
-                raise UserError(f"{name} must be true or false, got {v!r}")
+        if not isinstance(self.head_rebuilt, bool):
+            raise UserError(f"head_rebuilt must be true or false, got {self.head_rebuilt!r}")
+        if self.neuron_path is not None and not isinstance(self.neuron_path, bool):
+            raise UserError(f"neuron_path must be true or false, got {self.neuron_path!r}")
 
 
 @register("calibrated", "Fisher sensitivity of each neuron on the calibration set plus the error its removal "
