@@ -128,6 +128,20 @@ def test_old_params_in_a_toml_row_map_onto_the_request(tmp_path):
         SweepConfig.from_toml(grid)
 
 
+@pytest.mark.parametrize("value,error", [("true", None), ("false", None), ('"yes"', "true or false, got 'yes'"),
+                                         ("1", "true or false, got 1")])
+def test_a_toml_row_takes_neuron_path_as_a_flag(tmp_path, value, error):
+    """neuron_path defaults to None (the scorer decides) but is a flag: true / false pass, anything else is refused
+    in one line naming the row."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'model = "tiny-bert"\n[[row]]\nmethod = "calibrated"\nsparsity = 0.5\nneuron_path = {value}\n')
+    if error is None:
+        assert SweepConfig.from_toml(grid).grid["row"][0]["neuron_path"] is (value == "true")
+    else:
+        with pytest.raises(UserError, match=f"row 1: neuron_path must be {error}"):
+            SweepConfig.from_toml(grid)
+
+
 def test_standardised_ranking_ignores_each_layers_scale_and_offset():
     """normalize="standard" ranks (s - mean) / std per layer (FLAP): a layer whose scores are those of another,
     scaled and shifted, keeps as many; the raw ranking ("none") gives everything to the shifted layer."""

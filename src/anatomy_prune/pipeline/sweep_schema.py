@@ -70,17 +70,17 @@ def check_grid(cfg: dict, where: str) -> dict:
         except UserError as exc:
             raise UserError(f"{at}: {exc}") from None
         for k, v in params.items():
-            _check_type(k, v, scorer.params.get(k), at)
+            _check_type(k, v, scorer.params.get(k), at, scorer.is_flag(k))
     return cfg
 
 
-def _check_type(key: str, value: Any, default: Any, at: str) -> None:
-    """A row's parameter has its default's type: focus a list of block numbers, a flag true / false, text
-    text, anything else a number."""
+def _check_type(key: str, value: Any, default: Any, at: str, flag: bool = False) -> None:
+    """A row's parameter has its default's type: focus a list of block numbers, a flag (a bool default, or an
+    option typed bool | None) true / false, text text, anything else a number."""
     if key == "focus":
         if not isinstance(value, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in value):
             raise UserError(f"{at}: focus must be a list of block numbers")
-    elif isinstance(default, bool):
+    elif flag:
         if not isinstance(value, bool):
             raise UserError(f"{at}: {key} must be true or false, got {value!r}")
     elif isinstance(default, str):

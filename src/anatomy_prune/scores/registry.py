@@ -39,6 +39,13 @@ class Scorer:
     stochastic: bool = False                    # True: its scores are random draws (its `seed` parameter)
     options: type | None = None                 # the frozen dataclass of its parameters (None: it takes none)
 
+    def is_flag(self, name: str) -> bool:
+        """Whether parameter `name` is true / false: its default is a bool, or its option is typed bool | None."""
+        if isinstance(self.params.get(name), bool):
+            return True
+        kind = {f.name: f.type for f in fields(self.options)}.get(name) if self.options is not None else None
+        return kind is bool or (isinstance(kind, str) and kind.replace(" ", "").split("|")[0] == "bool")
+
     def run(self, calib, sparsity: float | None, params: dict) -> Scores:
         """Score with `params` (checked by check_params) as the method's options object."""
         return self.fn(calib, sparsity) if self.options is None else self.fn(calib, sparsity, self.options(**params))
