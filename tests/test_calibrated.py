@@ -290,3 +290,21 @@ def test_neurons_go_along_their_path_for_a_causal_lm_and_with_heads(alias, heads
     forced, *_ = plan_step(cal, PruneRequest(method="calibrated", sparsity=0.5, params={"neuron_path": not expect}))
     assert bool(forced.params.get("neuron_path")) is (not expect)
     assert forced.keep != plan.keep
+
+
+def test_a_second_target_on_one_sample_reuses_the_scores(monkeypatch):
+    """The removal paths are computed once per calibration sample and settings, like the statistics: a second
+    target reuses them (no path is run again) and plans as a fresh sample would."""
+    import anatomy_prune.scores.calibrated as calibrated
+
+    loaded = make_classifier("tiny-bert")
+    runs = []
+    real = calibrated.elimination_path
+    monkeypatch.setattr(calibrated, "elimination_path", lambda *a, **k: runs.append(1) or real(*a, **k))
+    cal = calib(loaded)
+    first, *_ = plan_step(cal, PruneRequest(method="calibrated", target={"flops": 0.6}))
+    n = len(runs)
+    second, *_ = plan_step(cal, PruneRequest(method="calibrated", target={"flops": 0.4}))
+    assert n == 3 and len(runs) == n                       # one path per layer, once
+    fresh, *_ = plan_step(calib(loaded), PruneRequest(method="calibrated", target={"flops": 0.4}))
+    assert second.keep == fresh.keep and second.heads == fresh.heads != first.heads

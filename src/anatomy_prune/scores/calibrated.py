@@ -186,17 +186,21 @@ def calibrated_scores(calib: Calibration, sparsity: float, opts: CalibratedOptio
     path = neuron_path_default(calib.loaded.kind, heads) if opts.neuron_path is None else opts.neuron_path
     collected = calibration_pass(calib, grads=True, heads=heads)
     stats = collected.ffn
-    head_values = None
-    if heads:
-        values, head_values = joint_scores(stats, collected.heads, calib.loaded.model, score, beta, rebuilt, ridge,
-                                           opts.head_rebuilt, path)
-    else:
-        values = sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge, path)
+
+    def compute() -> tuple[list[Tensor], list[Tensor] | None]:
+        if heads:
+            return joint_scores(stats, collected.heads, calib.loaded.model, score, beta, rebuilt, ridge,
+                                opts.head_rebuilt, path)
+        return sensitivity_scores(stats, score, beta, calib.loaded.model, rebuilt, ridge, path), None
+
+    # cached like the statistics: every target or sparsity of a sweep on one sample reuses the removal paths
+    values, head_values = calib.cached(("calibrated", score, beta, rebuilt, ridge, heads, opts.head_rebuilt, path),
+                                       compute)
     params = dict(score=score, beta=beta, rebuilt=rebuilt, calib_inputs=stats.n_examples, calib_tokens=stats.n_tokens,
                   calib_max_length=stats.info.get("max_length"))
     if heads:
         params["head_rebuilt"] = opts.head_rebuilt
     if path:
         params["neuron_path"] = True
-    return Scores(values, params, seed=calib.seed, head_values=head_values)
+    return Scores(list(values), params, seed=calib.seed, head_values=None if head_values is None else list(head_values))
 
