@@ -32,6 +32,7 @@ from anatomy_prune.evaluate.metrics import paired_perplexity  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
 from anatomy_prune.pipeline.allocation import Allocation  # noqa: E402
 from anatomy_prune.pipeline.compensation import Compensation  # noqa: E402
+from anatomy_prune.pipeline.iterative import prune_iterative  # noqa: E402
 from anatomy_prune.pipeline.layerwise import prune_layerwise  # noqa: E402
 from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
 from anatomy_prune.pipeline.step import prune_step  # noqa: E402
@@ -45,7 +46,7 @@ GOALS = {"FFN 50%": 1.6, "params -20%": 1.25}   # issue 25: perplexity at most t
 
 
 METHODS = ("magnitude", "FLAP-style", "FLAP-style, uniform", "ours", "ours, layer-wise", "ours, neuron path",
-           "ours, leave-one-out neurons")
+           "ours, leave-one-out neurons", "ours, no tuning", "ours, iterative 2")
 
 
 def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[str, ...] = METHODS
@@ -62,22 +63,28 @@ def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[
                 (f"FFN {ffn:.0%}", "ours", dict(method="calibrated", sparsity=ffn)),
                 (f"FFN {ffn:.0%}", "ours, layer-wise", dict(method="calibrated", sparsity=ffn, layerwise="sequential")),
                 (f"FFN {ffn:.0%}", "ours, neuron path", dict(method="calibrated", sparsity=ffn,
-                                                             params={"neuron_path": True}))]
+                                                             params={"neuron_path": True, "tune": False})),
+                (f"FFN {ffn:.0%}", "ours, no tuning", dict(method="calibrated", sparsity=ffn, params={"tune": False})),
+                (f"FFN {ffn:.0%}", "ours, iterative 2", dict(method="calibrated", sparsity=ffn, iterations=2))]
     for removed in params:
         target = {"params": round(1.0 - removed, 6)}
         out += [(f"params -{removed:.0%}", "magnitude", dict(method="magnitude", target=target)),
                 (f"params -{removed:.0%}", "FLAP-style", dict(method="fluctuation", target=target, **FLAP)),
                 (f"params -{removed:.0%}", "ours", dict(method="calibrated", target=target)),
                 (f"params -{removed:.0%}", "ours, leave-one-out neurons", dict(method="calibrated", target=target,
-                                                                               params={"neuron_path": False}))]
+                                                                               params={"neuron_path": False,
+                                                                                       "tune": False})),
+                (f"params -{removed:.0%}", "ours, no tuning", dict(method="calibrated", target=target,
+                                                                   params={"tune": False}))]
     return [(setting, label, kw) for setting, label, kw in out if label in methods]
 
 
 def run_point(calib, kwargs: dict):
     """The pruned model and its plan, through the one pruning step (or the layer-wise path)."""
     req = PruneRequest(**kwargs)
-    res = prune_layerwise(calib, req, progress=False) if req.layerwise else prune_step(calib, req)
-    return res
+    if req.layerwise:
+        return prune_layerwise(calib, req, progress=False)
+    return prune_iterative(calib, req) if req.iterations > 1 else prune_step(calib, req)
 
 
 def measure(args) -> dict:

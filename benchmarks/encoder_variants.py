@@ -7,7 +7,8 @@
    at once, at FFN sparsities (FFN only: `--iterations` takes no head sparsity);
 3. the FFN neurons' error along an elimination path (`neuron_path=True`: the refit updated as the layer's
    neurons go, linalg.elimination_path) against leave-one-out, at the FLOPs targets and the FFN sparsities;
-4. other scorer settings at the FLOPs targets (--variants): beta, Taylor, a larger calibration sample.
+4. other scorer settings at the FLOPs targets (--variants): beta, Taylor, a larger calibration sample;
+5. sequential output tuning after pruning (--variants tuned: apply.tune, K-prune's weight tuning in closed form).
 
 Accuracy on the validation split (1,000 reviews) and on --eval-size held-out reviews, each with McNemar against
 the reference variant. FLOPs targets, not measured speedups, so that the plans do not depend on this machine's
@@ -26,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from anatomy_prune.apply.tune import tune_outputs  # noqa: E402
 from anatomy_prune.errors import UserError  # noqa: E402
 from anatomy_prune.evaluate.metrics import evaluate_classifier, evaluation_set  # noqa: E402
 from anatomy_prune.evaluate.stats import mcnemar  # noqa: E402
@@ -45,7 +47,9 @@ VARIANTS = {"direct": ("heads: direct error (before)", {"head_rebuilt": False, "
             "beta-0.5": ("as neuron-path, beta 0.5", {"beta": 0.5}, None),
             "beta-2": ("as neuron-path, beta 2", {"beta": 2.0}, None),
             "taylor": ("as neuron-path, Taylor sensitivity", {"score": "taylor"}, None),
-            "calib-256": ("as neuron-path, 256 calibration reviews", {}, 256)}
+            "calib-256": ("as neuron-path, 256 calibration reviews", {}, 256),
+            "tuned": ("as neuron-path, then sequential output tuning", {}, None)}
+TUNED = {"tuned": 1e-2}    # variants refitted toward the dense stream after pruning (apply.tune), by ridge
 
 
 def _row(name: str, setting: str, res, sets: dict, ref: dict | None) -> dict:
@@ -79,8 +83,10 @@ def measure(args) -> dict:
             n = n or args.calib_size
             if n not in calibs:
                 calibs[n] = make_calibration(clf, n, exclude=sets["validation"].texts + sets["heldout"].texts)
-            row = _row(name, f"flops {f}", prune_step(
-                calibs[n], PruneRequest(method="calibrated", target=target, params=params)), sets, ref)
+            res = prune_step(calibs[n], PruneRequest(method="calibrated", target=target, params=params))
+            if v in TUNED:
+                tune_outputs(res.loaded, clf, calibs[n], ridge=TUNED[v])
+            row = _row(name, f"flops {f}", res, sets, ref)
             ref = ref or row
             rows.append(row)
     for s in args.sparsity:

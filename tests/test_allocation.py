@@ -38,11 +38,13 @@ def test_each_methods_defaults(method, options, sparsity, allocation):
     how = resolve(method, options, sparsity, Allocation(), None, readout=True)
     assert how.allocation == allocation
     if method == "calibrated":
-        assert how.recipe == {"kind": "refit", "ridge": DEFAULT_RIDGE, "readout_mix": DEFAULT_READOUT_MIX, "own": True}
+        assert how.recipe == {"kind": "refit", "ridge": DEFAULT_RIDGE, "readout_mix": DEFAULT_READOUT_MIX,
+                              "tune": False, "own": True}
         assert how.record == {"floor_auto": True, "compensate": True, "ridge": DEFAULT_RIDGE,
                               "readout_mix": DEFAULT_READOUT_MIX}
-        lm = resolve(method, options, sparsity, Allocation(), None, readout=False)
+        lm = resolve(method, options, sparsity, Allocation(), None, readout=False, causal=True)
         assert lm.recipe["readout_mix"] == 0.0 == lm.record["readout_mix"]    # no readout token: no mix
+        assert lm.recipe["tune"] is True is lm.record["tune"]                 # a causal LM: tuned
     else:
         assert how.recipe is None and how.record == {}
 
@@ -52,13 +54,13 @@ def test_what_the_request_gives_beats_the_default():
     how = resolve("calibrated", {}, 0.5, alloc, Compensation(ridge=0.3), readout=True)
     assert how.allocation == {"kind": "global", "normalize": "standard", "floor": 0.05, "multiple_of": 8,
                               "head_sparsity": 0.25}
-    assert how.recipe == {"kind": "refit", "ridge": 0.3, "readout_mix": DEFAULT_READOUT_MIX, "own": True}
+    assert how.recipe == {"kind": "refit", "ridge": 0.3, "readout_mix": DEFAULT_READOUT_MIX, "tune": False, "own": True}
     assert how.record == {"floor_auto": False, "compensate": True, "ridge": 0.3, "readout_mix": DEFAULT_READOUT_MIX}
     bias = resolve("calibrated", {}, 0.5, Allocation(), Compensation(kind="bias"), readout=True)
-    assert bias.recipe == {"kind": "bias", "own": True} and bias.record["compensation"] == "bias"
+    assert bias.recipe == {"kind": "bias", "tune": False, "own": True} and bias.record["compensation"] == "bias"
     glob = resolve("magnitude", {}, 0.5, Allocation(scope="global", floor=0.1), Compensation(), readout=True)
     assert glob.allocation == {"kind": "global", "floor": 0.1}
-    assert glob.recipe == {"kind": "refit", "ridge": DEFAULT_RIDGE, "readout_mix": 0.0, "own": False}
+    assert glob.recipe == {"kind": "refit", "ridge": DEFAULT_RIDGE, "readout_mix": 0.0, "tune": False, "own": False}
     assert glob.record == {}   # a recipe the request chose is the request's: the plan does not record it
     assert resolve("strategy", {"alpha": 0.1}, None, Allocation(multiple_of=4), None).allocation == \
         {"kind": "threshold", "multiple_of": 4}
@@ -128,17 +130,18 @@ def test_old_params_in_a_toml_row_map_onto_the_request(tmp_path):
         SweepConfig.from_toml(grid)
 
 
+@pytest.mark.parametrize("key", ["neuron_path", "tune"])
 @pytest.mark.parametrize("value,error", [("true", None), ("false", None), ('"yes"', "true or false, got 'yes'"),
                                          ("1", "true or false, got 1")])
-def test_a_toml_row_takes_neuron_path_as_a_flag(tmp_path, value, error):
-    """neuron_path defaults to None (the scorer decides) but is a flag: true / false pass, anything else is refused
-    in one line naming the row."""
+def test_a_toml_row_takes_neuron_path_and_tune_as_flags(tmp_path, key, value, error):
+    """neuron_path defaults to None (the scorer decides) and tune (the compensation's) to the method's default,
+    but both are flags: true / false pass, anything else is refused in one line naming the row."""
     grid = tmp_path / "grid.toml"
-    grid.write_text(f'model = "tiny-bert"\n[[row]]\nmethod = "calibrated"\nsparsity = 0.5\nneuron_path = {value}\n')
+    grid.write_text(f'model = "tiny-bert"\n[[row]]\nmethod = "calibrated"\nsparsity = 0.5\n{key} = {value}\n')
     if error is None:
-        assert SweepConfig.from_toml(grid).grid["row"][0]["neuron_path"] is (value == "true")
+        assert SweepConfig.from_toml(grid).grid["row"][0][key] is (value == "true")
     else:
-        with pytest.raises(UserError, match=f"row 1: neuron_path must be {error}"):
+        with pytest.raises(UserError, match=f"row 1: {key} must be {error}"):
             SweepConfig.from_toml(grid)
 
 

@@ -312,18 +312,23 @@ def test_compensation_recipe():
     the request's options go over it; a plain request is least squares without readout weight."""
     plan = PruningPlan(keep=[[0, 1]], widths=[4])
     assert compensation_recipe(plan, False) is None and compensation_recipe(plan, None) is None
-    plain = {"kind": "refit", "ridge": 0.01, "readout_mix": 0.0, "own": False}
+    plain = {"kind": "refit", "ridge": 0.01, "readout_mix": 0.0, "tune": False, "own": False}
     assert compensation_recipe(plan, True) == plain == compensation_recipe(plan, Compensation())
     own = plan.with_info(params={"compensate": True, "ridge": 0.5, "readout_mix": 0.25})
-    assert compensation_recipe(own, False) == {"kind": "refit", "ridge": 0.5, "readout_mix": 0.25, "own": True}
+    assert compensation_recipe(own, False) == {"kind": "refit", "ridge": 0.5, "readout_mix": 0.25, "tune": False,
+                                               "own": True}
     assert compensation_recipe(own, True) == compensation_recipe(own, False)          # --compensate: the plan's
     assert compensation_recipe(own, Compensation(ridge=2.0))["ridge"] == 2.0          # an option given wins
     assert compensation_recipe(own, Compensation(kind="bias"))["kind"] == "bias"
     older = plan.with_info(params={"compensated": True, "readout_mix": 0.5})
-    assert compensation_recipe(older, False) == {"kind": "refit", "ridge": 0.01, "readout_mix": 0.5, "own": True}
+    assert compensation_recipe(older, False) == {"kind": "refit", "ridge": 0.01, "readout_mix": 0.5, "tune": False,
+                                                 "own": True}
+    tuned = plan.with_info(params={"compensate": True, "tune": True})
+    assert compensation_recipe(tuned, False)["tune"] is True                         # a tuned plan replays it
     bias = plan.with_info(params={"compensate": True, "compensation": "bias"})
     assert compensation_recipe(bias, False)["kind"] == "bias"
     for params, msg in (({"compensate": True, "ridge": "lots"}, "ridge"),
-                        ({"compensate": True, "compensation": "magic"}, "compensation")):
+                        ({"compensate": True, "compensation": "magic"}, "compensation"),
+                        ({"compensate": True, "tune": "yes"}, "the plan's tune must be true or false")):
         with pytest.raises(UserError, match=msg):
             compensation_recipe(plan.with_info(params=params), False)

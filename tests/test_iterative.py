@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from anatomy_prune import UserError
+from anatomy_prune.apply.tune import tune_outputs
 from anatomy_prune.cli import main
 from anatomy_prune.models.families import ffn_widths
 from anatomy_prune.models.loading import load_model
@@ -53,10 +54,13 @@ def test_two_steps_equal_two_prune_steps_on_fresh_statistics(alias):
     res = prune_iterative(_calib(loaded), req)
     assert sum(ffn_widths(loaded.model)) == dense              # the input model is untouched (a copy was pruned)
     assert abs(sum(ffn_widths(res.loaded.model)) - dense // 2) <= len(ffn_widths(loaded.model))
-    # by hand: one step, then a new calibration of the pruned model and the second step
+    # by hand: one step, then a new calibration of the pruned model and the second step, then (a causal LM's
+    # default recipe) one output tuning toward the dense model
     first, second = step_sparsities(0.5, 2)
-    r1 = prune_step(_calib(loaded), PruneRequest(method="calibrated", sparsity=round(first, 9)))
-    r2 = prune_step(_calib(r1.loaded), PruneRequest(method="calibrated", sparsity=round(second, 9)))
+    r1 = prune_step(_calib(loaded), PruneRequest(method="calibrated", sparsity=round(first, 9)), tune=False)
+    r2 = prune_step(_calib(r1.loaded), PruneRequest(method="calibrated", sparsity=round(second, 9)), tune=False)
+    assert r2.recipe["tune"] and "tune" in res.compensation
+    tune_outputs(r2.loaded, loaded, _calib(loaded), r2.recipe["ridge"])
     assert ffn_widths(r2.loaded.model) == ffn_widths(res.loaded.model)
     assert torch.allclose(_logits(r2.loaded), _logits(res.loaded), atol=1e-5)
     # the composed plan is the whole cut on the dense model: its kept ids are the dense ids both steps kept

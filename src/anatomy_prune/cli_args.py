@@ -57,6 +57,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
                    help="compensate the pruned model: refit (ridge least squares of the removed inputs from the kept "
                    "ones) or bias (their means folded into the output projection's bias, FLAP's) (default: the "
                    "method's own: refit for calibrated, none for the others)")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                   help="then refit every output projection toward the dense model's residual stream, block by block "
+                   "(default: on for calibrated on a causal LM; asking for it on another method also compensates)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and random choices (default: 0)")
 
 
@@ -110,7 +113,9 @@ def _compensation(args):
     from .pipeline.compensation import Compensation
     if args.compensate and args.compensation not in (None, "refit"):
         raise UserError("--compensate is --compensation refit; give one of them")
-    return None if args.compensation is None else Compensation(kind=args.compensation)
+    if args.compensation is None and args.tune is None:
+        return None
+    return Compensation(kind=args.compensation, tune=args.tune)
 
 
 def _eval_spec(args):

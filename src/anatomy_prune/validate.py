@@ -35,6 +35,13 @@ def positive_int(value: Any, what: str, hi: int | None = None) -> int:
     return value
 
 
+def flag(value: Any, what: str) -> bool:
+    """A true / false setting (a TOML boolean or a Python bool; never 0 / 1 or a string)."""
+    if not isinstance(value, bool):
+        raise UserError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 def optional(check, value: Any, *args, **kwargs):
     """None stays None; anything else goes through `check`."""
     return None if value is None else check(value, *args, **kwargs)

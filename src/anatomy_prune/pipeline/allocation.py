@@ -12,7 +12,7 @@ from ..plan.allocate import KINDS as SCOPES, MAX_MULTIPLE, NORMALIZE
 from ..scores.calibrated import DEFAULT_READOUT_MIX, auto_floor
 from ..scores.registry import get_scorer
 from ..validate import fraction, one_of, optional, positive_int
-from .compensation import COMPENSATION_KEYS, Compensation, recorded
+from .compensation import COMPENSATION_KEYS, Compensation, recorded, tune_default
 
 ALLOCATION_KEYS = ("allocation", "floor", "normalize", "multiple_of", "head_sparsity")  # as method parameters
 OWN_ALLOCATION = {"strategy": ("multiple_of",),  # methods whose allocation is their own: the options they take
@@ -116,7 +116,8 @@ class Resolved(NamedTuple):
     record: dict
 
 
-def _defaults(method: str, options: Mapping, sparsity: float | None, readout: bool) -> tuple[dict, dict | None, dict]:
+def _defaults(method: str, options: Mapping, sparsity: float | None, readout: bool, causal: bool = False
+              ) -> tuple[dict, dict | None, dict]:
     """A method's own allocation, compensation recipe and plan entries, before the request's options."""
     if method == "strategy":
         if options.get("rule") == "uniform":
@@ -124,7 +125,8 @@ def _defaults(method: str, options: Mapping, sparsity: float | None, readout: bo
         solved = options.get("alpha") is None   # from a sparsity: exactly that many, furthest below threshold
         return ({"kind": "global", "normalize": "none", "floor": 0.0} if solved else {"kind": "threshold"}), None, {}
     if method == "calibrated":
-        recipe = {"kind": "refit", "ridge": DEFAULT_RIDGE, "readout_mix": DEFAULT_READOUT_MIX if readout else 0.0}
+        recipe = {"kind": "refit", "ridge": DEFAULT_RIDGE, "readout_mix": DEFAULT_READOUT_MIX if readout else 0.0,
+                  "tune": tune_default(causal)}
         floor = auto_floor(sparsity if sparsity is not None else 0.0)
         return {"kind": "global", "normalize": "none", "floor": floor}, recipe, {"floor_auto": True}
     if method == "fluctuation":   # FLAP's: standardised per layer, one global ranking, means into biases
@@ -133,14 +135,15 @@ def _defaults(method: str, options: Mapping, sparsity: float | None, readout: bo
 
 
 def resolve(method: str, options: Mapping, sparsity: float | None, allocation: Allocation,
-            compensation: Compensation | None, readout: bool = False) -> Resolved:
+            compensation: Compensation | None, readout: bool = False, causal: bool = False) -> Resolved:
     """The allocation and compensation a request gets: the method's defaults (random, magnitude, activation:
     local; strategy: threshold with alpha, global raw ranking without a floor when alpha is solved, local for
     rule=uniform; calibrated: global raw ranking above auto_floor(sparsity), refit with DEFAULT_RIDGE and, on a
     classifier's readout token, DEFAULT_READOUT_MIX; fluctuation: FLAP's standardised global ranking and bias
     compensation), each overridden by what the request gives.
-    options: the method's checked parameters; readout: the model reads out one token (a classifier)."""
-    alloc, recipe, record = _defaults(method, options, sparsity, readout)
+    options: the method's checked parameters; readout: the model reads out one token (a classifier); causal: a
+    causal LM (calibrated then tunes the output projections toward the dense stream, compensation.tune_default)."""
+    alloc, recipe, record = _defaults(method, options, sparsity, readout, causal)
     if "floor_auto" in record:
         record["floor_auto"] = allocation.floor is None
     own = recipe is not None        # the method chose a recipe: its plan records it (with the request's options)

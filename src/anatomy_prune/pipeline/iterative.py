@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import time
+
+from ..apply.tune import tune_outputs
 from ..plan.plan import PruningPlan
 from ..scores.calibration import Calibration
 from .requests import PruneRequest
-from .step import PruneResult, prune_step
+from .step import PruneResult, prune_step, tune_summary
 
 
 def step_sparsities(sparsity: float, steps: int) -> list[float]:
@@ -32,15 +35,22 @@ def compose(plans: list[PruningPlan]) -> PruningPlan:
 
 def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = False) -> PruneResult:
     """Prune `calib`'s model to req.sparsity in req.iterations shares, recalibrating between them (see the module
-    doc); a copy unless `inplace`. prune_s adds up the steps' (each step's statistics included)."""
+    doc). The first step works on a copy whatever `inplace` says (the dense model stays the reference of a
+    recipe's output tuning, applied once at the end); later steps prune that copy in place. prune_s adds up the
+    steps' (each step's statistics included) and the tuning's."""
     loaded, seconds = calib.loaded, 0.0
     plans, reports, res = [], [], None
     for i, share in enumerate(step_sparsities(req.sparsity, req.iterations)):
         # the first step reads the statistics `calib` may hold already; later ones collect them on the pruned model
         step_calib = calib.for_model(loaded) if i else calib
-        res = prune_step(step_calib, replace(req, sparsity=round(share, 9), iterations=1), inplace=inplace or i > 0)
+        res = prune_step(step_calib, replace(req, sparsity=round(share, 9), iterations=1), inplace=i > 0,
+                         tune=False)
         loaded, seconds = res.loaded, seconds + res.prune_s
         plans.append(res.plan)
         reports.append(res.compensation)
     report = None if all(r is None for r in reports) else {"iterations": reports}
-    return PruneResult(loaded, compose(plans), report, seconds, res.scores)
+    if res.recipe and res.recipe.get("tune"):      # once, at the end, toward the dense model
+        start = time.perf_counter()
+        report = {**(report or {}), "tune": tune_summary(tune_outputs(loaded, calib.loaded, calib, res.recipe["ridge"]))}
+        seconds += time.perf_counter() - start
+    return PruneResult(loaded, compose(plans), report, seconds, res.scores, recipe=res.recipe)

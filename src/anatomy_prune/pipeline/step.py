@@ -1,10 +1,11 @@
-"""The pruning step: calibration statistics -> scores -> plan -> (compensation) -> applied model.
+"""The pruning step: calibration statistics -> scores -> plan -> (compensation) -> applied model (-> tuning).
 
 One function, `prune_step(calib, req)`, serves the `prune` command, sweeps, every benchmark and the
 notebooks: a calibration sample (which knows its model) and a PruneRequest in; the pruned model (a copy
 unless `inplace`), the plan, the compensation report and the seconds out. Nothing is recorded on the model.
 The scorer only scores; the request's allocation and compensation, over the method's defaults
-(pipeline.allocation.resolve), make the plan and the recipe.
+(pipeline.allocation.resolve), make the plan and the recipe. A recipe with `tune` then refits the applied
+model's output projections toward the unpruned model's residual stream (apply.tune).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from ..apply.compensate import compensate as refit, compensate_heads
 from ..apply.modes import apply_plan
+from ..apply.tune import tune_outputs
 from ..errors import UserError
 from ..models.loading import Loaded
 from ..models.quantize import check_quantize, quantize_int8
@@ -39,6 +41,7 @@ class PruneResult:
     quantize: str | None = None  # "int8": the pruned model was then quantized (dynamic int8 Linear layers)
     float_loaded: Loaded | None = None  # the pruned float model before quantization (keep_float=True)
     cost_model: dict | None = None      # with a target: the cost model the plan was allocated under
+    recipe: dict | None = None          # the compensation recipe (None: none); its `tune` says whether tuned
 
 
 def copy_loaded(loaded: Loaded) -> Loaded:
@@ -60,7 +63,8 @@ def plan_step(calib: Calibration, req: PruneRequest) -> tuple[PruningPlan, Score
         return req.plan, None, compensation_recipe(req.plan, req.compensation), None
     params = check_params(method, req.scorer_params(heads=req.target is not None))
     scores = get_scorer(method).run(calib, req.sparsity, params)
-    how = resolve(method, params, req.sparsity, req.allocation, req.compensation, readout=loaded.kind == "classifier")
+    how = resolve(method, params, req.sparsity, req.allocation, req.compensation, readout=loaded.kind == "classifier",
+                  causal=loaded.kind == "causal-lm")
     cost_model = None
     if req.target is not None:
         plan, cost_model = plan_for_target(loaded, scores, req.target, how.allocation, (method, calib.seed))
@@ -75,12 +79,13 @@ def _recorded(plan: PruningPlan, how: Resolved) -> PruningPlan:
     return plan.with_info(params={**plan.params, **how.record}) if how.record else plan
 
 
-def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, keep_float: bool = False
-               ) -> PruneResult:
+def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, keep_float: bool = False,
+               tune: bool = True) -> PruneResult:
     """Prune the calibration sample's model as `req` asks (a method, a target or a plan); see the module doc.
 
     Statistics are cached on `calib`, so a sweep computes each once. keep_float: with req.quantize, also
-    return the float pruned model (what a saved folder stores)."""
+    return the float pruned model (what a saved folder stores). tune=False leaves a recipe's output tuning to
+    the caller (iterative pruning tunes once, at the end, toward the dense model)."""
     loaded = calib.loaded
     quantize = check_quantize(req.quantize, loaded.device)
     if quantize and loaded.dtype != "float32":
@@ -89,8 +94,12 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
     with calib.charged() as cost:
         plan, scores, recipe, cost_model = plan_step(calib, req)
         plan.check_fits(loaded.model)
+        tuning = tune and bool(recipe and recipe.get("tune"))
+        dense = copy_loaded(loaded) if tuning and inplace else loaded     # the reference the tuning refits toward
         report = None if recipe is None else compensate_with(work.model, plan, calib, recipe)
-    apply_plan(work.model, plan, req.mode)
+        apply_plan(work.model, plan, req.mode)
+        if tuning:
+            report = {**(report or {}), "tune": tune_summary(tune_outputs(work, dense, calib, recipe["ridge"]))}
     log.info("%s: removed %d of %d FFN neurons (%.1f%%) in %.1f s", plan.method or "plan", plan.neurons_removed,
              sum(plan.widths), 100 * plan.sparsity, cost["seconds"])
     float_loaded = None
@@ -98,7 +107,15 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
         float_loaded = copy_loaded(work) if keep_float else None
         work = Loaded(quantize_int8(work.model, quantize), work.tokenizer, work.kind, work.spec,
                       {**work.info, "quantize": quantize}, dtype=work.dtype)
-    return PruneResult(work, plan, report, cost["seconds"], scores, quantize, float_loaded, cost_model)
+    return PruneResult(work, plan, report, cost["seconds"], scores, quantize, float_loaded, cost_model, recipe)
+
+
+def tune_summary(report: dict) -> dict:
+    """apply.tune's report without its per-sublayer list: the mean residual error before and after the refits."""
+    subs = [e for e in report["sublayers"] if "rel_err_after" in e]
+    mean = lambda k: sum(e[k] for e in subs) / max(1, len(subs))  # noqa: E731
+    return {"sublayers": len(subs), "mean_rel_err_before": mean("rel_err_before"),
+            "mean_rel_err_after": mean("rel_err_after"), "seconds": report["seconds"]}
 
 
 def compensate_with(model, plan: PruningPlan, calib: Calibration, recipe: dict) -> dict:

@@ -63,8 +63,8 @@ def check_grid(cfg: dict, where: str) -> dict:
         one_of(row.get("family", "encoder"), FAMILIES, f"{at}: family")
         if "sparsity" in row:
             fraction(row["sparsity"], f"{at}: sparsity")
-        params, alloc, comp = split_params({k: v for k, v in row.items() if k not in ROW_KEYS})
         try:
+            params, alloc, comp = split_params({k: v for k, v in row.items() if k not in ROW_KEYS})
             check_params(row["method"], params)
             check_for(row["method"], alloc or Allocation(), comp)
         except UserError as exc:
