@@ -120,3 +120,16 @@ def test_cli_tune_flag(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not tune" in err[0]
     assert not bad.exists()
+
+
+def test_a_placed_model_is_not_tuned_by_default_and_refuses_tune(monkeypatch):
+    """A model placed by --device-map is pruned in place with no room for the dense copy the tuning refits toward:
+    the causal LM's default leaves tuning off, and asking for it is one line that says what to do."""
+    import anatomy_prune.pipeline.step as step
+    monkeypatch.setattr(step, "is_dispatched", lambda model: True)
+    llama = load_model("tiny-llama", device="cpu")
+    res = prune_step(_calib(llama), PruneRequest(method="calibrated", sparsity=0.5), inplace=True)
+    assert "tune" not in res.plan.params and "tune" not in res.compensation
+    with pytest.raises(UserError, match="--device-map has no room for one: leave --tune out"):
+        prune_step(_calib(load_model("tiny-llama", device="cpu")),
+                   PruneRequest(method="calibrated", sparsity=0.5, compensation=Compensation(tune=True)), inplace=True)

@@ -17,6 +17,7 @@ from ..apply.compensate import compensate as refit, compensate_heads
 from ..apply.modes import apply_plan
 from ..apply.tune import tune_outputs
 from ..errors import UserError
+from ..models.dispatched import is_dispatched
 from ..models.loading import Loaded
 from ..models.quantize import check_quantize, quantize_int8
 from ..plan.allocate import plan_from_scores
@@ -64,7 +65,7 @@ def plan_step(calib: Calibration, req: PruneRequest) -> tuple[PruningPlan, Score
     params = check_params(method, req.scorer_params(heads=req.target is not None))
     scores = get_scorer(method).run(calib, req.sparsity, params)
     how = resolve(method, params, req.sparsity, req.allocation, req.compensation, readout=loaded.kind == "classifier",
-                  causal=loaded.kind == "causal-lm")
+                  causal=loaded.kind == "causal-lm" and not is_dispatched(loaded.model))   # tuning keeps a dense copy
     cost_model = None
     if req.target is not None:
         plan, cost_model = plan_for_target(loaded, scores, req.target, how.allocation, (method, calib.seed))
@@ -95,6 +96,9 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
         plan, scores, recipe, cost_model = plan_step(calib, req)
         plan.check_fits(loaded.model)
         tuning = tune and bool(recipe and recipe.get("tune"))
+        if tuning and is_dispatched(loaded.model):
+            raise UserError("--tune refits toward a dense copy held beside the pruned model; a model placed by "
+                            "--device-map has no room for one: leave --tune out")
         dense = copy_loaded(loaded) if tuning and inplace else loaded     # the reference the tuning refits toward
         report = None if recipe is None else compensate_with(work.model, plan, calib, recipe)
         apply_plan(work.model, plan, req.mode)
