@@ -48,8 +48,9 @@ VARIANTS = {"direct": ("heads: direct error (before)", {"head_rebuilt": False, "
             "beta-2": ("as neuron-path, beta 2", {"beta": 2.0}, None),
             "taylor": ("as neuron-path, Taylor sensitivity", {"score": "taylor"}, None),
             "calib-256": ("as neuron-path, 256 calibration reviews", {}, 256),
-            "tuned": ("as neuron-path, then sequential output tuning", {}, None)}
-TUNED = {"tuned": 1e-2}    # variants refitted toward the dense stream after pruning (apply.tune), by ridge
+            "tuned": ("as neuron-path, then sequential output tuning", {}, None),
+            "tuned-unweighted": ("as tuned, tokens not weighted by their RMS", {}, None)}
+TUNED = {"tuned": True, "tuned-unweighted": False}   # refitted toward the dense stream (apply.tune): normalized?
 
 
 def _row(name: str, setting: str, res, sets: dict, ref: dict | None) -> dict:
@@ -85,7 +86,7 @@ def measure(args) -> dict:
                 calibs[n] = make_calibration(clf, n, exclude=sets["validation"].texts + sets["heldout"].texts)
             res = prune_step(calibs[n], PruneRequest(method="calibrated", target=target, params=params))
             if v in TUNED:
-                tune_outputs(res.loaded, clf, calibs[n], ridge=TUNED[v])
+                tune_outputs(res.loaded, clf, calibs[n], normalized=TUNED[v])
             row = _row(name, f"flops {f}", res, sets, ref)
             ref = ref or row
             rows.append(row)

@@ -133,3 +133,11 @@ def test_a_placed_model_is_not_tuned_by_default_and_refuses_tune(monkeypatch):
     with pytest.raises(UserError, match="--device-map has no room for one: leave --tune out"):
         prune_step(_calib(load_model("tiny-llama", device="cpu")),
                    PruneRequest(method="calibrated", sparsity=0.5, compensation=Compensation(tune=True)), inplace=True)
+
+
+def test_bias_compensation_can_be_tuned_too():
+    """A bias recipe has no ridge of its own; the tuning then takes the default (it crashed on the missing key)."""
+    llama = load_model("tiny-llama", device="cpu")
+    res = prune_step(_calib(llama), PruneRequest(method="fluctuation", sparsity=0.5,
+                                                 compensation=Compensation(kind="bias", tune=True)))
+    assert res.recipe["kind"] == "bias" and res.compensation["tune"]["sublayers"] == 2 * len(ffn_sites(llama.model))

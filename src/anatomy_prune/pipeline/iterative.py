@@ -8,11 +8,10 @@ from dataclasses import replace
 
 import time
 
-from ..apply.tune import tune_outputs
 from ..plan.plan import PruningPlan
 from ..scores.calibration import Calibration
 from .requests import PruneRequest
-from .step import PruneResult, prune_step, tune_summary
+from .step import PruneResult, prune_step, tune_with
 
 
 def step_sparsities(sparsity: float, steps: int) -> list[float]:
@@ -51,6 +50,6 @@ def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
     report = None if all(r is None for r in reports) else {"iterations": reports}
     if res.recipe and res.recipe.get("tune"):      # once, at the end, toward the dense model
         start = time.perf_counter()
-        report = {**(report or {}), "tune": tune_summary(tune_outputs(loaded, calib.loaded, calib, res.recipe["ridge"]))}
+        report = {**(report or {}), "tune": tune_with(loaded, calib.loaded, calib, res.recipe)}
         seconds += time.perf_counter() - start
     return PruneResult(loaded, compose(plans), report, seconds, res.scores, recipe=res.recipe)

@@ -17,6 +17,7 @@ from ..apply.compensate import compensate as refit, compensate_heads
 from ..apply.modes import apply_plan
 from ..apply.tune import tune_outputs
 from ..errors import UserError
+from ..linalg import DEFAULT_RIDGE
 from ..models.dispatched import is_dispatched
 from ..models.loading import Loaded
 from ..models.quantize import check_quantize, quantize_int8
@@ -103,7 +104,7 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
         report = None if recipe is None else compensate_with(work.model, plan, calib, recipe)
         apply_plan(work.model, plan, req.mode)
         if tuning:
-            report = {**(report or {}), "tune": tune_summary(tune_outputs(work, dense, calib, recipe["ridge"]))}
+            report = {**(report or {}), "tune": tune_with(work, dense, calib, recipe)}
     log.info("%s: removed %d of %d FFN neurons (%.1f%%) in %.1f s", plan.method or "plan", plan.neurons_removed,
              sum(plan.widths), 100 * plan.sparsity, cost["seconds"])
     float_loaded = None
@@ -114,8 +115,11 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
     return PruneResult(work, plan, report, cost["seconds"], scores, quantize, float_loaded, cost_model, recipe)
 
 
-def tune_summary(report: dict) -> dict:
-    """apply.tune's report without its per-sublayer list: the mean residual error before and after the refits."""
+def tune_with(work: Loaded, dense: Loaded, calib: Calibration, recipe: dict) -> dict:
+    """Tune `work`'s output projections toward `dense` with the recipe's ridge (a bias recipe has none: the
+    default); returns apply.tune's report without its per-sublayer list: the mean residual error before and
+    after the refits."""
+    report = tune_outputs(work, dense, calib, recipe.get("ridge", DEFAULT_RIDGE))
     subs = [e for e in report["sublayers"] if "rel_err_after" in e]
     mean = lambda k: sum(e[k] for e in subs) / max(1, len(subs))  # noqa: E731
     return {"sublayers": len(subs), "mean_rel_err_before": mean("rel_err_before"),

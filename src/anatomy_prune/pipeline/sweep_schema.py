@@ -15,7 +15,7 @@ from ..resources import config_path
 from ..safefiles import read_document
 from ..scores.registry import check_params, get_scorer
 from ..scores.strategy import map_focus
-from ..validate import fraction, known_keys, one_of, whole
+from ..validate import flag, fraction, known_keys, one_of, whole
 from .allocation import Allocation, check_for, split_params, takes
 
 ROW_KEYS = ("method", "family", "sparsity", "label")
@@ -74,15 +74,14 @@ def check_grid(cfg: dict, where: str) -> dict:
     return cfg
 
 
-def _check_type(key: str, value: Any, default: Any, at: str, flag: bool = False) -> None:
+def _check_type(key: str, value: Any, default: Any, at: str, is_flag: bool = False) -> None:
     """A row's parameter has its default's type: focus a list of block numbers, a flag (a bool default, or an
     option typed bool | None) true / false, text text, anything else a number."""
     if key == "focus":
         if not isinstance(value, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in value):
             raise UserError(f"{at}: focus must be a list of block numbers")
-    elif flag:
-        if not isinstance(value, bool):
-            raise UserError(f"{at}: {key} must be true or false, got {value!r}")
+    elif is_flag:
+        flag(value, f"{at}: {key}")
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise UserError(f"{at}: {key} must be text, got {value!r}")

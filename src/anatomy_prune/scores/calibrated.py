@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..linalg import (DEFAULT_RIDGE, column_energy, elimination_path, moment_diagonal, quad, second_moment,
                       removal_path, unexplained_share)
 from ..models.families import attention_sites, base_model, ffn_sites, get_module, weight_out_in
-from ..validate import finite
+from ..validate import finite, flag, optional
 from .calibration import Calibration, FFNStats, HeadStats, calibration_pass
 from .registry import Scores, register
 
@@ -169,10 +169,8 @@ class CalibratedOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", finite(self.beta, "beta", 0.0))
         object.__setattr__(self, "ridge", finite(self.ridge, "ridge", 0.0))
-        if not isinstance(self.head_rebuilt, bool):
-            raise UserError(f"head_rebuilt must be true or false, got {self.head_rebuilt!r}")
-        if self.neuron_path is not None and not isinstance(self.neuron_path, bool):
-            raise UserError(f"neuron_path must be true or false, got {self.neuron_path!r}")
+        flag(self.head_rebuilt, "head_rebuilt")
+        optional(flag, self.neuron_path, "neuron_path")
 
 
 @register("calibrated", "Fisher sensitivity of each neuron on the calibration set plus the error its removal "
