@@ -93,13 +93,14 @@ def text_file(tmp_path):
 # (`--dist loadgroup`: one test or xdist group at a time per worker, a group placed where its first test is)
 # starting the long ones first keeps one worker from being left with them at the end. The fresh-install test
 # comes after BERT's online notebooks, in their group, to reuse their fine-tune. The rest keep their order.
-LONG_FIRST = [("test_notebook_runs_online_on_the_emulated_hub[GPT_finepruning]", 97),
-              ("test_notebook_runs_online_on_the_emulated_hub[GPT2_pruning_strategy]", 66),
-              ("test_notebook_runs_online_on_the_emulated_hub", 40),
-              ("test_fresh_install_with_the_extra_runs_a_notebook_online", 39),  # after BERT's online runs
-              ("test_ray.py", 37),
-              ("test_notebook_runs_offline_in_smoke_mode", 14),
-              ("test_benchmark_scripts_run_at_tiny_sizes", 13)]
+LONG_FIRST = [("test_notebook_runs_online_on_the_emulated_hub[GPT_finepruning]", 91),
+              ("test_notebook_runs_online_on_the_emulated_hub[GPT2_pruning_strategy]", 45),
+              ("test_notebook_runs_online_on_the_emulated_hub", 25),
+              # 54 s, ranked just below the online notebooks so it runs after BERT's, in their group
+              ("test_fresh_install_with_the_extra_runs_a_notebook_online", 24),
+              ("test_ray.py", 29),
+              ("test_notebook_runs_offline_in_smoke_mode", 11),
+              ("test_benchmark_scripts_run_at_tiny_sizes", 14)]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -116,7 +117,9 @@ HUB_IMDB_SIZES = {"train": 17_000, "test": 8_000}  # the hub layout needs 8,000 
 
 @pytest.fixture(scope="session")
 def emulated_hub(tmp_path_factory):
-    """The emulated hub cache (bert-base-uncased, gpt2 full size; 300 + 200 IMDB reviews), built once.
+    """The emulated hub cache (bert-base-uncased, gpt2 full size; 300 + 200 IMDB reviews), built once per run:
+    pytest-xdist's workers share one build (a file lock; the first builds, the others reuse it) and the last
+    worker done with it deletes it.
 
     Set ANATOMY_PRUNE_EMULATED_HUB to a folder to keep the cache between sessions (about 0.9 GB); it
     is rebuilt only when the build arguments change.
@@ -125,13 +128,26 @@ def emulated_hub(tmp_path_factory):
     import shutil
 
     from emulated_hub import EmulatedHub
+    from filelock import FileLock
 
-    keep = os.environ.get("ANATOMY_PRUNE_EMULATED_HUB")
-    root = keep or tmp_path_factory.mktemp("hf-home")
     imdb = importlib.util.find_spec("datasets") is not None  # optional dependency (the "hub" extra)
-    yield EmulatedHub.build(root, imdb=imdb, imdb_train=HUB_IMDB_SIZES["train"], imdb_test=HUB_IMDB_SIZES["test"])
-    if not keep:  # pytest keeps its last three temp dirs; at 0.9 GB each, this one goes now
-        shutil.rmtree(root, ignore_errors=True)
+    sizes = dict(imdb=imdb, imdb_train=HUB_IMDB_SIZES["train"], imdb_test=HUB_IMDB_SIZES["test"])
+    keep = os.environ.get("ANATOMY_PRUNE_EMULATED_HUB")
+    if keep:
+        yield EmulatedHub.build(keep, **sizes)
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    root, users, lock = shared / "hf-home", shared / "hf-home-users", FileLock(str(shared / "hf-home.lock"))
+    with lock:
+        hub = EmulatedHub.build(root, **sizes)
+        users.mkdir(exist_ok=True)
+        (users / (worker or "main")).touch()
+    yield hub
+    with lock:  # pytest keeps its last three temp dirs; at 0.9 GB each, this one goes when no worker uses it
+        (users / (worker or "main")).unlink(missing_ok=True)
+        if not any(users.iterdir()):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

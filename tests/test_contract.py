@@ -123,6 +123,7 @@ def reloaded(tmp_path_factory):
     return {t: (expected[t], got[folders[t]]) for t in TINY_TYPES}
 
 
+@pytest.mark.xdist_group("contract-reloaded")  # the module fixture is built once, on one pytest-xdist worker
 @pytest.mark.parametrize("model_type", sorted(TINY_TYPES))
 def test_per_layer_widths_save_and_reload_in_a_fresh_process(reloaded, model_type):
     want, got = reloaded[model_type]

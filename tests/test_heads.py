@@ -112,6 +112,7 @@ def pruned(tmp_path_factory):
 TYPES = sorted(TINY_TYPES)
 
 
+@pytest.mark.xdist_group("heads-pruned")  # the module fixture is built once, on one pytest-xdist worker
 @pytest.mark.parametrize("model_type", TYPES)
 def test_masked_equals_physical(pruned, model_type):
     r = pruned[model_type]
@@ -121,6 +122,7 @@ def test_masked_equals_physical(pruned, model_type):
     assert r["mask_params"] == r["params"]  # masking in place keeps every shape
 
 
+@pytest.mark.xdist_group("heads-pruned")  # the module fixture is built once, on one pytest-xdist worker
 @pytest.mark.parametrize("model_type", TYPES)
 def test_head_counts_and_parameters_drop_by_the_removed_rows(pruned, model_type):
     r = pruned[model_type]
@@ -136,6 +138,7 @@ def test_head_counts_and_parameters_drop_by_the_removed_rows(pruned, model_type)
     assert isinstance(layer0, HeadlessAttention)
 
 
+@pytest.mark.xdist_group("heads-pruned")  # the module fixture is built once, on one pytest-xdist worker
 @pytest.mark.parametrize("model_type", TYPES)
 def test_heads_save_and_reload_in_a_fresh_process(pruned, model_type):
     r = pruned[model_type]
@@ -279,6 +282,7 @@ def test_a_gqa_plan_naming_query_heads_does_not_fit():
 
 # --- saved metadata is checked before anything is built ------------------------------------------------
 
+@pytest.mark.xdist_group("heads-pruned")  # the module fixture is built once, on one pytest-xdist worker
 @pytest.mark.parametrize("bad", [[0, 1], [0, 1, 5], [0, "1", 2], "0,1,2", [0, -1, 2], [0, True, 2]])
 def test_bad_attn_heads_metadata_is_a_one_line_user_error(pruned, bad, tmp_path):
     import shutil
@@ -293,6 +297,7 @@ def test_bad_attn_heads_metadata_is_a_one_line_user_error(pruned, bad, tmp_path)
     assert "\n" not in str(exc.value)
 
 
+@pytest.mark.xdist_group("heads-pruned")  # the module fixture is built once, on one pytest-xdist worker
 def test_a_damaged_mpnet_head_index_is_a_user_error(pruned, tmp_path):
     """MPNet's pruned layers keep the ids of their heads (the shared position bias is indexed by them)."""
     import shutil

@@ -31,6 +31,7 @@ def smoke_demo(tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group("smoke-demo")  # the module fixture is built once, on one pytest-xdist worker
 def test_smoke_demo_writes_every_step(smoke_demo):
     names = {p.name for p in smoke_demo.iterdir() if not p.name.startswith(".anatomy-prune")}
     assert names == {"finetune", "anatomy", "sweep", "metrics.json", "summary.json", "report.md"}
@@ -45,6 +46,7 @@ def test_smoke_demo_writes_every_step(smoke_demo):
     assert (smoke_demo / "finetune" / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.xdist_group("smoke-demo")  # the module fixture is built once, on one pytest-xdist worker
 def test_figures_gathers_and_redraws_without_writing_into_the_run(smoke_demo, tmp_path):
     run_files = {p: p.stat().st_mtime_ns for p in smoke_demo.rglob("*") if p.is_file()}
     out = tmp_path / "figs"

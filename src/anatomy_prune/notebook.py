@@ -249,9 +249,9 @@ def setup(family: str, params: Params | None = None, offline: dict | None = None
         ft = replace(ft, model=p.model) if ft is not None else None
         base = p.model
     return Setup(family=family, online=online, smoke=smoke, runs=p.runs, finetune=ft, base=base,
-                 eval_size=p.eval_size or (16 if smoke else own.get("eval_size", 1000) if ft is not None and not online
+                 eval_size=p.eval_size or (8 if smoke else own.get("eval_size", 1000) if ft is not None and not online
                                            else 1000 if ft is not None else 64),
-                 calib_size=p.calib_size or (16 if smoke else 256),
+                 calib_size=p.calib_size or (8 if smoke else 256),
                  sparsities=p.sparsities or ([0.5] if smoke else own.get("sparsities", [0.1, 0.3, 0.5, 0.7, 0.9])
                                              if not online else [0.1, 0.3, 0.5, 0.7, 0.9]), data=data,
                  seeds=p.seeds or (2 if smoke else 5), notes=notes)
