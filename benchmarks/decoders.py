@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from anatomy_prune.apply.tune import TUNE_RIDGE, tune_outputs  # noqa: E402
 from anatomy_prune.data import lm_texts  # noqa: E402
 from anatomy_prune.errors import UserError  # noqa: E402
 from anatomy_prune.evaluate import perplexity  # noqa: E402
@@ -32,10 +34,10 @@ from anatomy_prune.evaluate.metrics import paired_perplexity  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
 from anatomy_prune.pipeline.allocation import Allocation  # noqa: E402
 from anatomy_prune.pipeline.compensation import Compensation  # noqa: E402
-from anatomy_prune.pipeline.iterative import prune_iterative  # noqa: E402
+from anatomy_prune.pipeline.iterative import compose, prune_iterative, step_sparsities  # noqa: E402
 from anatomy_prune.pipeline.layerwise import prune_layerwise  # noqa: E402
 from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
-from anatomy_prune.pipeline.step import prune_step  # noqa: E402
+from anatomy_prune.pipeline.step import PruneResult, prune_step  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores import make_calibration  # noqa: E402
 from anatomy_prune.scores.calibration import calibration_pass  # noqa: E402
@@ -46,7 +48,8 @@ GOALS = {"FFN 50%": 1.6, "params -20%": 1.25}   # issue 25: perplexity at most t
 
 
 METHODS = ("magnitude", "FLAP-style", "FLAP-style, uniform", "ours", "ours, layer-wise", "ours, neuron path",
-           "ours, leave-one-out neurons", "ours, no tuning", "ours, iterative 2")
+           "ours, leave-one-out neurons", "ours, no tuning", "ours, iterative 2", "ours, iterative 3",
+           "ours, iterative 2, tuned each step", "ours, tuning ridge 0.01", "ours, tuning ridge 1")
 
 
 def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[str, ...] = METHODS
@@ -65,7 +68,13 @@ def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[
                 (f"FFN {ffn:.0%}", "ours, neuron path", dict(method="calibrated", sparsity=ffn,
                                                              params={"neuron_path": True, "tune": False})),
                 (f"FFN {ffn:.0%}", "ours, no tuning", dict(method="calibrated", sparsity=ffn, params={"tune": False})),
-                (f"FFN {ffn:.0%}", "ours, iterative 2", dict(method="calibrated", sparsity=ffn, iterations=2))]
+                (f"FFN {ffn:.0%}", "ours, iterative 2", dict(method="calibrated", sparsity=ffn, iterations=2)),
+                (f"FFN {ffn:.0%}", "ours, iterative 3", dict(method="calibrated", sparsity=ffn, iterations=3)),
+                # variants tried for issue 25 and not kept (run_point: keys starting with _ are this script's)
+                (f"FFN {ffn:.0%}", "ours, iterative 2, tuned each step", dict(method="calibrated", sparsity=ffn,
+                                                                              iterations=2, _tune_each_step=True)),
+                (f"FFN {ffn:.0%}", "ours, tuning ridge 0.01", dict(method="calibrated", sparsity=ffn, _tune_ridge=0.01)),
+                (f"FFN {ffn:.0%}", "ours, tuning ridge 1", dict(method="calibrated", sparsity=ffn, _tune_ridge=1.0))]
     for removed in params:
         target = {"params": round(1.0 - removed, 6)}
         out += [(f"params -{removed:.0%}", "magnitude", dict(method="magnitude", target=target)),
@@ -80,11 +89,31 @@ def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[
 
 
 def run_point(calib, kwargs: dict):
-    """The pruned model and its plan, through the one pruning step (or the layer-wise path)."""
-    req = PruneRequest(**kwargs)
+    """The pruned model and its plan, through the one pruning step (or the layer-wise path); the variants not kept
+    (keys starting with _) through the same step with the output tuning run here."""
+    own = {k: kwargs[k] for k in kwargs if k.startswith("_")}
+    req = PruneRequest(**{k: v for k, v in kwargs.items() if k not in own})
+    if own:
+        return _variant(calib, req, **own)
     if req.layerwise:
         return prune_layerwise(calib, req, progress=False)
     return prune_iterative(calib, req) if req.iterations > 1 else prune_step(calib, req)
+
+
+def _variant(calib, req: PruneRequest, _tune_each_step: bool = False, _tune_ridge: float | None = None):
+    """_tune_each_step: req.iterations shares, each followed by the output tuning toward the dense model (so the
+    next share's statistics come from a tuned model); _tune_ridge: all at once, tuned with this ridge (the
+    within-layer refit keeps the default)."""
+    work, plans, seconds, res = None, [], 0.0, None
+    shares = step_sparsities(req.sparsity, req.iterations) if _tune_each_step else [req.sparsity]
+    for i, share in enumerate(shares):
+        res = prune_step(calib.for_model(work) if i else calib, replace(req, sparsity=round(share, 9), iterations=1),
+                         inplace=i > 0, tune=False)
+        work, start = res.loaded, time.perf_counter()
+        tune_outputs(work, calib.loaded, calib, TUNE_RIDGE if _tune_ridge is None else _tune_ridge)
+        seconds += res.prune_s + time.perf_counter() - start
+        plans.append(res.plan)
+    return PruneResult(work, compose(plans), None, seconds, res.scores, recipe=res.recipe)
 
 
 def measure(args) -> dict:

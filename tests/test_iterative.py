@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from anatomy_prune import UserError
-from anatomy_prune.apply.tune import tune_outputs
+from anatomy_prune.apply.tune import TUNE_RIDGE, tune_outputs
 from anatomy_prune.cli import main
 from anatomy_prune.models.families import ffn_widths
 from anatomy_prune.models.loading import load_model
@@ -60,7 +60,7 @@ def test_two_steps_equal_two_prune_steps_on_fresh_statistics(alias):
     r1 = prune_step(_calib(loaded), PruneRequest(method="calibrated", sparsity=round(first, 9)), tune=False)
     r2 = prune_step(_calib(r1.loaded), PruneRequest(method="calibrated", sparsity=round(second, 9)), tune=False)
     assert r2.recipe["tune"] and "tune" in res.compensation
-    tune_outputs(r2.loaded, loaded, _calib(loaded), r2.recipe["ridge"])
+    tune_outputs(r2.loaded, loaded, _calib(loaded), TUNE_RIDGE)
     assert ffn_widths(r2.loaded.model) == ffn_widths(res.loaded.model)
     assert torch.allclose(_logits(r2.loaded), _logits(res.loaded), atol=1e-5)
     # the composed plan is the whole cut on the dense model: its kept ids are the dense ids both steps kept

@@ -141,3 +141,13 @@ def test_bias_compensation_can_be_tuned_too():
     res = prune_step(_calib(llama), PruneRequest(method="fluctuation", sparsity=0.5,
                                                  compensation=Compensation(kind="bias", tune=True)))
     assert res.recipe["kind"] == "bias" and res.compensation["tune"]["sublayers"] == 2 * len(ffn_sites(llama.model))
+
+
+def test_the_tuning_takes_its_own_ridge_not_the_refits():
+    """`ridge` is the within-layer refit's; the tuning solves with apply.tune.TUNE_RIDGE whatever it says, and
+    reports it."""
+    from anatomy_prune.apply.tune import TUNE_RIDGE
+
+    llama = load_model("tiny-llama", device="cpu")
+    res = prune_step(_calib(llama), PruneRequest(method="calibrated", sparsity=0.5, params={"ridge": 5.0}))
+    assert res.recipe["ridge"] == 5.0 and res.compensation["tune"]["ridge"] == TUNE_RIDGE != 5.0

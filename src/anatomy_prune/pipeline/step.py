@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 from ..apply.compensate import compensate as refit, compensate_heads
 from ..apply.modes import apply_plan
-from ..apply.tune import tune_outputs
+from ..apply.tune import TUNE_RIDGE, tune_outputs
 from ..errors import UserError
-from ..linalg import DEFAULT_RIDGE
 from ..models.dispatched import is_dispatched
 from ..models.loading import Loaded
 from ..models.quantize import check_quantize, quantize_int8
@@ -116,13 +115,13 @@ def prune_step(calib: Calibration, req: PruneRequest, *, inplace: bool = False, 
 
 
 def tune_with(work: Loaded, dense: Loaded, calib: Calibration, recipe: dict) -> dict:
-    """Tune `work`'s output projections toward `dense` with the recipe's ridge (a bias recipe has none: the
-    default); returns apply.tune's report without its per-sublayer list: the mean residual error before and
-    after the refits."""
-    report = tune_outputs(work, dense, calib, recipe.get("ridge", DEFAULT_RIDGE))
+    """Tune `work`'s output projections toward `dense` with the tuning's own ridge (apply.tune.TUNE_RIDGE; the
+    recipe's ridge is the within-layer refit's); returns apply.tune's report without its per-sublayer list: the
+    ridge and the mean residual error before and after the refits."""
+    report = tune_outputs(work, dense, calib, TUNE_RIDGE)
     subs = [e for e in report["sublayers"] if "rel_err_after" in e]
     mean = lambda k: sum(e[k] for e in subs) / max(1, len(subs))  # noqa: E731
-    return {"sublayers": len(subs), "mean_rel_err_before": mean("rel_err_before"),
+    return {"sublayers": len(subs), "ridge": report["ridge"], "mean_rel_err_before": mean("rel_err_before"),
             "mean_rel_err_after": mean("rel_err_after"), "seconds": report["seconds"]}
 
 
