@@ -100,8 +100,7 @@ class NeuronMasks:
 
 def abs_cosine(gram: Tensor, sq_norms: Tensor, eps: float = 1e-6) -> Tensor:
     """|C| with C_ij = G_ij / (sqrt(n_i n_j) + eps), uncentred, diagonal set to 0: [m, m]."""
-    root = torch.sqrt(sq_norms)
-    c = torch.outer(root, root).add_(eps)         # one [m, m] buffer, reused in place (m = 3,072 for GPT-2)
+    c = torch.outer(sq_norms, sq_norms).sqrt_().add_(eps)   # one [m, m] buffer, in place (m = 3,072 for GPT-2)
     c = torch.div(gram, c, out=c).abs_()
     c.fill_diagonal_(0.0)
     return c
@@ -128,12 +127,12 @@ class RunningSimilarity:
     @torch.no_grad()
     def update(self, layer: int, h: Tensor) -> None:
         h = h.float()  # [tokens, d_ff]
-        n = (h * h).sum(dim=0)  # [d_ff]
+        g, n = h.t() @ h, (h * h).sum(dim=0)  # [d_ff, d_ff], [d_ff]
         if self.gram[layer] is None:
-            self.gram[layer], self.sq[layer] = torch.mm(h.t(), h).mul_(self.rho), n.mul_(self.rho)
-        else:  # in place: G <- (1 - rho) G + rho H^T H in one addmm, no [d_ff, d_ff] temporaries
-            self.gram[layer].addmm_(h.t(), h, beta=1 - self.rho, alpha=self.rho)
-            self.sq[layer].mul_(1 - self.rho).add_(n, alpha=self.rho)
+            self.gram[layer], self.sq[layer] = g.mul_(self.rho), n.mul_(self.rho)
+        else:  # in place, the same operations in the same order (so the same bits) without [d_ff, d_ff] temporaries
+            self.gram[layer].mul_(1 - self.rho).add_(g.mul_(self.rho))
+            self.sq[layer].mul_(1 - self.rho).add_(n.mul_(self.rho))
 
     def weights(self, keep: float, lambda_u: float, widths: Sequence[int], device) -> list[Tensor]:
         return [torch.ones(w, device=device) if g is None else uniqueness_weights(g, n, keep, lambda_u).to(device)
