@@ -111,3 +111,18 @@ def test_benchmark_scripts_run_at_tiny_sizes(tmp_path, tiny_csv):
                                       "--steps", "10", "--batch-size", "2", "--max-length", "16", "--train-size", "40",
                                       "--eval-size", "8", "--analysis-size", "2", "--out", str(tmp_path / "fp")]) == 0
     assert json.loads((tmp_path / "fp" / "finepruning.json").read_text())["rows"][1]["method"] == "gum"
+
+
+def test_decoder_benchmarks_run_at_tiny_sizes(tmp_path):
+    """benchmarks/decoders.py (a kept method and the variants not kept) and benchmarks/tune_ridge.py on tiny-llama."""
+    assert bench("decoders").main(["--model", "tiny-llama", "--eval-texts", "6", "--calib-size", "6", "--max-length", "24",
+                                   "--ffn", "0.5", "--params-removed", "--methods", "ours",
+                                   "ours, iterative 2, tuned each step", "ours, tuning ridge 0.01", "--threads", "1",
+                                   "--out", str(tmp_path / "dec")]) == 0
+    rows = json.loads((tmp_path / "dec" / "decoders.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "ours", "ours, iterative 2, tuned each step", "ours, tuning ridge 0.01"]
+    assert all(r["ffn_removed"] == pytest.approx(0.5, abs=0.05) for r in rows[1:])
+    assert bench("tune_ridge").main(["--model", "tiny-llama", "--texts", "6", "--calib-size", "6", "--max-length", "24",
+                                     "--ridges", "0.01", "0.3", "--threads", "1", "--out", str(tmp_path / "tr")]) == 0
+    result = json.loads((tmp_path / "tr" / "tune_ridge.json").read_text())
+    assert [r["ridge"] for r in result["rows"]] == [0.01, 0.3] and result["rows"][1]["validation"]["vs_first"]
