@@ -33,10 +33,16 @@ from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores import make_calibration  # noqa: E402
 from anatomy_prune.scores.calibration import calibration_pass  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # the sibling scripts, also when loaded by path
+from decoder_variants import _test  # noqa: E402  (a paired ratio with its interval and p, to 3 decimals)
+
 SPLITS = ("validation", "test")
 
 
 def measure(args) -> dict:
+    req = PruneRequest(method="calibrated", sparsity=args.ffn)   # checked before anything is loaded
+    if not all(0 < r < 1e6 for r in args.ridges):
+        raise UserError(f"--ridges must be positive numbers below 1e6, got {args.ridges}")
     loaded = load_model(args.model, device="cpu")
     texts = {"validation": take("imdb", "validation", args.texts).texts, "test": lm_texts("imdb", args.texts)}
     calib = make_calibration(loaded, args.calib_size, args.max_length, seed=0,
@@ -44,7 +50,7 @@ def measure(args) -> dict:
     calibration_pass(calib, grads=True, heads=True, progress=False)
     ppl = lambda model, split: perplexity(model, texts[split], args.max_length, batch_size=8, progress=False)  # noqa: E731
     dense = {s: ppl(loaded, s) for s in SPLITS}
-    base = prune_step(calib, PruneRequest(method="calibrated", sparsity=args.ffn), tune=False)
+    base = prune_step(calib, req, tune=False)
     got, rows = {}, []
     for ridge in args.ridges:
         work, start = copy_loaded(base.loaded), time.perf_counter()
@@ -56,22 +62,18 @@ def measure(args) -> dict:
                      **{s: {"vs_dense": paired_perplexity(got[ridge][s], dense[s]),
                             "vs_first": paired_perplexity(got[ridge][s], first[s]) if ridge != args.ridges[0] else None}
                         for s in SPLITS}})
-        print(f"ridge {ridge:g}: " + "  ".join(f"{s} {_t(rows[-1][s]['vs_dense'])}" for s in SPLITS), flush=True)
+        print(f"ridge {ridge:g}: " + "  ".join(f"{s} {_test(rows[-1][s]['vs_dense'])}" for s in SPLITS), flush=True)
         del work
     return {"model": args.model, "ffn": args.ffn, "texts": args.texts, "calib_size": len(calib.texts),
             "dense": {s: dense[s]["perplexity"] for s in SPLITS}, "rows": rows}
-
-
-def _t(t: dict | None) -> str:
-    return "" if not t else f"{t['ratio']:.3f}x [{t['low']:.3f}-{t['high']:.3f}], p={t['p_value']:.2g}"
 
 
 def table(result: dict) -> str:
     first = result["rows"][0]["ridge"]
     lines = [f"| ridge | validation x dense | test x dense | validation vs ridge {first:g} | tune s |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['ridge']:g} | {_t(r['validation']['vs_dense'])} | {_t(r['test']['vs_dense'])} | "
-                     f"{_t(r['validation']['vs_first'])} | {r['tune_s']:.0f} |")
+        lines.append(f"| {r['ridge']:g} | {_test(r['validation']['vs_dense'])} | {_test(r['test']['vs_dense'])} | "
+                     f"{_test(r['validation']['vs_first'])} | {r['tune_s']:.0f} |")
     best = min(result["rows"], key=lambda r: r["validation"]["vs_dense"]["ratio"])
     return "\n".join(lines) + f"\n\nchosen on validation: ridge {best['ridge']:g}"
 
