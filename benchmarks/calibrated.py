@@ -23,17 +23,15 @@ import argparse
 import logging
 import os
 import resource
-import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
 from anatomy_prune.data import eval_set, lm_texts  # noqa: E402
-from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.errors import UserError, exit_status  # noqa: E402
 from anatomy_prune.evaluate import evaluate_classifier, perplexity  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
 from anatomy_prune.pipeline.layerwise import prune_layerwise  # noqa: E402
@@ -238,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "calibrated", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "settings": vars(args), "threads": torch.get_num_threads(), "load_start": _loadavg(),
               "note": "timings on a shared 2-core CPU under load from other jobs; see load averages"}
-    try:
+
+    def job():
         with RunFolder(args.out, "calibrated-benchmark", {**vars(args), "out": None}, force=args.force) as rf:
             if args.part in ("encoder", "all"):
                 result["encoder"] = encoder_part(args)
@@ -249,11 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             rf.write_json(f"calibrated_{stamp}.json", result)
             rf.write_json("calibrated.json", result)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(table(result))
-    return 0
+        print(table(result))
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

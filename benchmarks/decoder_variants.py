@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from anatomy_prune.data import lm_texts  # noqa: E402
-from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.errors import UserError, exit_status  # noqa: E402
 from anatomy_prune.evaluate import perplexity  # noqa: E402
 from anatomy_prune.evaluate.metrics import paired_perplexity  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
@@ -34,7 +34,8 @@ from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
 from anatomy_prune.pipeline.step import prune_step  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores import make_calibration  # noqa: E402
-from decoders import _ppl  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # the sibling scripts, also when loaded by path
+from decoders import _ppl  # noqa: E402
 
 
 def iterative(loaded, sparsity: float, steps: int, args, exclude) -> tuple[object, float]:
@@ -111,18 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/decoder-variants")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
+
+    def job():
         if any(s < 2 for s in args.steps):
             raise UserError("--steps: each variant needs at least 2 steps (1 is ours all at once)")
         with RunFolder(args.out, "decoder-variants", {**vars(args), "out": None}, force=args.force) as rf:
             result = measure(args)
             rf.write_json("variants.json", result)
             rf.write_text("table.md", table(result) + "\n")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(table(result))
-    return 0
+        print(table(result))
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -27,7 +26,7 @@ import torch  # noqa: E402
 
 from anatomy_prune.apply.tune import TUNE_RIDGE, tune_outputs  # noqa: E402
 from anatomy_prune.data import lm_texts  # noqa: E402
-from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.errors import UserError, exit_status  # noqa: E402
 from anatomy_prune.evaluate import perplexity  # noqa: E402
 from anatomy_prune.evaluate.counts import count_params  # noqa: E402
 from anatomy_prune.evaluate.metrics import paired_perplexity  # noqa: E402
@@ -242,18 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    try:
+
+    def job():
         with RunFolder(args.out, "decoders-benchmark", {**vars(args), "out": None}, force=args.force) as rf:
             result = {"benchmark": "decoders", "created": created, "settings": vars(args),
                       "load_start": os.getloadavg(), **measure(args), "load_end": os.getloadavg()}
             rf.write_json("decoders.json", result)
             rf.write_text("table.md", table(result) + "\n")
             figure(result, rf.stage_dir("figures"))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(table(result))
-    return 0
+        print(table(result))
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

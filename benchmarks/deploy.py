@@ -54,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from anatomy_prune.errors import UserError
+    from anatomy_prune.errors import UserError, exit_status
     from anatomy_prune.evaluate.timing import load_average, machine_info
     from anatomy_prune.runfolder import RunFolder
 
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "force")}
-    try:
+
+    def job():
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
         if len(args.repeats) != len(shapes):
             raise UserError("give one --repeats per --shapes entry")
@@ -76,11 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                       "timings": timings, "accuracy": accuracy}
             rf.write_json("deploy.json", result)
             rf.write_text("table.md", tables(result))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(tables(result))
-    return 0
+        print(tables(result))
+
+    return exit_status(job)
 
 
 # --- models --------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from anatomy_prune.apply.tune import tune_outputs  # noqa: E402
-from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.errors import UserError, exit_status  # noqa: E402
 from anatomy_prune.evaluate.metrics import evaluate_classifier, evaluation_set  # noqa: E402
 from anatomy_prune.evaluate.stats import mcnemar  # noqa: E402
 from anatomy_prune.models.loading import load_model  # noqa: E402
@@ -139,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/encoder-variants")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
+
+    def job():
         if any(n < 2 for n in args.steps):
             raise UserError("--steps: each iterative variant needs at least 2 iterations (1 is all at once)")
         with RunFolder(args.out, "encoder-variants", {**vars(args), "out": None}, force=args.force) as rf:
@@ -147,11 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             rf.write_json("variants.json", {**result, "rows": [{k: v for k, v in r.items() if k != "_correct"}
                                                                for r in result["rows"]]})
             rf.write_text("table.md", table(result))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(table(result))
-    return 0
+        print(table(result))
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.errors import exit_status  # noqa: E402
 from anatomy_prune.anatomy.redundancy import summary  # noqa: E402
 from anatomy_prune.finepruning.train import METHODS, FinepruneConfig, finepruning  # noqa: E402
 from anatomy_prune.pipeline.redundancy import redundancy_job  # noqa: E402
@@ -121,13 +121,12 @@ def main(argv=None) -> int:
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
-    try:
+
+    def job():
         report = run(args)
-    except UserError as exc:
-        print(f"finepruning benchmark: error: {exc}", file=sys.stderr)
-        return 2
-    print(table(report))
-    return 0
+        print(table(report))
+
+    return exit_status(job, "finepruning benchmark")
 
 
 if __name__ == "__main__":

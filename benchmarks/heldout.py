@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from anatomy_prune.errors import UserError
+from anatomy_prune.errors import exit_status
 from anatomy_prune.pipeline.report import compare_methods, write_report
 from anatomy_prune.pipeline.requests import CalibSpec, EvalSpec, SweepConfig
 from anatomy_prune.pipeline.sweep import run_sweep
@@ -37,18 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
+
+    def job():
         cfg = SweepConfig(model=args.model, methods=methods, sparsities=args.sparsities, mode="physical",
                           eval=EvalSpec(size=args.n, split="heldout"), calib=CalibSpec(size=args.calib_size),
                           seeds=args.seeds)
         run_sweep(cfg, args.out, force=args.force, progress=False)
         report = write_report(args.out, Path(args.out).with_suffix(".md"), title="Held-out comparison")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(compare_methods(args.out)["markdown"])
-    print(f"wrote {args.out} and {report}")
-    return 0
+        print(compare_methods(args.out)["markdown"])
+        print(f"wrote {args.out} and {report}")
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.errors import UserError, exit_status  # noqa: E402
 from anatomy_prune.evaluate.metrics import evaluate_classifier, evaluation_set  # noqa: E402
 from anatomy_prune.evaluate.stats import mcnemar  # noqa: E402
 from anatomy_prune.models.families import attention_sites, base_model, ffn_sites, get_module  # noqa: E402
@@ -92,16 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/int8-layers")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
+
+    def job():
         with RunFolder(args.out, "int8-layers", {**vars(args), "out": None}, force=args.force) as rf:
             result = measure(args)
             rf.write_json("int8.json", result)
             rf.write_text("table.md", table(result))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(table(result))
-    return 0
+        print(table(result))
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.errors import UserError, exit_status  # noqa: E402
 from anatomy_prune.evaluate.timing import load_average, machine_info  # noqa: E402
 from anatomy_prune.models.loading import DEFAULT_ENCODER, load_model  # noqa: E402
 from anatomy_prune.pipeline.latency import latency_sweep, profile_variants  # noqa: E402
@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def job():
         if args.from_json:
             out = read_json(args.from_json)
             if isinstance(out, dict) and Path(args.from_json).name == RESUME:
@@ -174,12 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(table_text(out))
             return 0
         out = run(args, argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(table_text(out))
-    print(f"wrote {Path(args.out) / 'latency.json'} ({out['total_s']} s)")
-    return 0
+        print(table_text(out))
+        print(f"wrote {Path(args.out) / 'latency.json'} ({out['total_s']} s)")
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": peak, "logit": 
 def run_model(hub_id: str, args, out: Path) -> dict:
     import torch
 
-    from anatomy_prune.data import TextSet, calibration_set, eval_set
+    from anatomy_prune.data import calibration_set, eval_set
     from anatomy_prune.evaluate.counts import count_params, flops_per_token
     from anatomy_prune.evaluate.timing import fixed_inputs, forward_fn, paired_speedup, time_interleaved
     from anatomy_prune.models.classifier import BinaryClassifier
@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from anatomy_prune.errors import UserError
+    from anatomy_prune.errors import exit_status
     from anatomy_prune.evaluate.timing import load_average, machine_info
     from anatomy_prune.runfolder import RunFolder
 
-    try:
+    def job():
         with RunFolder(args.out, "paper-sizes", {k: v for k, v in vars(args).items() if k != "out"},
                        force=args.force) as rf:
             work = rf.scratch("work")
@@ -163,15 +163,13 @@ def main(argv: list[str] | None = None) -> int:
                       "settings": vars(args), "models": [run_model(m, args, work) for m in args.models],
                       "load_after": load_average()}
             rf.write_json("paper_sizes.json", result)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for m in result["models"]:
-        print(f"\n{m['model']}: {m['params'] / 1e6:.1f} M params -> {m['pruned_params'] / 1e6:.1f} M")
-        for name, s in m["steps"].items():
-            print(f"  {name:24s} {s['seconds']:7.1f} s   peak {s['peak_mb']:7.0f} MB"
-                  + (f"   speedup {s['speedup']:.2f}x" if "speedup" in s else ""))
-    return 0
+        for m in result["models"]:
+            print(f"\n{m['model']}: {m['params'] / 1e6:.1f} M params -> {m['pruned_params'] / 1e6:.1f} M")
+            for name, s in m["steps"].items():
+                print(f"  {name:24s} {s['seconds']:7.1f} s   peak {s['peak_mb']:7.0f} MB"
+                      + (f"   speedup {s['speedup']:.2f}x" if "speedup" in s else ""))
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes --out/peers.json, --out/table.md and --out/figures/accuracy_vs_speedup.pn
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     from anatomy_prune.data.batches import batches
-    from anatomy_prune.errors import UserError
+    from anatomy_prune.errors import UserError, exit_status
     from anatomy_prune.evaluate.metrics import evaluate_classifier, evaluation_set
     from anatomy_prune.evaluate.stats import mcnemar
     from anatomy_prune.evaluate.timing import load_average, machine_info
@@ -68,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     import peer_adapters as peers
 
     grid = list(zip(args.grid[0::2], args.grid[1::2]))
-    try:
+
+    def job():
         with RunFolder(args.out, "peers-benchmark", {k: v for k, v in vars(args).items() if k != "out"},
                        force=args.force) as rf, tempfile.TemporaryDirectory(prefix="peers-cost-") as tmp:
             clf = load_model(args.model, device="cpu")
@@ -153,11 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             rf.write_json("peers.json", result)
             rf.write_text("table.md", table(result))
             figure(result, rf.stage_dir("figures"))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(table(result))
-    return 0
+        print(table(result))
+
+    return exit_status(job)
 
 
 def int8_speedup(dense, flt, q, repeats: int) -> dict:

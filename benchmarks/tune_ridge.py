@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from anatomy_prune.apply.tune import tune_outputs  # noqa: E402
 from anatomy_prune.data import lm_texts  # noqa: E402
 from anatomy_prune.data.splits import take  # noqa: E402
-from anatomy_prune.errors import UserError  # noqa: E402
+from anatomy_prune.errors import UserError, exit_status  # noqa: E402
 from anatomy_prune.evaluate import perplexity  # noqa: E402
 from anatomy_prune.evaluate.metrics import paired_perplexity  # noqa: E402
 from anatomy_prune.models import load_model  # noqa: E402
@@ -91,16 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/tune-ridge")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
+
+    def job():
         with RunFolder(args.out, "tune-ridge-benchmark", {**vars(args), "out": None}) as rf:
             result = measure(args)
             rf.write_json("tune_ridge.json", result)
             rf.write_text("table.md", table(result) + "\n")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(table(result))
-    return 0
+        print(table(result))
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

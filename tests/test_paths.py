@@ -126,3 +126,27 @@ def test_decoder_benchmarks_run_at_tiny_sizes(tmp_path):
                                      "--ridges", "0.01", "0.3", "--threads", "1", "--out", str(tmp_path / "tr")]) == 0
     result = json.loads((tmp_path / "tr" / "tune_ridge.json").read_text())
     assert [r["ridge"] for r in result["rows"]] == [0.01, 0.3] and result["rows"][1]["validation"]["vs_first"]
+
+
+SCRIPTS_WITH_OUT = ["calibrated", "decoder_variants", "decoders", "deploy", "encoder_variants", "finepruning",
+                    "heldout", "int8_layers", "latency", "peers", "tune_ridge"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS_WITH_OUT)
+def test_benchmark_scripts_refuse_a_bad_out_in_one_line(name, tmp_path, capsys):
+    """Every benchmark script's bad input goes through errors.exit_status, as the CLI's does: an --out that is a
+    file, or below one, is one line on stderr and exit status 2, before any model is loaded; the file is left
+    as it was and nothing is created beside it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    try:
+        for out in (blocker, blocker / "below"):
+            assert bench(name).main(["--out", str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "error: --out" in err and "choose another path" in err, err
+    finally:
+        torch.set_num_threads(threads)
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -9,13 +9,12 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from .cli_args import (_allocation, _big_model_args, _calib_args, _calib_spec, _compensation, _device_arg, _eval_args,
                        _eval_spec, _force_arg, _method_names, _method_param_args, _method_params, _model_arg,
                        _per_method, _targets, _task_args)
-from .errors import UserError, as_user_error, printable
+from .errors import UserError, exit_status, printable
 
 log = logging.getLogger("anatomy_prune")
 
@@ -482,16 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.captureWarnings(True)  # library warnings (torch, transformers) are log records: shown with --verbose
     logging.getLogger("py.warnings").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
-        return COMMANDS[args.command][1](args) or 0
-    except UserError as exc:
-        print(f"anatomy-prune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, RecursionError, RuntimeError) as exc:
-        err = as_user_error(exc)
-        if err is None:
-            raise
-        print(f"anatomy-prune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return exit_status(lambda: COMMANDS[args.command][1](args), f"anatomy-prune {args.command}")
     except KeyboardInterrupt:
         print(f"anatomy-prune {args.command}: interrupted; no output was committed (run the same command again: "
               "it completes a stopped commit, and a stopped sweep resumes where it stopped)", file=sys.stderr)

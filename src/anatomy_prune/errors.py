@@ -1,6 +1,8 @@
 """The one exception type a user sees as a one-line message (the CLI prints it and exits 2), and the one
 helper that keeps any text on one line (paths may hold newlines and other control characters)."""
+import sys
 import unicodedata
+from typing import Callable
 
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\x1b"}
 
@@ -38,3 +40,21 @@ def as_user_error(exc: BaseException) -> UserError | None:
     if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop"):
         return UserError(f"a path goes through a symbolic link loop ({exc}); choose another path")
     return None
+
+
+def exit_status(job: Callable[[], int | None], prefix: str = "") -> int:
+    """Runs `job` (a command's or a benchmark script's body) and gives its exit status: its own (None is 0), or 2
+    for bad input, printed as one line on stderr ("<prefix>: error: ..."): a UserError, or an error that can only
+    come from what the user named (as_user_error). Anything else is a bug and keeps its traceback."""
+    lead = f"{prefix}: error" if prefix else "error"
+    try:
+        return job() or 0
+    except UserError as exc:
+        print(f"{lead}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RecursionError, RuntimeError) as exc:
+        err = as_user_error(exc)
+        if err is None:
+            raise
+        print(f"{lead}: {err}", file=sys.stderr)
+        return 2

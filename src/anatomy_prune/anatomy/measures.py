@@ -22,12 +22,11 @@ import logging
 import math
 import time
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from ..data.batches import batches, to_device

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models.families import Conv1D, attention_sites, base_model, ffn_sites, ffn_widths, get_module, in_features, out_features
+from ..models.families import Conv1D, attention_sites, base_model, ffn_sites, get_module, in_features, out_features
 from ..models.loading import Loaded
 from ..models.quantize import is_quantized_linear
 
@@ -35,6 +35,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def _ffn_widths(model: nn.Module) -> list[int]:
+    """FFN widths, also of a model whose Linear layers were quantized (families.ffn_widths reads float weights)."""
     base = base_model(model)
     return [_dims(get_module(base, s.up[0]))[1] for s in ffn_sites(model)]
 
