@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from anatomy_prune.apply.tune import tune_outputs  # noqa: E402
+from anatomy_prune.apply.tune import TUNE_RIDGE, tune_outputs  # noqa: E402
 from anatomy_prune.errors import UserError, exit_status  # noqa: E402
 from anatomy_prune.evaluate.metrics import evaluate_classifier, evaluation_set  # noqa: E402
 from anatomy_prune.evaluate.stats import mcnemar  # noqa: E402
@@ -48,8 +48,10 @@ VARIANTS = {"direct": ("heads: direct error (before)", {"head_rebuilt": False, "
             "taylor": ("as neuron-path, Taylor sensitivity", {"score": "taylor"}, None),
             "calib-256": ("as neuron-path, 256 calibration reviews", {}, 256),
             "tuned": ("as neuron-path, then sequential output tuning", {}, None),
-            "tuned-unweighted": ("as tuned, tokens not weighted by their RMS", {}, None)}
-TUNED = {"tuned": True, "tuned-unweighted": False}   # refitted toward the dense stream (apply.tune): normalized?
+            "tuned-unweighted": ("as tuned, tokens not weighted by their RMS", {}, None),
+            "tuned-ridge-0.01": ("as tuned, with the refit's ridge 0.01 (the tuning's before it had its own)", {}, None)}
+# refitted toward the dense stream (apply.tune): (tokens weighted by their RMS, the tuning's ridge)
+TUNED = {"tuned": (True, TUNE_RIDGE), "tuned-unweighted": (False, 0.01), "tuned-ridge-0.01": (True, 0.01)}
 
 
 def _row(name: str, setting: str, res, sets: dict, ref: dict | None) -> dict:
@@ -85,7 +87,7 @@ def measure(args) -> dict:
                 calibs[n] = make_calibration(clf, n, exclude=sets["validation"].texts + sets["heldout"].texts)
             res = prune_step(calibs[n], PruneRequest(method="calibrated", target=target, params=params))
             if v in TUNED:
-                tune_outputs(res.loaded, clf, calibs[n], normalized=TUNED[v])
+                tune_outputs(res.loaded, clf, calibs[n], normalized=TUNED[v][0], ridge=TUNED[v][1])
             row = _row(name, f"flops {f}", res, sets, ref)
             ref = ref or row
             rows.append(row)
