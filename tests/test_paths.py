@@ -103,13 +103,13 @@ def test_benchmark_scripts_run_at_tiny_sizes(tmp_path, tiny_csv):
                                      "--sparsities", "0.5", "--calib-size", "8", "--eval-size", "16",
                                      "--lm-model", "tiny-llama", "--lm-methods", "calibrated", "--lm-sparsities", "0.5",
                                      "--lm-calib-size", "4", "--lm-eval-texts", "8", "--lm-max-length", "32",
-                                     "--out", str(tmp_path / "cal")]) == 0
+                                     "--threads", "1", "--out", str(tmp_path / "cal")]) == 0
     assert bench("heldout").main(["--model", clf, "--methods", "magnitude", "--n", "16", "--calib-size", "8",
                                   "--out", str(tmp_path / "held")]) == 0
     assert (tmp_path / "held.md").read_text().count("magnitude") >= 2
     assert bench("finepruning").main(["--model", "tiny-llama", "--task", "lm", "--methods", "random,gum",
                                       "--steps", "10", "--batch-size", "2", "--max-length", "16", "--train-size", "40",
-                                      "--eval-size", "8", "--analysis-size", "2", "--out", str(tmp_path / "fp")]) == 0
+                                      "--eval-size", "8", "--analysis-size", "2", "--threads", "1", "--out", str(tmp_path / "fp")]) == 0
     assert json.loads((tmp_path / "fp" / "finepruning.json").read_text())["rows"][1]["method"] == "gum"
 
 
@@ -137,16 +137,10 @@ def test_benchmark_scripts_refuse_a_bad_out_in_one_line(name, tmp_path, capsys):
     """Every benchmark script's bad input goes through errors.exit_status, as the CLI's does: an --out that is a
     file, or below one, is one line on stderr and exit status 2, before any model is loaded; the file is left
     as it was and nothing is created beside it."""
-    import torch
-
-    threads = torch.get_num_threads()
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
-    try:
-        for out in (blocker, blocker / "below"):
-            assert bench(name).main(["--out", str(out)]) == 2
-            err = capsys.readouterr().err.strip()
-            assert len(err.splitlines()) == 1 and "error: --out" in err and "choose another path" in err, err
-    finally:
-        torch.set_num_threads(threads)
+    for out in (blocker, blocker / "below"):
+        assert bench(name).main(["--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error: --out" in err and "choose another path" in err, err
     assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
