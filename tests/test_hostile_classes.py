@@ -452,3 +452,28 @@ def test_offloaded_weights_live_in_the_staging_folder_and_go_with_it(tmp_path):
         rf.write_json("done.json", {})
     assert list(user.iterdir()) == []
     assert not (tmp_path / "out" / ".anatomy-prune-staging").exists()
+
+
+def test_exit_status_is_the_one_place_bad_input_becomes_one_line_and_2(capsys):
+    """errors.exit_status, which the CLI and every benchmark script run their body through: a UserError and an
+    error that only a named path can cause are one escaped line and exit 2; a job's own status passes through;
+    anything else (a bug) keeps its traceback."""
+    import errno
+
+    from anatomy_prune.errors import UserError, exit_status
+
+    def raising(exc):
+        def job():
+            raise exc
+        return job
+
+    assert exit_status(lambda: None) == 0 and exit_status(lambda: 3) == 3
+    assert exit_status(raising(UserError("bad\nvalue")), "tool sub") == 2
+    assert capsys.readouterr().err == "tool sub: error: bad\\nvalue\n"
+    assert exit_status(raising(OSError(errno.ENAMETOOLONG, "File name too long", "x" * 300))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot use 'xxx") and err.count("\n") == 1
+    assert exit_status(raising(RecursionError())) == 2 and "nested too deeply" in capsys.readouterr().err
+    for bug in (ValueError("a bug"), OSError("no filename: a bug"), RuntimeError("a bug")):
+        with pytest.raises(type(bug)):
+            exit_status(raising(bug))
