@@ -48,7 +48,7 @@ VARIANTS = {"direct": ("heads: direct error (before)", {"head_rebuilt": False, "
             "taylor": ("as neuron-path, Taylor sensitivity", {"score": "taylor"}, None),
             "calib-256": ("as neuron-path, 256 calibration reviews", {}, 256),
             "tuned": ("as neuron-path, then sequential output tuning", {}, None),
-            "tuned-unweighted": ("as tuned, tokens not weighted by their RMS", {}, None),
+            "tuned-unweighted": ("as tuned-ridge-0.01, tokens not weighted by their RMS", {}, None),
             "tuned-ridge-0.01": ("as tuned, with the refit's ridge 0.01 (the tuning's before it had its own)", {}, None)}
 # refitted toward the dense stream (apply.tune): (tokens weighted by their RMS, the tuning's ridge)
 TUNED = {"tuned": (True, TUNE_RIDGE), "tuned-unweighted": (False, 0.01), "tuned-ridge-0.01": (True, 0.01)}

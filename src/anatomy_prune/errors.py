@@ -1,5 +1,6 @@
-"""The one exception type a user sees as a one-line message (the CLI prints it and exits 2), and the one
-helper that keeps any text on one line (paths may hold newlines and other control characters)."""
+"""The one exception type a user sees as a one-line message, the one helper that keeps any text on one line
+(paths may hold newlines and other control characters), and the one place such an error becomes that line and
+exit status 2 (exit_status: the CLI and every benchmark script run their body through it)."""
 import sys
 import unicodedata
 from typing import Callable
