@@ -20,11 +20,12 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 from anatomy_prune.models.classifier import BinaryClassifier  # noqa: E402
 from anatomy_prune.models.loading import TINY, Loaded, load_model  # noqa: E402
 
+
 @pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """Whatever a test sets torch's threads to (a benchmark script's --threads), the next test on this worker
     starts with the worker's own: two workers on 2 cores run one thread each, and a worker left at 2 beside the
-    other's torch ran an 11-second test for 100 s."""
+    other's torch ran a 15-second test for 108 s."""
     before = torch.get_num_threads()
     yield
     if torch.get_num_threads() != before:
