@@ -334,26 +334,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.build_only:
-        build(args.model_dir, shape=SMOKE if args.smoke else SHAPE)
-        return 0
-    if args.from_json:
-        from anatomy_prune.runfolder import RunFolder, read_json
-        out = read_json(args.from_json)
-        out.pop("projections", None)  # older files carried projections; they live in docs/ now
-        out["redrawn_from"] = str(args.from_json)
-        with RunFolder(args.out, "big-decoder-redraw", {"from": str(args.from_json)}, force=args.force) as rf:
-            figure(out, rf.stage_dir("figures"))
-            rf.write_json("big_decoder.json", out)  # the same measurements
+    from anatomy_prune.errors import exit_status
+    from anatomy_prune.runfolder import RunFolder, check_out_path, read_json
+
+    def job():
+        if args.build_only:
+            build(args.model_dir, shape=SMOKE if args.smoke else SHAPE)
+            return 0
+        check_out_path(args.out)   # before the model is built: a bad --out costs nothing
+        if args.from_json:
+            out = read_json(args.from_json)
+            out.pop("projections", None)  # older files carried projections; they live in docs/ now
+            out["redrawn_from"] = str(args.from_json)
+            with RunFolder(args.out, "big-decoder-redraw", {"from": str(args.from_json)}, force=args.force) as rf:
+                figure(out, rf.stage_dir("figures"))
+                rf.write_json("big_decoder.json", out)  # the same measurements
+            print(summary(out))
+            return 0
+        if not (args.model_dir / "model" / "config.json").is_file():  # built in another process: RSS stays clean
+            subprocess.run([sys.executable, __file__, "--build-only", "--model-dir", str(args.model_dir)]
+                           + (["--smoke"] if args.smoke else []), check=True)
+        out = measure(args, argv)
         print(summary(out))
-        return 0
-    if not (args.model_dir / "model" / "config.json").is_file():  # built in another process: RSS stays clean
-        subprocess.run([sys.executable, __file__, "--build-only", "--model-dir", str(args.model_dir)]
-                       + (["--smoke"] if args.smoke else []), check=True)
-    out = measure(args, argv)
-    print(summary(out))
-    print(f"wrote {Path(args.out) / 'big_decoder.json'}")
-    return 0
+        print(f"wrote {Path(args.out) / 'big_decoder.json'}")
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

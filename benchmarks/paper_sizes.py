@@ -139,23 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/paper-sizes")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
-    from emulated_hub import activate, build_hub_cache
-
-    env = build_hub_cache(Path(args.hub), models=("bert-base-uncased", "gpt2"), imdb_train=17_000, imdb_test=8_000)
-
-    class Patch:  # what emulated_hub.activate needs of pytest's monkeypatch, without the undo
-        setenv = staticmethod(lambda k, v: os.environ.__setitem__(k, v))
-        setattr = staticmethod(setattr)
-
-    activate(env, Patch())
-    import torch
-
-    torch.set_num_threads(args.threads)
     from anatomy_prune.errors import exit_status
-    from anatomy_prune.evaluate.timing import load_average, machine_info
-    from anatomy_prune.runfolder import RunFolder
+    from anatomy_prune.runfolder import RunFolder, check_out_path
 
     def job():
+        check_out_path(args.out)   # before the emulated hub (about 1 GB) is built: a bad --out costs nothing
+        from emulated_hub import activate, build_hub_cache
+
+        env = build_hub_cache(Path(args.hub), models=("bert-base-uncased", "gpt2"), imdb_train=17_000,
+                              imdb_test=8_000)
+
+        class Patch:  # what emulated_hub.activate needs of pytest's monkeypatch, without the undo
+            setenv = staticmethod(lambda k, v: os.environ.__setitem__(k, v))
+            setattr = staticmethod(setattr)
+
+        activate(env, Patch())     # patches huggingface_hub's and datasets' import-time constants too
+        import torch
+
+        torch.set_num_threads(args.threads)
+        from anatomy_prune.evaluate.timing import load_average, machine_info
+
         with RunFolder(args.out, "paper-sizes", {k: v for k, v in vars(args).items() if k != "out"},
                        force=args.force) as rf:
             work = rf.scratch("work")

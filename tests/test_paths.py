@@ -128,8 +128,8 @@ def test_decoder_benchmarks_run_at_tiny_sizes(tmp_path):
     assert [r["ridge"] for r in result["rows"]] == [0.01, 0.3] and result["rows"][1]["validation"]["vs_first"]
 
 
-SCRIPTS_WITH_OUT = ["calibrated", "decoder_variants", "decoders", "deploy", "encoder_variants", "finepruning",
-                    "heldout", "int8_layers", "latency", "peers", "tune_ridge"]
+SCRIPTS_WITH_OUT = ["big_decoder", "calibrated", "decoder_variants", "decoders", "deploy", "encoder_variants",
+                    "finepruning", "heldout", "int8_layers", "latency", "paper_sizes", "peers", "tune_ridge"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS_WITH_OUT)
@@ -139,8 +139,10 @@ def test_benchmark_scripts_refuse_a_bad_out_in_one_line(name, tmp_path, capsys):
     as it was and nothing is created beside it."""
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
+    extra = {"big_decoder": ["--smoke", "--model-dir", str(tmp_path / "model")],     # never the big model or the
+             "paper_sizes": ["--hub", str(tmp_path / "hub")]}.get(name, [])         # 1 GB hub, should a check fail
     for out in (blocker, blocker / "below"):
-        assert bench(name).main(["--out", str(out)]) == 2
+        assert bench(name).main(["--out", str(out), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "error: --out" in err and "choose another path" in err, err
     assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -73,7 +73,23 @@ def check_out_path(out: str | Path, what: str = "--out") -> Path:
         raise UserError(f"{what} '{text}' contains the current folder; give a new folder, e.g. runs/my-run")
     if p.exists() and not p.is_dir():
         raise UserError(f"{what} '{text}' exists and is not a folder; choose another path")
+    nearest_existing(p, what)
     return p
+
+
+def nearest_existing(p: Path, what: str = "--out") -> tuple[Path, list[Path]]:
+    """The nearest part of `p` that exists (p itself or a parent), which must be a folder, and the missing parts
+    below it (deepest first). A UserError when that part is a file or a broken symbolic link: checked before a
+    job loads or builds anything, and again when the run folder is made."""
+    missing, q = [], p
+    while not q.exists() and not q.is_symlink():
+        missing.append(q)
+        q = q.parent
+    if q.is_symlink() and not q.exists():
+        raise UserError(f"{what} '{p}' goes through a broken symbolic link ({q}); choose another path")
+    if not q.is_dir():
+        raise UserError(f"{what} '{p}': '{q}' is not a folder; choose another path")
+    return q, missing
 
 
 # --- the writer ----------------------------------------------------------------------------------
@@ -148,15 +164,7 @@ class RunFolder:
 
     def _open(self) -> None:
         p = self.path
-        missing = []
-        q = p
-        while not q.exists() and not q.is_symlink():
-            missing.append(q)
-            q = q.parent
-        if q.is_symlink() and not q.exists():
-            raise UserError(f"{self.what} '{p}' goes through a broken symbolic link ({q}); choose another path")
-        if not q.is_dir():
-            raise UserError(f"{self.what} '{p}': '{q}' is not a folder; choose another path")
+        _, missing = nearest_existing(p, self.what)     # again: the folder may have changed since __init__
         for d in reversed(missing):
             try:
                 d.mkdir()
