@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from anatomy_prune.errors import exit_status
+    from anatomy_prune.errors import UserError, exit_status
     from anatomy_prune.runfolder import RunFolder, check_out_path, read_json
 
     def job():
@@ -352,8 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary(out))
             return 0
         if not (args.model_dir / "model" / "config.json").is_file():  # built in another process: RSS stays clean
-            subprocess.run([sys.executable, __file__, "--build-only", "--model-dir", str(args.model_dir)]
-                           + (["--smoke"] if args.smoke else []), check=True)
+            check_out_path(args.model_dir, "--model-dir")
+            built = subprocess.run([sys.executable, __file__, "--build-only", "--model-dir", str(args.model_dir)]
+                                   + (["--smoke"] if args.smoke else []))
+            if built.returncode:
+                raise UserError(f"building the model into --model-dir '{args.model_dir}' failed (its error is "
+                                "above); fix that and run again")
         out = measure(args, argv)
         print(summary(out))
         print(f"wrote {Path(args.out) / 'big_decoder.json'}")
