@@ -31,7 +31,6 @@ from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
 from anatomy_prune.pipeline.step import copy_loaded, prune_step  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores import make_calibration  # noqa: E402
-from anatomy_prune.scores.calibration import calibration_pass  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # the sibling scripts, also when loaded by path
 from decoder_variants import _test  # noqa: E402  (a paired ratio with its interval and p, to 3 decimals)
@@ -47,7 +46,6 @@ def measure(args) -> dict:
     texts = {"validation": take("imdb", "validation", args.texts).texts, "test": lm_texts("imdb", args.texts)}
     calib = make_calibration(loaded, args.calib_size, args.max_length, seed=0,
                              exclude=texts["validation"] + texts["test"], batch_size=8)
-    calibration_pass(calib, grads=True, heads=True, progress=False)
     ppl = lambda model, split: perplexity(model, texts[split], args.max_length, batch_size=8, progress=False)  # noqa: E731
     dense = {s: ppl(loaded, s) for s in SPLITS}
     base = prune_step(calib, req, tune=False)

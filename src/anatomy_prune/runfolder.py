@@ -73,14 +73,14 @@ def check_out_path(out: str | Path, what: str = "--out") -> Path:
         raise UserError(f"{what} '{text}' contains the current folder; give a new folder, e.g. runs/my-run")
     if p.exists() and not p.is_dir():
         raise UserError(f"{what} '{text}' exists and is not a folder; choose another path")
-    nearest_existing(p, what)
+    missing_parts(p, what)
     return p
 
 
-def nearest_existing(p: Path, what: str = "--out") -> tuple[Path, list[Path]]:
-    """The nearest part of `p` that exists (p itself or a parent), which must be a folder, and the missing parts
-    below it (deepest first). A UserError when that part is a file or a broken symbolic link: checked before a
-    job loads or builds anything, and again when the run folder is made."""
+def missing_parts(p: Path, what: str = "--out") -> list[Path]:
+    """The parts of `p` that do not exist yet (deepest first), below its nearest existing part, which must be a
+    folder: a UserError when it is a file or a broken symbolic link. Checked before a job loads or builds
+    anything, and again when the run folder is made."""
     missing, q = [], p
     while not q.exists() and not q.is_symlink():
         missing.append(q)
@@ -89,7 +89,7 @@ def nearest_existing(p: Path, what: str = "--out") -> tuple[Path, list[Path]]:
         raise UserError(f"{what} '{p}' goes through a broken symbolic link ({q}); choose another path")
     if not q.is_dir():
         raise UserError(f"{what} '{p}': '{q}' is not a folder; choose another path")
-    return q, missing
+    return missing
 
 
 # --- the writer ----------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class RunFolder:
 
     def _open(self) -> None:
         p = self.path
-        _, missing = nearest_existing(p, self.what)     # again: the folder may have changed since __init__
+        missing = missing_parts(p, self.what)     # again: the folder may have changed since __init__
         for d in reversed(missing):
             try:
                 d.mkdir()
