@@ -8,7 +8,11 @@
 3. the FFN neurons' error along an elimination path (`neuron_path=True`: the refit updated as the layer's
    neurons go, linalg.elimination_path) against leave-one-out, at the FLOPs targets and the FFN sparsities;
 4. other scorer settings at the FLOPs targets (--variants): beta, Taylor, a larger calibration sample;
-5. sequential output tuning after pruning (--variants tuned: apply.tune, K-prune's weight tuning in closed form).
+5. sequential output tuning after pruning (--variants tuned: apply.tune, K-prune's weight tuning in closed form);
+6. a search for each layer's share of the budget (--variants searched: EvoPress-style, Sieberling et al. 2024):
+   one multiplier per layer and kind on ours' scores, mutated one at a time and kept when the pruned model's KL
+   divergence from the dense model's predictions falls on a search sample of its own; the plan stays under the
+   same budget, only the layers' shares move.
 
 Accuracy on the validation split (1,000 reviews) and on --eval-size held-out reviews, each with McNemar against
 the reference variant. FLOPs targets, not measured speedups, so that the plans do not depend on this machine's
@@ -19,21 +23,27 @@ timings (benchmarks/peers.py measures speedups).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
+import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from anatomy_prune.apply.modes import apply_plan  # noqa: E402
 from anatomy_prune.apply.tune import TUNE_RIDGE, tune_outputs  # noqa: E402
 from anatomy_prune.errors import UserError, exit_status  # noqa: E402
+from anatomy_prune.evaluate.cost import flops_cost  # noqa: E402
 from anatomy_prune.evaluate.metrics import evaluate_classifier, evaluation_set  # noqa: E402
 from anatomy_prune.evaluate.stats import mcnemar  # noqa: E402
 from anatomy_prune.models.loading import load_model  # noqa: E402
 from anatomy_prune.pipeline.iterative import prune_iterative  # noqa: E402
 from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
-from anatomy_prune.pipeline.step import prune_step  # noqa: E402
+from anatomy_prune.pipeline.step import PruneResult, compensate_with, copy_loaded, prune_step  # noqa: E402
+from anatomy_prune.plan.allocate import plan_under_budget  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
 from anatomy_prune.scores.calibration import make_calibration  # noqa: E402
 
@@ -49,9 +59,70 @@ VARIANTS = {"direct": ("heads: direct error (before)", {"head_rebuilt": False, "
             "calib-256": ("as neuron-path, 256 calibration reviews", {}, 256),
             "tuned": ("as neuron-path, then sequential output tuning", {}, None),
             "tuned-unweighted": ("as tuned-ridge-0.01, tokens not weighted by their RMS", {}, None),
-            "tuned-ridge-0.01": ("as tuned, with the refit's ridge 0.01 (the tuning's before it had its own)", {}, None)}
+            "tuned-ridge-0.01": ("as tuned, with the refit's ridge 0.01 (the tuning's before it had its own)", {}, None),
+            "searched": ("as neuron-path, layers' shares searched on KL", {}, None)}
 # refitted toward the dense stream (apply.tune): (tokens weighted by their RMS, the tuning's ridge)
 TUNED = {"tuned": (True, TUNE_RIDGE), "tuned-unweighted": (False, 0.01), "tuned-ridge-0.01": (True, 0.01)}
+
+
+SEARCH_STEPS = 60     # candidate plans the search builds and runs (about 2 s each on the demo model)
+SEARCH_TEXTS = 256    # reviews the search reads, and as many again to check its KL on texts it never saw
+
+
+@torch.no_grad()
+def _log_probs(model, cal) -> torch.Tensor:
+    """[reviews, classes] log probabilities; a binary head's one logit z is the two classes (-z, z) / sigmoid."""
+    model.eval()
+    z = torch.cat([model(**b).float() for b in cal.batches()])
+    return torch.stack([torch.nn.functional.logsigmoid(-z), torch.nn.functional.logsigmoid(z)], -1) if z.dim() == 1 \
+        else torch.log_softmax(z, -1)
+
+
+def _kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+
+def searched(clf, calib, res: PruneResult, flops: float, search, check, steps: int = SEARCH_STEPS) -> tuple:
+    """Ours' plan at FLOPs `flops` with each layer's share of the budget searched: a (1+1) search over one log
+    multiplier per layer and kind (neurons, heads) on the scores, one coordinate moved by +-0.5 (then +-0.25 in
+    the second half), kept when the KL divergence of the compensated, pruned model from the dense model's
+    predictions on `search` falls. Returns (the result, a report with the KL on `search` and on `check`)."""
+    t0 = time.perf_counter()
+    cm = flops_cost(clf, seq_len=128)
+    normalize, floor = res.plan.params.get("normalize", "none"), float(res.plan.params.get("floor", 0.0))
+    sc, layers = res.scores, len(res.scores.values)
+    dense = {"search": _log_probs(clf.model, search), "check": _log_probs(clf.model, check)}
+
+    def make(m):
+        scaled = dataclasses.replace(sc, values=[v * math.exp(m[i]) for i, v in enumerate(sc.values)],
+                                     head_values=[v * math.exp(m[layers + i]) for i, v in enumerate(sc.head_values)])
+        return plan_under_budget(scaled, {"neurons": cm.per_neuron, "heads": cm.per_head}, cm.base, cm.dense * flops,
+                                 floor=floor, normalize=normalize)
+
+    def built(plan):
+        w = copy_loaded(clf)
+        compensate_with(w.model, plan, calib, res.recipe)
+        apply_plan(w.model, plan, "physical")
+        return w
+
+    m = [0.0] * (2 * layers)
+    best = first = _kl(dense["search"], _log_probs(built(make(m)).model, search))
+    g = torch.Generator().manual_seed(0)
+    for i in range(steps):
+        cand = list(m)
+        step = 0.5 if i < steps // 2 else 0.25
+        cand[int(torch.randint(0, 2 * layers, (1,), generator=g))] += step if torch.rand(1, generator=g) < 0.5 else -step
+        k = _kl(dense["search"], _log_probs(built(make(cand)).model, search))
+        if k < best:
+            best, m = k, cand
+    plan = make(m)
+    out = built(plan)
+    report = {"multipliers": [round(x, 2) for x in m], "kl_search": [first, best],
+              "kl_check": [_kl(dense["check"], _log_probs(res.loaded.model, check)),
+                           _kl(dense["check"], _log_probs(out.model, check))]}
+    print(f"search: KL on its {len(search.texts)} reviews {first:.4f} -> {best:.4f}; on {len(check.texts)} others "
+          f"{report['kl_check'][0]:.4f} -> {report['kl_check'][1]:.4f}", flush=True)
+    return dataclasses.replace(res, loaded=out, plan=plan, prune_s=res.prune_s + time.perf_counter() - t0), report
 
 
 def _row(name: str, setting: str, res, sets: dict, ref: dict | None) -> dict:
@@ -77,6 +148,10 @@ def measure(args) -> dict:
     calib = make_calibration(clf, args.calib_size, exclude=sets["validation"].texts + sets["heldout"].texts)
     rows = []
     calibs = {args.calib_size: calib}
+    if "searched" in args.variants:   # the search's own reviews, and others to check its KL on
+        seen = sets["validation"].texts + sets["heldout"].texts + calib.texts
+        search = make_calibration(clf, SEARCH_TEXTS, seed=1, exclude=seen)
+        check = make_calibration(clf, SEARCH_TEXTS, seed=2, exclude=seen + search.texts)
     for f in args.flops:
         target = {"flops": f, "batch_size": 32, "seq_len": 128}
         ref = None
@@ -88,7 +163,12 @@ def measure(args) -> dict:
             res = prune_step(calibs[n], PruneRequest(method="calibrated", target=target, params=params))
             if v in TUNED:
                 tune_outputs(res.loaded, clf, calibs[n], normalized=TUNED[v][0], ridge=TUNED[v][1])
+            report = None
+            if v == "searched":
+                res, report = searched(clf, calibs[n], res, f, search, check, args.search_steps)
             row = _row(name, f"flops {f}", res, sets, ref)
+            if report:
+                row["search"] = report
             ref = ref or row
             rows.append(row)
     for s in args.sparsity:
@@ -134,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                    default=["direct", "path", "neuron-path"], help="scoring variants at the FLOPs targets (the first "
                    "is the reference)")
+    p.add_argument("--search-steps", type=int, default=SEARCH_STEPS, help="candidate plans of --variants searched")
     p.add_argument("--neuron-path", action="store_true", help="at each FFN sparsity, the elimination path too")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true")
@@ -142,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     def job():
+        if not 0 <= args.search_steps <= 10_000:
+            raise UserError(f"--search-steps must be in [0, 10000], got {args.search_steps}")
         if any(n < 2 for n in args.steps):
             raise UserError("--steps: each iterative variant needs at least 2 iterations (1 is all at once)")
         with RunFolder(args.out, "encoder-variants", {**vars(args), "out": None}, force=args.force) as rf:

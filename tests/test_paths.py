@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from anatomy_prune import load_model
 from anatomy_prune.cli import main
@@ -127,6 +128,31 @@ def test_decoder_benchmarks_run_at_tiny_sizes(tmp_path):
     result = json.loads((tmp_path / "tr" / "tune_ridge.json").read_text())
     assert [r["ridge"] for r in result["rows"]] == [0.01, 0.3] and result["rows"][1]["validation"]["vs_first"]
 
+
+
+def test_encoder_variants_search_stays_in_budget_at_tiny_size(tmp_path):
+    """benchmarks/encoder_variants.py --variants searched (not kept; README) on a tiny classifier: the searched
+    plan is made under the same FLOPs budget as ours, and its KL divergences (a binary head's one logit read as
+    two classes) are finite and non-negative."""
+    from anatomy_prune.evaluate.cost import flops_cost
+    from anatomy_prune.models.saved import save_model
+    from anatomy_prune.scores.calibration import make_calibration
+
+    clf = str(save_model(make_classifier("tiny-bert"), tmp_path / "clf", max_length=32))
+    assert bench("encoder_variants").main(["--model", clf, "--eval-size", "16", "--calib-size", "8", "--flops", "0.5",
+                                           "--sparsity", "--variants", "neuron-path", "searched", "--search-steps", "3",
+                                           "--threads", "1", "--out", str(tmp_path / "ev")]) == 0
+    rows = json.loads((tmp_path / "ev" / "variants.json").read_text())["rows"]
+    assert [r["variant"][:13] for r in rows] == ["heads: remova", "as neuron-pat"]
+    loaded = load_model(clf, device="cpu")
+    cm = flops_cost(loaded, seq_len=128)
+    for r in rows:
+        assert cm.predict(r["ffn_widths"], r["heads"]) <= 0.5 * cm.dense * (1 + 1e-9)
+    kl = rows[1]["search"]
+    assert all(0.0 <= x < float("inf") for x in kl["kl_search"] + kl["kl_check"]) and kl["kl_search"][1] <= kl["kl_search"][0]
+    assert len(kl["multipliers"]) == 2 * len(rows[1]["ffn_widths"])
+    lp = bench("encoder_variants")._log_probs(loaded.model, make_calibration(loaded, 4))
+    assert lp.shape == (4, 2) and torch.allclose(lp.exp().sum(-1), torch.ones(4))   # per review, not across them
 
 SCRIPTS_WITH_OUT = ["big_decoder", "calibrated", "decoder_variants", "decoders", "deploy", "encoder_variants",
                     "finepruning", "heldout", "int8_layers", "latency", "paper_sizes", "peers", "tune_ridge"]
