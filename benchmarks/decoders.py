@@ -79,6 +79,7 @@ def settings(ffns: tuple[float, ...], params: tuple[float, ...], methods: tuple[
         out += [(f"params -{removed:.0%}", "magnitude", dict(method="magnitude", target=target)),
                 (f"params -{removed:.0%}", "FLAP-style", dict(method="fluctuation", target=target, **FLAP)),
                 (f"params -{removed:.0%}", "ours", dict(method="calibrated", target=target)),
+                (f"params -{removed:.0%}", "ours, iterative 3", dict(method="calibrated", target=target, iterations=3)),
                 (f"params -{removed:.0%}", "ours, leave-one-out neurons", dict(method="calibrated", target=target,
                                                                                params={"neuron_path": False,
                                                                                        "tune": False})),

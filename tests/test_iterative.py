@@ -11,7 +11,9 @@ from anatomy_prune.apply.tune import TUNE_RIDGE, tune_outputs
 from anatomy_prune.cli import main
 from anatomy_prune.models.families import ffn_widths
 from anatomy_prune.models.loading import load_model
-from anatomy_prune.pipeline.iterative import compose, prune_iterative, step_sparsities
+from anatomy_prune.evaluate.cost import params_cost
+from anatomy_prune.models.families import head_counts
+from anatomy_prune.pipeline.iterative import compose, prune_iterative, step_sparsities, step_targets
 from anatomy_prune.pipeline.requests import PruneRequest
 from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan.plan import PruningPlan
@@ -46,6 +48,34 @@ def test_compose_maps_later_plans_back_to_the_dense_ids():
     assert c.keep == ((2, 7), (1,)) and c.widths == (8, 4) and c.params["iterations"] == 2
 
 
+def test_compose_maps_head_units_back_too():
+    a = PruningPlan(keep=[[0, 1, 2], [0, 1]], widths=[4, 4], heads=[[0, 2, 3], [1, 2]], head_widths=[4, 4])
+    b = PruningPlan(keep=[[0, 2], [1]], widths=[3, 2], heads=[[1, 2], [0]], head_widths=[3, 2])
+    c = compose([a, b])
+    assert c.heads == ((2, 3), (1,)) and c.head_widths == (4, 4) and c.keep == ((0, 2), (1,))
+
+
+def test_step_targets_remove_equal_shares_of_the_cost():
+    assert step_targets({"params": 0.7}, 3) == [pytest.approx(0.9), pytest.approx(0.8), pytest.approx(0.7)]
+    assert step_targets({"flops": 0.5}, 1) == [pytest.approx(0.5)]
+
+
+def test_a_parameter_target_in_steps_keeps_its_budget_and_maps_heads_to_the_dense_model():
+    loaded = load_model("tiny-llama", device="cpu")
+    dense = params_cost(loaded).dense
+    # the tiny model's parameters are 98.8% embeddings: 0.994 removes about half of what pruning can remove
+    res = prune_iterative(_calib(loaded), PruneRequest(method="calibrated", target={"params": 0.994}, iterations=2))
+    kept = params_cost(res.loaded).dense
+    assert 0.99 * dense <= kept <= 0.994 * dense * (1 + 1e-9)       # the target, not far below it
+    plan = res.plan
+    assert plan.heads is not None and [len(h) for h in plan.heads] == head_counts(res.loaded.model)
+    assert plan.head_widths == tuple(head_counts(loaded.model)) and plan.params["iterations"] == 2
+    assert [len(k) for k in plan.keep] == ffn_widths(res.loaded.model)
+    assert plan.neurons_removed > 0        # (this tiny model's heads score too high to go at this budget)
+    once = prune_step(_calib(loaded), PruneRequest(method="calibrated", target={"params": 0.994}))
+    assert (once.plan.keep, once.plan.heads) != (plan.keep, plan.heads)
+
+
 @pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
 def test_two_steps_equal_two_prune_steps_on_fresh_statistics(alias):
     loaded = load_model(alias, device="cpu")
@@ -74,7 +104,7 @@ def test_two_steps_equal_two_prune_steps_on_fresh_statistics(alias):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (dict(target={"flops": 0.5}, sparsity=None), "--iterations"),
+    (dict(target={"speedup": 2.0}, sparsity=None), "--target-speedup"),
     (dict(mode="mask"), "--mode physical"),
     (dict(layerwise="sequential"), "--iterations"),
     (dict(quantize="int8"), "--iterations"),

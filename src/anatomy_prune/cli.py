@@ -146,8 +146,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--method", default=None, help=f"one of: {_method_names()}")
     p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of all FFN neurons to remove, in [0, 1)")
-    p.add_argument("--iterations", type=int, default=1, help="iterative: remove the sparsity in N equal shares, the "
-                   "statistics collected again on the pruned model before each (physical; default: 1; 3 lowered SmolLM2's "
+    p.add_argument("--iterations", type=int, default=1, help="iterative: remove the sparsity, or what --target-flops / "
+                   "--target-params removes, in N equal shares, the statistics collected again on the pruned model before "
+                   "each (physical; default: 1; 3 lowered SmolLM2's "
                    "perplexity 3%% at 50%% of the FFN, for one recalibration each; no gain measured on encoders)")
     p.add_argument("--mode", default=None, help="mask (zero, the paper's way) or physical (remove) (default: mask; "
                    "physical with a target or --quantize)")

@@ -1,6 +1,7 @@
-"""Iterative pruning (`prune --iterations N`): the requested FFN sparsity in N equal shares, each share one
-prune_step on statistics collected again from the model pruned so far (the same calibration texts). The
-returned plan maps every kept neuron back to the dense model's ids, so plan.json describes the whole cut.
+"""Iterative pruning (`prune --iterations N`): the requested FFN sparsity, or what a FLOPs or parameter target
+removes (heads too), in N equal shares, each share one prune_step on statistics collected again from the model
+pruned so far (the same calibration texts). The returned plan maps every kept neuron and head unit back to the
+dense model's ids, so plan.json describes the whole cut.
 """
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from dataclasses import replace
 
 import time
 
+from ..errors import UserError
+from ..evaluate.cost import flops_cost, params_cost
+from ..models.loading import Loaded
 from ..plan.plan import PruningPlan
 from ..scores.calibration import Calibration
 from .requests import PruneRequest
@@ -21,15 +25,39 @@ def step_sparsities(sparsity: float, steps: int) -> list[float]:
     return [1.0 - kept[i] / kept[i - 1] for i in range(1, steps + 1)]
 
 
+def step_targets(target: dict, steps: int) -> list[float]:
+    """The cost (FLOPs per token or parameters, as the target's kind counts it) the model may keep after each of
+    `steps` equal shares of what the target removes from the dense model."""
+    return [1.0 - (1.0 - float(target[_kind(target)])) * i / steps for i in range(1, steps + 1)]
+
+
+def _kind(target: dict) -> str:
+    kind = "params" if "params" in target else "flops" if "flops" in target else None
+    if kind is None:
+        raise UserError("--iterations takes a --sparsity, --target-flops or --target-params; a speedup target is "
+                        "timed on the model it is asked of, so give it without --iterations")
+    return kind
+
+
+def _cost(loaded: Loaded, target: dict) -> float:
+    """The model's current cost in the target's kind (its own widths: a pruned model is its own dense)."""
+    return (params_cost(loaded) if _kind(target) == "params" else flops_cost(loaded, seq_len=target["seq_len"])).dense
+
+
 def compose(plans: list[PruningPlan]) -> PruningPlan:
-    """One plan on the dense model from plans made one after another (each on the model the last one left)."""
+    """One plan on the dense model from plans made one after another (each on the model the last one left):
+    every kept FFN neuron and head unit by its id in the dense model."""
     keep = [list(k) for k in plans[0].keep]
+    heads = None if plans[0].heads is None else [list(k) for k in plans[0].heads]
     for p in plans[1:]:
         keep = [[ids[j] for j in k] for ids, k in zip(keep, p.keep)]
+        if heads is not None and p.heads is not None:
+            heads = [[ids[j] for j in k] for ids, k in zip(heads, p.heads)]
     first, last = plans[0], plans[-1]
     return PruningPlan(keep=keep, widths=first.widths, base_model=first.base_model, method=last.method,
                        params={**last.params, "iterations": len(plans),
-                               "iteration_sparsities": [round(p.sparsity, 6) for p in plans]}, seed=last.seed)
+                               "iteration_sparsities": [round(p.sparsity, 6) for p in plans]}, seed=last.seed,
+                       heads=heads, head_widths=first.head_widths if heads is not None else None)
 
 
 def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = False) -> PruneResult:
@@ -39,11 +67,19 @@ def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
     steps' (each step's statistics included) and the tuning's."""
     loaded, seconds = calib.loaded, 0.0
     plans, reports, res = [], [], None
-    for i, share in enumerate(step_sparsities(req.sparsity, req.iterations)):
+    if req.target:    # each step's target: the cost kept after it, over the cost of the model it gets
+        dense = _cost(loaded, req.target)
+        steps = [dict(target={**req.target, _kind(req.target): kept * dense}) for kept in
+                 step_targets(req.target, req.iterations)]
+    else:
+        steps = [dict(sparsity=round(share, 9)) for share in step_sparsities(req.sparsity, req.iterations)]
+    for i, step in enumerate(steps):
+        if "target" in step:
+            kind = _kind(req.target)
+            step["target"][kind] = min(1.0 - 1e-9, step["target"][kind] / _cost(loaded, req.target))
         # the first step reads the statistics `calib` may hold already; later ones collect them on the pruned model
         step_calib = calib.for_model(loaded) if i else calib
-        res = prune_step(step_calib, replace(req, sparsity=round(share, 9), iterations=1), inplace=i > 0,
-                         tune=False)
+        res = prune_step(step_calib, replace(req, **step, iterations=1), inplace=i > 0, tune=False)
         loaded, seconds = res.loaded, seconds + res.prune_s
         plans.append(res.plan)
         reports.append(res.compensation)

@@ -283,12 +283,14 @@ class PruneRequest:
         _set(self, iterations=whole(self.iterations, "--iterations", 1))
         if self.iterations > MAX_ITERATIONS:
             raise UserError(f"--iterations must be at most {MAX_ITERATIONS}, got {self.iterations}")
-        if self.iterations > 1 and (self.sparsity is None or self.plan is not None or self.target or self.layerwise
+        if self.iterations > 1 and (self.sparsity is None and not self.target or self.plan is not None
+                                    or (self.target and "speedup" in self.target) or self.layerwise
                                     or self.quantize or self.mode != "physical"
                                     or self.allocation.head_sparsity is not None):
-            raise UserError("--iterations N prunes a --sparsity of FFN neurons in N shares, physically, recalibrating "
-                            "between them; leave out --plan, targets, --head-sparsity, --layerwise and --quantize, "
-                            "and keep --mode physical")
+            raise UserError("--iterations N prunes a --sparsity of FFN neurons, or what --target-flops / "
+                            "--target-params removes, in N shares, physically, recalibrating between them; leave out "
+                            "--plan, --target-speedup, --head-sparsity, --layerwise and --quantize, and keep --mode "
+                            "physical")
         Placement.make(self.device_map, self.max_memory, self.offload_folder, self.weights_dtype, bool(self.layerwise))
         if self.max_shard_size is not None:
             parse_size(self.max_shard_size, "--max-shard-size")
