@@ -4,7 +4,7 @@
    issue 25), against the direct error it replaced (`head_rebuilt=False`), under FLOPs targets: heads and FFN
    neurons ranked jointly, as `prune --target-flops F` does;
 2. iterative pruning that recalibrates between shares (`prune --iterations N`, pipeline.iterative), against all
-   at once, at FFN sparsities (FFN only: `--iterations` takes no head sparsity);
+   at once, at FFN sparsities, and at the FLOPs targets (--variants iterative-3: heads and neurons);
 3. the FFN neurons' error along an elimination path (`neuron_path=True`: the refit updated as the layer's
    neurons go, linalg.elimination_path) against leave-one-out, at the FLOPs targets and the FFN sparsities;
 4. other scorer settings at the FLOPs targets (--variants): beta, Taylor, a larger calibration sample;
@@ -60,7 +60,8 @@ VARIANTS = {"direct": ("heads: direct error (before)", {"head_rebuilt": False, "
             "tuned": ("as neuron-path, then sequential output tuning", {}, None),
             "tuned-unweighted": ("as tuned-ridge-0.01, tokens not weighted by their RMS", {}, None),
             "tuned-ridge-0.01": ("as tuned, with the refit's ridge 0.01 (the tuning's before it had its own)", {}, None),
-            "searched": ("as neuron-path, layers' shares searched on KL", {}, None)}
+            "searched": ("as neuron-path, layers' shares searched on KL", {}, None),
+            "iterative-3": ("as neuron-path, in 3 iterations (recalibrated between them)", {}, None)}
 # refitted toward the dense stream (apply.tune): (tokens weighted by their RMS, the tuning's ridge)
 TUNED = {"tuned": (True, TUNE_RIDGE), "tuned-unweighted": (False, 0.01), "tuned-ridge-0.01": (True, 0.01)}
 
@@ -160,7 +161,9 @@ def measure(args) -> dict:
             n = n or args.calib_size
             if n not in calibs:
                 calibs[n] = make_calibration(clf, n, exclude=sets["validation"].texts + sets["heldout"].texts)
-            res = prune_step(calibs[n], PruneRequest(method="calibrated", target=target, params=params))
+            req = PruneRequest(method="calibrated", target=target, params=params,
+                               iterations=3 if v == "iterative-3" else 1)
+            res = prune_iterative(calibs[n], req) if req.iterations > 1 else prune_step(calibs[n], req)
             if v in TUNED:
                 tune_outputs(res.loaded, clf, calibs[n], normalized=TUNED[v][0], ridge=TUNED[v][1])
             report = None

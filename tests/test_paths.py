@@ -130,20 +130,20 @@ def test_decoder_benchmarks_run_at_tiny_sizes(tmp_path):
 
 
 
-def test_encoder_variants_search_stays_in_budget_at_tiny_size(tmp_path):
-    """benchmarks/encoder_variants.py --variants searched (not kept; README) on a tiny classifier: the searched
-    plan is made under the same FLOPs budget as ours, and its KL divergences (a binary head's one logit read as
-    two classes) are finite and non-negative."""
+def test_encoder_variants_search_and_iterations_stay_in_budget_at_tiny_size(tmp_path):
+    """benchmarks/encoder_variants.py --variants searched iterative-3 on a tiny classifier: the searched plan and
+    the one made in 3 iterations keep the same FLOPs budget as ours, and the search's KL divergences (a binary
+    head's one logit read as two classes) are finite and non-negative."""
     from anatomy_prune.evaluate.cost import flops_cost
     from anatomy_prune.models.saved import save_model
     from anatomy_prune.scores.calibration import make_calibration
 
     clf = str(save_model(make_classifier("tiny-bert"), tmp_path / "clf", max_length=32))
     assert bench("encoder_variants").main(["--model", clf, "--eval-size", "16", "--calib-size", "8", "--flops", "0.5",
-                                           "--sparsity", "--variants", "neuron-path", "searched", "--search-steps", "3",
+                                           "--sparsity", "--variants", "neuron-path", "searched", "iterative-3", "--search-steps", "3",
                                            "--threads", "1", "--out", str(tmp_path / "ev")]) == 0
     rows = json.loads((tmp_path / "ev" / "variants.json").read_text())["rows"]
-    assert [r["variant"][:13] for r in rows] == ["heads: remova", "as neuron-pat"]
+    assert [r["variant"][:13] for r in rows] == ["heads: remova", "as neuron-pat", "as neuron-pat"]
     loaded = load_model(clf, device="cpu")
     cm = flops_cost(loaded, seq_len=128)
     for r in rows:

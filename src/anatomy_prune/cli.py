@@ -149,7 +149,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--iterations", type=int, default=1, help="iterative: remove the sparsity, or what --target-flops / "
                    "--target-params removes, in N equal shares, the statistics collected again on the pruned model before "
                    "each (physical; default: 1; 3 lowered SmolLM2's "
-                   "perplexity 3%% at 50%% of the FFN, for one recalibration each; no gain measured on encoders)")
+                   "perplexity 3%% at 50%% of the FFN, for one recalibration each; no gain measured at 20%% of its "
+                   "parameters, nor on encoders)")
     p.add_argument("--mode", default=None, help="mask (zero, the paper's way) or physical (remove) (default: mask; "
                    "physical with a target or --quantize)")
     p.add_argument("--quantize", default=None, choices=("int8", "int8-all"),
