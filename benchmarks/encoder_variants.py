@@ -9,7 +9,10 @@
    neurons go, linalg.elimination_path) against leave-one-out, at the FLOPs targets and the FFN sparsities;
 4. other scorer settings at the FLOPs targets (--variants): beta, Taylor, a larger calibration sample;
 5. sequential output tuning after pruning (--variants tuned: apply.tune, K-prune's weight tuning in closed form);
-6. a search for each layer's share of the budget (--variants searched: EvoPress-style, Sieberling et al. 2024):
+6. Kwon et al.'s mask rearrangement (--variants rearranged): each layer keeps as many units as ours keeps, but
+   which ones is chosen again by the layer's full Fisher matrix over examples (greedy: the units whose removal
+   adds least to 1/2 (1-m)^T F (1-m), interactions within the layer included), then compensated as ours;
+7. a search for each layer's share of the budget (--variants searched: EvoPress-style, Sieberling et al. 2024):
    one multiplier per layer and kind on ours' scores, mutated one at a time and kept when the pruned model's KL
    divergence from the dense model's predictions falls on a search sample of its own; the plan stays under the
    same budget, only the layers' shares move.
@@ -45,7 +48,8 @@ from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
 from anatomy_prune.pipeline.step import PruneResult, compensate_with, copy_loaded, prune_step  # noqa: E402
 from anatomy_prune.plan.allocate import plan_under_budget  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
-from anatomy_prune.scores.calibration import make_calibration  # noqa: E402
+from anatomy_prune.scores.accumulators import FFN, HEADS, MaskGradients  # noqa: E402
+from anatomy_prune.scores.calibration import _frozen, _loss, make_calibration  # noqa: E402
 
 
 # variant: (label, the calibrated scorer's params, calibration reviews or None for --calib-size); neurons go along
@@ -61,7 +65,8 @@ VARIANTS = {"direct": ("heads: direct error (before)", {"head_rebuilt": False, "
             "tuned-unweighted": ("as tuned-ridge-0.01, tokens not weighted by their RMS", {}, None),
             "tuned-ridge-0.01": ("as tuned, with the refit's ridge 0.01 (the tuning's before it had its own)", {}, None),
             "searched": ("as neuron-path, layers' shares searched on KL", {}, None),
-            "iterative-3": ("as neuron-path, in 3 iterations (recalibrated between them)", {}, None)}
+            "iterative-3": ("as neuron-path, in 3 iterations (recalibrated between them)", {}, None),
+            "rearranged": ("as neuron-path, units re-chosen by the layers' Fisher matrices (Kwon)", {}, None)}
 # refitted toward the dense stream (apply.tune): (tokens weighted by their RMS, the tuning's ridge)
 TUNED = {"tuned": (True, TUNE_RIDGE), "tuned-unweighted": (False, 0.01), "tuned-ridge-0.01": (True, 0.01)}
 
@@ -126,6 +131,54 @@ def searched(clf, calib, res: PruneResult, flops: float, search, check, steps: i
     return dataclasses.replace(res, loaded=out, plan=plan, prune_s=res.prune_s + time.perf_counter() - t0), report
 
 
+def fisher_matrices(calib) -> dict:
+    """Per layer, the Fisher matrix over examples of the masks on FFN neurons and on head units: sum over
+    calibration reviews of g g^T, g the review's loss gradient w.r.t. the layer's masks (float64)."""
+    model = calib.loaded.model
+    acc = {"neurons": MaskGradients(model, FFN), "heads": MaskGradients(model, HEADS)}
+    out: dict = {k: [None] * len(a.masks) for k, a in acc.items()}
+    with _frozen(model):
+        for batch in calib.batches(with_labels=True):
+            with torch.enable_grad(), acc["neurons"].masked(), acc["heads"].masked():
+                _loss(calib.loaded, batch).backward()
+            for kind, a in acc.items():
+                for layer, ms in enumerate(a.masks):
+                    g = torch.cat([m.grad.reshape(m.shape[0], -1) for m in ms]).double()    # [reviews, units]
+                    out[kind][layer] = g.T @ g + (0 if out[kind][layer] is None else out[kind][layer])
+                    ms.clear()
+    return out
+
+
+def rearranged_keep(fisher: torch.Tensor, n_keep: int) -> list[int]:
+    """The n_keep units to keep so that the removed set S has a small 1/2 sum_{i,j in S} F_ij, greedily: each
+    step removes the unit that adds least (F_ii + 2 sum_{j in S} F_ij)."""
+    n = fisher.shape[0]
+    cost, gone = fisher.diagonal().clone(), torch.zeros(n, dtype=torch.bool)
+    for _ in range(n - n_keep):
+        i = int(torch.argmin(cost.masked_fill(gone, float("inf"))))
+        gone[i] = True
+        cost += 2 * fisher[:, i]
+    return [i for i in range(n) if not gone[i]]
+
+
+def rearranged(clf, calib, res: PruneResult, fisher: dict) -> PruneResult:
+    """Ours' plan with each layer's kept units re-chosen by rearranged_keep (the counts stay), compensated as
+    ours is."""
+    t0 = time.perf_counter()
+    plan = res.plan
+    keep = [rearranged_keep(f, len(k)) for f, k in zip(fisher["neurons"], plan.keep)]
+    heads = [rearranged_keep(f, len(k)) for f, k in zip(fisher["heads"], plan.heads)]
+    plan = dataclasses.replace(plan, keep=keep, heads=heads)
+    out = copy_loaded(clf)
+    compensate_with(out.model, plan, calib, res.recipe)
+    apply_plan(out.model, plan, "physical")
+    moved = sum(len(set(a) - set(b)) for a, b in zip(plan.keep, res.plan.keep))
+    moved_h = sum(len(set(a) - set(b)) for a, b in zip(plan.heads, res.plan.heads))
+    print(f"rearranged: {moved} of {sum(map(len, plan.keep))} kept neurons and {moved_h} of "
+          f"{sum(map(len, plan.heads))} kept heads differ from ours", flush=True)
+    return dataclasses.replace(res, loaded=out, plan=plan, prune_s=res.prune_s + time.perf_counter() - t0)
+
+
 def _row(name: str, setting: str, res, sets: dict, ref: dict | None) -> dict:
     """One variant's row; `_correct` (per split, for the paired tests) is dropped before the row is written."""
     row = {"variant": name, "setting": setting, "ffn_widths": res.plan.kept_widths, "heads": res.plan.kept_heads,
@@ -149,6 +202,7 @@ def measure(args) -> dict:
     calib = make_calibration(clf, args.calib_size, exclude=sets["validation"].texts + sets["heldout"].texts)
     rows = []
     calibs = {args.calib_size: calib}
+    fisher = None                     # the layers' Fisher matrices (--variants rearranged), computed once
     if "searched" in args.variants:   # the search's own reviews, and others to check its KL on
         seen = sets["validation"].texts + sets["heldout"].texts + calib.texts
         search = make_calibration(clf, SEARCH_TEXTS, seed=1, exclude=seen)
@@ -169,6 +223,12 @@ def measure(args) -> dict:
             report = None
             if v == "searched":
                 res, report = searched(clf, calibs[n], res, f, search, check, args.search_steps)
+            if v == "rearranged":
+                if fisher is None:
+                    t0 = time.perf_counter()
+                    fisher = fisher_matrices(calibs[n])
+                    res = dataclasses.replace(res, prune_s=res.prune_s + time.perf_counter() - t0)
+                res = rearranged(clf, calibs[n], res, fisher)
             row = _row(name, f"flops {f}", res, sets, ref)
             if report:
                 row["search"] = report

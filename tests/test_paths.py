@@ -130,20 +130,21 @@ def test_decoder_benchmarks_run_at_tiny_sizes(tmp_path):
 
 
 
-def test_encoder_variants_search_and_iterations_stay_in_budget_at_tiny_size(tmp_path):
-    """benchmarks/encoder_variants.py --variants searched iterative-3 on a tiny classifier: the searched plan and
-    the one made in 3 iterations keep the same FLOPs budget as ours, and the search's KL divergences (a binary
-    head's one logit read as two classes) are finite and non-negative."""
+def test_encoder_variants_search_iterations_and_rearrangement_at_tiny_size(tmp_path):
+    """benchmarks/encoder_variants.py --variants searched iterative-3 rearranged on a tiny classifier: the searched
+    plan and the one made in 3 iterations keep the same FLOPs budget as ours, the rearranged one ours' counts; the
+    search's KL divergences (a binary head's one logit read as two classes) are finite and non-negative."""
     from anatomy_prune.evaluate.cost import flops_cost
     from anatomy_prune.models.saved import save_model
     from anatomy_prune.scores.calibration import make_calibration
 
     clf = str(save_model(make_classifier("tiny-bert"), tmp_path / "clf", max_length=32))
     assert bench("encoder_variants").main(["--model", clf, "--eval-size", "16", "--calib-size", "8", "--flops", "0.5",
-                                           "--sparsity", "--variants", "neuron-path", "searched", "iterative-3", "--search-steps", "3",
+                                           "--sparsity", "--variants", "neuron-path", "searched", "iterative-3", "rearranged", "--search-steps", "3",
                                            "--threads", "1", "--out", str(tmp_path / "ev")]) == 0
     rows = json.loads((tmp_path / "ev" / "variants.json").read_text())["rows"]
-    assert [r["variant"][:13] for r in rows] == ["heads: remova", "as neuron-pat", "as neuron-pat"]
+    assert [r["variant"][:13] for r in rows] == ["heads: remova"] + ["as neuron-pat"] * 3
+    assert rows[3]["ffn_widths"] == rows[0]["ffn_widths"] and rows[3]["heads"] == rows[0]["heads"]   # counts kept
     loaded = load_model(clf, device="cpu")
     cm = flops_cost(loaded, seq_len=128)
     for r in rows:
@@ -153,6 +154,10 @@ def test_encoder_variants_search_and_iterations_stay_in_budget_at_tiny_size(tmp_
     assert len(kl["multipliers"]) == 2 * len(rows[1]["ffn_widths"])
     lp = bench("encoder_variants")._log_probs(loaded.model, make_calibration(loaded, 4))
     assert lp.shape == (4, 2) and torch.allclose(lp.exp().sum(-1), torch.ones(4))   # per review, not across them
+    # the rearrangement sees interactions: units 0 and 2 go together, so 1 goes with 0, though its diagonal is larger
+    fisher = torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0], [1.0, 0.0, 1.5]], dtype=torch.float64)
+    assert bench("encoder_variants").rearranged_keep(fisher, 1) == [2]
+    assert bench("encoder_variants").rearranged_keep(torch.diag(torch.tensor([3.0, 1.0, 2.0])), 2) == [0, 2]
 
 SCRIPTS_WITH_OUT = ["big_decoder", "calibrated", "decoder_variants", "decoders", "deploy", "encoder_variants",
                     "finepruning", "heldout", "int8_layers", "latency", "paper_sizes", "peers", "tune_ridge"]
