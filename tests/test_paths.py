@@ -112,6 +112,11 @@ def test_benchmark_scripts_run_at_tiny_sizes(tmp_path, tiny_csv):
                                       "--steps", "10", "--batch-size", "2", "--max-length", "16", "--train-size", "40",
                                       "--eval-size", "8", "--analysis-size", "2", "--threads", "1", "--out", str(tmp_path / "fp")]) == 0
     assert json.loads((tmp_path / "fp" / "finepruning.json").read_text())["rows"][1]["method"] == "gum"
+    assert bench("timing_noise").main(["--model", clf, "--flops", "0.9", "--repeats", "1", "2", "--measurements", "2",
+                                       "--blocks", "1", "--calib-size", "8", "--length", "16", "--batch-size", "2",
+                                       "--threads", "1", "--out", str(tmp_path / "tn")]) == 0
+    noise = json.loads((tmp_path / "tn" / "noise.json").read_text())["rows"]
+    assert [r["repeats"] for r in noise] == [1, 2] and all(len(r["speedups"]) == 2 and r["sd"] >= 0 for r in noise)
 
 
 def test_decoder_benchmarks_run_at_tiny_sizes(tmp_path):
@@ -160,7 +165,8 @@ def test_encoder_variants_search_iterations_and_rearrangement_at_tiny_size(tmp_p
     assert bench("encoder_variants").rearranged_keep(torch.diag(torch.tensor([3.0, 1.0, 2.0])), 2) == [0, 2]
 
 SCRIPTS_WITH_OUT = ["big_decoder", "calibrated", "decoder_variants", "decoders", "deploy", "encoder_variants",
-                    "finepruning", "heldout", "int8_layers", "latency", "paper_sizes", "peers", "tune_ridge"]
+                    "finepruning", "heldout", "int8_layers", "latency", "paper_sizes", "peers", "timing_noise",
+                    "tune_ridge"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS_WITH_OUT)
