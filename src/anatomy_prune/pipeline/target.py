@@ -5,7 +5,9 @@ FLOPs and parameters are exact: the plan's predicted cost is its cost. A latency
 under it can run slower than predicted (GEMM efficiency at the plan's uneven widths, a busy machine). So a
 speedup plan is checked: its shapes are pruned physically in a scratch copy and timed interleaved with the dense
 model at the target's batch and length. When the measured speedup is off the target by more than CHECK_TOLERANCE,
-the budget is scaled by measured / target and the plan made again, up to CHECK_ROUNDS times. The scale found
+the budget is scaled by measured / target and the plan made again, up to CHECK_ROUNDS times. A reading inside
+the tolerance is confirmed by a second one, and the plan's speedup is their mean: one reading on a shared CPU
+can be 10% off (benchmarks/timing_noise.py). The scale found
 is recorded in the cost model (info.budget_scale, per target), so a run that reuses that cost model
 (`--cost-model`) makes the same plan again without timing anything.
 """
@@ -87,6 +89,10 @@ def _checked_plan(loaded: Loaded, cm: CostModel, target: dict, budget: float, ma
     plan, first, rounds = make(budget), budget, []
     for i in range(CHECK_ROUNDS):
         measured = measured_speedup(loaded, plan, target["batch_size"], target["seq_len"], CHECK_REPEATS)
+        if abs(measured["speedup"] / speedup - 1.0) <= CHECK_TOLERANCE:   # inside: confirmed by a second reading
+            again = measured_speedup(loaded, plan, target["batch_size"], target["seq_len"], CHECK_REPEATS)
+            readings = [measured["speedup"], again["speedup"]]
+            measured = {**measured, "speedup": sum(readings) / 2, "readings": readings}
         rounds.append({"budget_scale": budget / first, "predicted_speedup": cm.dense / cm.predict(
             plan.kept_widths, plan.kept_heads), **measured})
         off = measured["speedup"] / speedup - 1.0
