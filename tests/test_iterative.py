@@ -19,7 +19,7 @@ from anatomy_prune.pipeline.step import prune_step
 from anatomy_prune.plan.plan import PruningPlan
 from anatomy_prune.scores.calibration import Calibration
 
-from conftest import TEXTS
+from conftest import TEXTS, make_classifier
 
 
 def _calib(loaded) -> Calibration:
@@ -74,6 +74,16 @@ def test_a_parameter_target_in_steps_keeps_its_budget_and_maps_heads_to_the_dens
     assert plan.neurons_removed > 0        # (this tiny model's heads score too high to go at this budget)
     once = prune_step(_calib(loaded), PruneRequest(method="calibrated", target={"params": 0.994}))
     assert (once.plan.keep, once.plan.heads) != (plan.keep, plan.heads)
+
+
+def test_a_step_before_the_last_leaves_every_layer_a_head_to_score():
+    """A FLOPs target in 3 steps on a tiny classifier: without a floor of one unit per layer in the steps before
+    the last, step 2 removed every head of a layer and step 3's calibration pass failed on the empty layer (a
+    traceback, found in review). The last step may still empty a layer."""
+    loaded = make_classifier("tiny-bert")
+    calib = Calibration(loaded, TEXTS * 2, [i % 2 for i in range(2 * len(TEXTS))], max_length=24)
+    res = prune_iterative(calib, PruneRequest(method="calibrated", target={"flops": 0.2}, iterations=3))
+    assert [len(h) for h in res.plan.heads] == head_counts(res.loaded.model) and 0 in head_counts(res.loaded.model)
 
 
 @pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])

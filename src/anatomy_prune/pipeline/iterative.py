@@ -18,6 +18,9 @@ from .requests import PruneRequest
 from .step import PruneResult, prune_step, tune_with
 
 
+KEEP_ONE = 1e-9   # an intermediate step's floor: ceil(KEEP_ONE x units) keeps one unit of each kind in every layer
+
+
 def step_sparsities(sparsity: float, steps: int) -> list[float]:
     """The sparsity each step asks of the model it gets: after step i the model keeps 1 - sparsity x i / steps
     of the dense neurons (allocation rounds each step's counts)."""
@@ -75,8 +78,10 @@ def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = Fa
         steps = [dict(sparsity=round(share, 9)) for share in step_sparsities(req.sparsity, req.iterations)]
     for i, step in enumerate(steps):
         if "target" in step:
-            kind = _kind(req.target)
-            step["target"][kind] = min(1.0 - 1e-9, step["target"][kind] / _cost(loaded, req.target))
+            kind, t = _kind(req.target), step["target"]
+            t[kind] = min(1.0 - 1e-9, t[kind] / _cost(loaded, req.target))
+            if i < len(steps) - 1:   # a layer left with no head (or neuron) could not be scored by the next step
+                t["floor"] = max(float(t.get("floor", 0.0)), KEEP_ONE)
         # the first step reads the statistics `calib` may hold already; later ones collect them on the pruned model
         step_calib = calib.for_model(loaded) if i else calib
         res = prune_step(step_calib, replace(req, **step, iterations=1), inplace=i > 0, tune=False)
