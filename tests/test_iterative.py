@@ -84,6 +84,11 @@ def test_a_step_before_the_last_leaves_every_layer_a_head_to_score():
     calib = Calibration(loaded, TEXTS * 2, [i % 2 for i in range(2 * len(TEXTS))], max_length=24)
     res = prune_iterative(calib, PruneRequest(method="calibrated", target={"flops": 0.2}, iterations=3))
     assert [len(h) for h in res.plan.heads] == head_counts(res.loaded.model) and 0 in head_counts(res.loaded.model)
+    # that model, pruned again: heads cannot be scored in its empty layer, so a target is refused in one line
+    again = Calibration(res.loaded, TEXTS * 2, [i % 2 for i in range(2 * len(TEXTS))], max_length=24)
+    with pytest.raises(UserError, match="no attention head left"):
+        prune_step(again, PruneRequest(method="calibrated", target={"flops": 0.8}))
+    assert prune_step(again, PruneRequest(method="calibrated", sparsity=0.3)).plan.neurons_removed > 0
 
 
 @pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
