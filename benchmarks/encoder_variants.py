@@ -88,6 +88,14 @@ def _kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
     return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
 
+def compensated(clf, calib, plan, recipe: dict):
+    """A copy of `clf` compensated for `plan` as `recipe` says (ours' refit), then pruned physically."""
+    out = copy_loaded(clf)
+    compensate_with(out.model, plan, calib, recipe)
+    apply_plan(out.model, plan, "physical")
+    return out
+
+
 def searched(clf, calib, res: PruneResult, flops: float, search, check, steps: int = SEARCH_STEPS) -> tuple:
     """Ours' plan at FLOPs `flops` with each layer's share of the budget searched: a (1+1) search over one log
     multiplier per layer and kind (neurons, heads) on the scores, one coordinate moved by +-0.5 (then +-0.25 in
@@ -105,14 +113,9 @@ def searched(clf, calib, res: PruneResult, flops: float, search, check, steps: i
         return plan_under_budget(scaled, {"neurons": cm.per_neuron, "heads": cm.per_head}, cm.base, cm.dense * flops,
                                  floor=floor, normalize=normalize)
 
-    def built(plan):
-        w = copy_loaded(clf)
-        compensate_with(w.model, plan, calib, res.recipe)
-        apply_plan(w.model, plan, "physical")
-        return w
-
-    m = [0.0] * (2 * layers)
-    best = first = _kl(dense["search"], _log_probs(built(make(m)).model, search))
+    built = lambda plan: compensated(clf, calib, plan, res.recipe)  # noqa: E731
+    m = [0.0] * (2 * layers)        # all multipliers 1: ours' plan, whose compensated model `res` holds already
+    best = first = _kl(dense["search"], _log_probs(res.loaded.model, search))
     g = torch.Generator().manual_seed(0)
     for i in range(steps):
         cand = list(m)
@@ -169,9 +172,7 @@ def rearranged(clf, calib, res: PruneResult, fisher: dict) -> PruneResult:
     keep = [rearranged_keep(f, len(k)) for f, k in zip(fisher["neurons"], plan.keep)]
     heads = [rearranged_keep(f, len(k)) for f, k in zip(fisher["heads"], plan.heads)]
     plan = dataclasses.replace(plan, keep=keep, heads=heads)
-    out = copy_loaded(clf)
-    compensate_with(out.model, plan, calib, res.recipe)
-    apply_plan(out.model, plan, "physical")
+    out = compensated(clf, calib, plan, res.recipe)
     moved = sum(len(set(a) - set(b)) for a, b in zip(plan.keep, res.plan.keep))
     moved_h = sum(len(set(a) - set(b)) for a, b in zip(plan.heads, res.plan.heads))
     print(f"rearranged: {moved} of {sum(map(len, plan.keep))} kept neurons and {moved_h} of "

@@ -64,24 +64,24 @@ def compose(plans: list[PruningPlan]) -> PruningPlan:
 
 
 def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = False) -> PruneResult:
-    """Prune `calib`'s model to req.sparsity in req.iterations shares, recalibrating between them (see the module
-    doc). The first step works on a copy whatever `inplace` says (the dense model stays the reference of a
+    """Prune `calib`'s model to req.sparsity (or req.target) in req.iterations shares, recalibrating between
+    them (see the module doc). The first step works on a copy whatever `inplace` says (the dense model stays the reference of a
     recipe's output tuning, applied once at the end); later steps prune that copy in place. prune_s adds up the
     steps' (each step's statistics included) and the tuning's."""
     loaded, seconds = calib.loaded, 0.0
     plans, reports, res = [], [], None
     if req.target:    # each step's target: the cost kept after it, over the cost of the model it gets
-        dense = _cost(loaded, req.target)
-        steps = [dict(target={**req.target, _kind(req.target): kept * dense}) for kept in
-                 step_targets(req.target, req.iterations)]
+        kind, dense = _kind(req.target), _cost(loaded, req.target)
+        costs = [kept * dense for kept in step_targets(req.target, req.iterations)]
     else:
-        steps = [dict(sparsity=round(share, 9)) for share in step_sparsities(req.sparsity, req.iterations)]
-    for i, step in enumerate(steps):
-        if "target" in step:
-            kind, t = _kind(req.target), step["target"]
-            t[kind] = min(1.0 - 1e-9, t[kind] / _cost(loaded, req.target))
-            if i < len(steps) - 1:   # a layer left with no head (or neuron) could not be scored by the next step
-                t["floor"] = max(float(t.get("floor", 0.0)), KEEP_ONE)
+        shares = step_sparsities(req.sparsity, req.iterations)
+    for i in range(req.iterations):
+        if req.target:   # before the last step every layer keeps a unit of each kind, for the next step to score
+            floor = req.target["floor"] if i == req.iterations - 1 else max(req.target["floor"], KEEP_ONE)
+            step = {"target": {**req.target, kind: min(1.0 - 1e-9, costs[i] / _cost(loaded, req.target)),
+                               "floor": floor}}
+        else:
+            step = {"sparsity": round(shares[i], 9)}
         # the first step reads the statistics `calib` may hold already; later ones collect them on the pruned model
         step_calib = calib.for_model(loaded) if i else calib
         res = prune_step(step_calib, replace(req, **step, iterations=1), inplace=i > 0, tune=False)

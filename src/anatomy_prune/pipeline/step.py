@@ -63,12 +63,12 @@ def plan_step(calib: Calibration, req: PruneRequest) -> tuple[PruningPlan, Score
     loaded, method = calib.loaded, req.method
     if req.plan is not None:
         return req.plan, None, compensation_recipe(req.plan, req.compensation), None
-    heads = req.target is not None or req.allocation.head_sparsity is not None
-    empty = [i for i, n in enumerate(head_counts(loaded.model)) if n == 0] if heads else []
+    given = req.scorer_params(heads=req.target is not None)
+    empty = [i for i, n in enumerate(head_counts(loaded.model)) if n == 0] if given.get("heads") else []
     if empty:
         raise UserError(f"layer {empty[0]} of this model has no attention head left (pruned before), and heads cannot "
                         "be scored there; prune it with --sparsity (FFN neurons only), or start from the dense model")
-    params = check_params(method, req.scorer_params(heads=req.target is not None))
+    params = check_params(method, given)
     scores = get_scorer(method).run(calib, req.sparsity, params)
     how = resolve(method, params, req.sparsity, req.allocation, req.compensation, readout=loaded.kind == "classifier",
                   causal=loaded.kind == "causal-lm" and not is_dispatched(loaded.model))   # tuning keeps a dense copy
