@@ -29,8 +29,10 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # the sibling scripts, also when loaded by path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,8 +50,8 @@ from anatomy_prune.pipeline.requests import PruneRequest  # noqa: E402
 from anatomy_prune.pipeline.step import PruneResult, compensate_with, copy_loaded, prune_step  # noqa: E402
 from anatomy_prune.plan.allocate import plan_under_budget  # noqa: E402
 from anatomy_prune.runfolder import RunFolder  # noqa: E402
-from anatomy_prune.scores.accumulators import FFN, HEADS, MaskGradients  # noqa: E402
-from anatomy_prune.scores.calibration import _frozen, _loss, make_calibration  # noqa: E402
+from anatomy_prune.scores.calibration import make_calibration  # noqa: E402
+from kwon import fisher_matrices  # noqa: E402  (benchmarks/kwon.py: the Fisher matrices of Kwon et al.'s masks)
 
 
 # variant: (label, the calibrated scorer's params, calibration reviews or None for --calib-size); neurons go along
@@ -132,24 +134,6 @@ def searched(clf, calib, res: PruneResult, flops: float, search, check, steps: i
     print(f"search: KL on its {len(search.texts)} reviews {first:.4f} -> {best:.4f}; on {len(check.texts)} others "
           f"{report['kl_check'][0]:.4f} -> {report['kl_check'][1]:.4f}", flush=True)
     return dataclasses.replace(res, loaded=out, plan=plan, prune_s=res.prune_s + time.perf_counter() - t0), report
-
-
-def fisher_matrices(calib) -> dict:
-    """Per layer, the Fisher matrix over examples of the masks on FFN neurons and on head units: sum over
-    calibration reviews of g g^T, g the review's loss gradient w.r.t. the layer's masks (float64)."""
-    model = calib.loaded.model
-    acc = {"neurons": MaskGradients(model, FFN), "heads": MaskGradients(model, HEADS)}
-    out: dict = {k: [None] * len(a.masks) for k, a in acc.items()}
-    with _frozen(model):
-        for batch in calib.batches(with_labels=True):
-            with torch.enable_grad(), acc["neurons"].masked(), acc["heads"].masked():
-                _loss(calib.loaded, batch).backward()
-            for kind, a in acc.items():
-                for layer, ms in enumerate(a.masks):
-                    g = torch.cat([m.grad.reshape(m.shape[0], -1) for m in ms]).double()    # [reviews, units]
-                    out[kind][layer] = g.T @ g + (0 if out[kind][layer] is None else out[kind][layer])
-                    ms.clear()
-    return out
 
 
 def rearranged_keep(fisher: torch.Tensor, n_keep: int) -> list[int]:

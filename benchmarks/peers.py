@@ -1,6 +1,7 @@
 """Peers side by side: ours (`calibrated` under a measured-latency target, heads and FFN neurons together),
-Torch-Pruning (Taylor and magnitude importance; FFN channels and heads) and TextPruner (its FFN and head pruning
-with its own importance scores), each also with torch's dynamic int8 stacked on it, on the same fine-tuned
+Torch-Pruning (Taylor and magnitude importance; FFN channels and heads), TextPruner (its FFN and head pruning
+with its own importance scores) and Kwon et al. 2022 (benchmarks/kwon.py: Fisher mask search under a FLOPs
+constraint, mask rearrangement and mask tuning, reimplemented from the paper), each also with torch's dynamic int8 stacked on it, on the same fine-tuned
 model, the same calibration reviews and the same held-out reviews, in one process. For every point: accuracy
 with its 95% interval, McNemar against our point of the nearest measured speedup (an int8 point against ours +
 int8), parameters, pruning time and the measured speedup (dense and pruned timed interleaved at batch 32 x 128
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GRID = [(0.3, 0.0), (0.5, 0.25), (0.7, 0.5), (0.85, 0.65)]     # (FFN sparsity, head sparsity) of the peers
 TARGETS = [1.5, 2.0, 2.5, 3.0]                                  # our measured-speedup targets
+KWON_FLOPS = [0.65, 0.5, 0.4, 0.32, 0.25, 0.2]                  # Kwon et al.'s FLOPs constraints (fractions kept)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=float, nargs="+", default=[x for g in GRID for x in g],
                    help="FFN and head sparsities of the peers, in pairs")
     p.add_argument("--peers", nargs="*", default=["torch-pruning-taylor", "torch-pruning-magnitude", "textpruner"],
-                   help="the peers to run (none: ours only); they run on BERT-, RoBERTa- and MPNet-layout models")
+                   help="the peers to run (none: ours only): torch-pruning-taylor, torch-pruning-magnitude, textpruner "
+                   "(BERT-, RoBERTa- and MPNet-layout models), kwon and kwon-untuned (its ablation without mask tuning; "
+                   "the two run only when named)")
+    p.add_argument("--kwon-flops", type=float, nargs="+", default=KWON_FLOPS,
+                   help="the FLOPs fractions Kwon et al.'s method keeps, one point each (with --peers kwon)")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="also give every point an int8 twin, ours and the peers' (default: on)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
@@ -64,11 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     from anatomy_prune.pipeline.step import copy_loaded, prune_step
     from anatomy_prune.runfolder import RunFolder
     from anatomy_prune.scores.calibration import make_calibration
+    import kwon
     import peer_adapters as peers
 
     grid = list(zip(args.grid[0::2], args.grid[1::2]))
+    known = {"torch-pruning-taylor", "torch-pruning-magnitude", "textpruner", "kwon", "kwon-untuned"}
 
     def job():
+        if set(args.peers) - known:
+            raise UserError(f"--peers: unknown {sorted(set(args.peers) - known)}; choose from {sorted(known)}")
+        if not all(0 < f < 1 for f in args.kwon_flops):
+            raise UserError(f"--kwon-flops must be fractions in (0, 1), got {args.kwon_flops}")
         with RunFolder(args.out, "peers-benchmark", {k: v for k, v in vars(args).items() if k != "out"},
                        force=args.force) as rf, tempfile.TemporaryDirectory(prefix="peers-cost-") as tmp:
             clf = load_model(args.model, device="cpu")
@@ -126,7 +138,20 @@ def main(argv: list[str] | None = None) -> int:
                                                  "checked": (res.cost_model or {}).get("checked")})
                 if args.int8:
                     int8_point("ours", res.loaded, secs, {"target_speedup": s})
-            for peer in args.peers:
+            fisher = None                                   # Kwon's, shared by its points, each charged its seconds
+            for peer in [p for p in args.peers if p.startswith("kwon")]:
+                if fisher is None:
+                    t0 = time.perf_counter()
+                    fisher = kwon.fisher_matrices(calib)
+                    fisher["seconds"] = time.perf_counter() - t0
+                for f in args.kwon_flops:
+                    out = kwon.prune_with_kwon(clf, calib, f, fisher, tune=peer == "kwon")
+                    point(peer, out["loaded"], out["seconds"], {
+                        "flops": f, "ffn_widths": out["plan"].kept_widths, "heads": out["plan"].kept_heads,
+                        "rearranged_units": out["rearranged_units"], "tuning_stopped_at": out["tuning"]["stopped_at"]})
+                    if args.int8:
+                        int8_point(peer, out["loaded"], out["seconds"], {"flops": f})
+            for peer in [p for p in args.peers if not p.startswith("kwon")]:
                 for ffn, heads in grid:
                     work = copy_loaded(clf)
                     if peer.startswith("torch-pruning"):
@@ -183,7 +208,8 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         setting = (f"target {r['target_speedup']}x" if "target_speedup" in r else
-                   f"FFN {r['ffn_sparsity']:.0%}, heads {r['head_sparsity']:.0%}" if "ffn_sparsity" in r else "")
+                   f"FFN {r['ffn_sparsity']:.0%}, heads {r['head_sparsity']:.0%}" if "ffn_sparsity" in r else
+                   f"FLOPs {r['flops']:.2f}" if "flops" in r else "")
         lo, hi = r["accuracy_interval"]
         vo = r.get("vs_ours")
         vs = f"{100 * vo['diff']:+.1f}, p={vo['p_value']:.2g}" if vo else ""
