@@ -13,8 +13,9 @@ a peer (issue 25, item 5) on this library's pieces: no retraining, a FLOPs const
    that the pruned block's sublayer output (the input of the norm after it) matches the dense model's on the
    dense model's own inputs, given the pruned model's inputs; heads with a free constant (dropped after the
    solve) and not in the first block, the last block's neurons on the readout token only; solved with LSMR for
-   the change from 1, damped by 1, as the paper's code does; the tuning stops at the first layer whose solve fails or gives a scale outside [-10, 10]. The scales are folded
-   into the output projections' columns of the physically smaller model.
+   the change from 1, damped by 1, as the paper's code does; the tuning stops at the first layer whose solve
+   fails or gives a scale outside [-10, 10]. The scales are folded into the output projections' columns of the
+   physically smaller model.
 
 What differs from the paper, by design: the Fisher sums per-review gradients (the paper's definition; its code
 sums per mini-batch); the calibration reviews are the peers' own (128, not 2,048); the FLOPs counted are ours

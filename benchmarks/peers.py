@@ -1,12 +1,12 @@
 """Peers side by side: ours (`calibrated` under a measured-latency target, heads and FFN neurons together),
 Torch-Pruning (Taylor and magnitude importance; FFN channels and heads), TextPruner (its FFN and head pruning
 with its own importance scores) and Kwon et al. 2022 (benchmarks/kwon.py: Fisher mask search under a FLOPs
-constraint, mask rearrangement and mask tuning, reimplemented from the paper), each also with torch's dynamic int8 stacked on it, on the same fine-tuned
-model, the same calibration reviews and the same held-out reviews, in one process. For every point: accuracy
-with its 95% interval, McNemar against our point of the nearest measured speedup (an int8 point against ours +
-int8), parameters, pruning time and the measured speedup (dense and pruned timed interleaved at batch 32 x 128
-tokens on this CPU). Under speedup targets the latency model is fitted once, at the first target (its pruning
-time includes the timing), and reused for the others.
+constraint, mask rearrangement and mask tuning, reimplemented from the paper), each also with torch's dynamic
+int8 stacked on it, on the same fine-tuned model, the same calibration reviews and the same held-out reviews,
+in one process. For every point: accuracy with its 95% interval, McNemar against our point of the nearest
+measured speedup (an int8 point against ours + int8), parameters, pruning time and the measured speedup
+(dense and pruned timed interleaved at batch 32 x 128 tokens on this CPU). Under speedup targets the latency
+model is fitted once, at the first target (its pruning time includes the timing), and reused for the others.
 
     make peers      # builds .venv-peers (the peers, benchmarks/peer_requirements.txt), then runs:
     PYTHONPATH=src .venv-peers/bin/python benchmarks/peers.py --model runs/demo/finetune --out runs/peers
