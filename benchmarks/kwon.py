@@ -46,7 +46,9 @@ LSMR_DAMP = 1.0         # the damping of the paper's LSMR solve (on the change o
 
 def fisher_matrices(calib) -> dict:
     """Per layer, the Fisher matrix over examples of the masks on FFN neurons and on head units: sum over
-    calibration reviews of g g^T, g the review's loss gradient w.r.t. the layer's masks (float64)."""
+    calibration reviews of g g^T, g the review's loss gradient w.r.t. the layer's masks (float64).
+    {"neurons": [per layer], "heads": [per layer], "seconds": what computing them took}."""
+    t0 = time.perf_counter()
     model = calib.loaded.model
     acc = {"neurons": MaskGradients(model, FFN), "heads": MaskGradients(model, HEADS)}
     out: dict = {k: [None] * len(a.masks) for k, a in acc.items()}
@@ -59,7 +61,7 @@ def fisher_matrices(calib) -> dict:
                     g = torch.cat([m.grad.reshape(m.shape[0], -1) for m in ms]).double()    # [reviews, units]
                     out[kind][layer] = g.T @ g + (0 if out[kind][layer] is None else out[kind][layer])
                     ms.clear()
-    return out
+    return {**out, "seconds": time.perf_counter() - t0}
 
 
 def search_flops(head_fisher: list, neuron_fisher: list, cost, flops: float) -> tuple[list, list]:
@@ -214,23 +216,19 @@ def prune_with_kwon(clf, calib, flops: float, fisher: dict | None = None, seq_le
                     ) -> dict:
     """The dense classifier `clf` pruned to `flops` x its FLOPs per token at `seq_len` as Kwon et al. do
     (search, rearrangement, mask tuning), on `calib`'s reviews: {"loaded": a new, physically smaller Loaded,
-    "plan", "seconds", ...}. `fisher` (fisher_matrices' result, with its "seconds") may be shared between
-    targets; each target is charged its seconds. `tune=False`: the paper's ablation without mask tuning."""
+    "plan", "seconds", ...}. `fisher` (fisher_matrices' result) may be shared between targets; each target is
+    charged its seconds. `tune=False`: the paper's ablation without mask tuning."""
     t0 = time.perf_counter()
-    if fisher is None:
-        fisher = {**fisher_matrices(calib), "seconds": 0.0}
-        fisher["seconds"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-    f_seconds = fisher["seconds"]
-    heads, neurons = search_flops(fisher["heads"], fisher["neurons"], flops_cost(clf, seq_len=seq_len), flops)
-    searched = (heads, neurons)
-    heads = [rearrange(f, k) for f, k in zip(fisher["heads"], heads)]
-    neurons = [rearrange(f, k) for f, k in zip(fisher["neurons"], neurons)]
-    moved = sum(len(set(a) - set(b)) for a, b in zip(neurons + heads, searched[1] + searched[0]))
+    shared = fisher is not None                  # then its seconds are charged here; else the clock counts them
+    fisher = fisher if shared else fisher_matrices(calib)
+    found = search_flops(fisher["heads"], fisher["neurons"], flops_cost(clf, seq_len=seq_len), flops)
+    heads = [rearrange(f, k) for f, k in zip(fisher["heads"], found[0])]
+    neurons = [rearrange(f, k) for f, k in zip(fisher["neurons"], found[1])]
+    moved = sum(len(set(a) - set(b)) for a, b in zip(heads + neurons, found[0] + found[1]))
     plan = PruningPlan(keep=neurons, widths=[f.shape[0] for f in fisher["neurons"]], method="kwon",
                        params={"flops": flops}, heads=heads, head_widths=[f.shape[0] for f in fisher["heads"]])
     out = copy_loaded(clf)
     apply_plan(out.model, plan, "physical")
     report = tune_masks(out, clf, calib) if tune else {"tuned": [], "stopped_at": None}
-    return {"loaded": out, "plan": plan, "seconds": time.perf_counter() - t0 + f_seconds,
+    return {"loaded": out, "plan": plan, "seconds": time.perf_counter() - t0 + (fisher["seconds"] if shared else 0.0),
             "rearranged_units": moved, "tuning": report}

@@ -140,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     int8_point("ours", res.loaded, secs, {"target_speedup": s})
             fisher = None                                   # Kwon's, shared by its points, each charged its seconds
             for peer in [p for p in args.peers if p.startswith("kwon")]:
-                if fisher is None:
-                    t0 = time.perf_counter()
-                    fisher = kwon.fisher_matrices(calib)
-                    fisher["seconds"] = time.perf_counter() - t0
+                fisher = fisher or kwon.fisher_matrices(calib)
                 for f in args.kwon_flops:
                     out = kwon.prune_with_kwon(clf, calib, f, fisher, tune=peer == "kwon")
                     point(peer, out["loaded"], out["seconds"], {

@@ -65,9 +65,9 @@ def compose(plans: list[PruningPlan]) -> PruningPlan:
 
 def prune_iterative(calib: Calibration, req: PruneRequest, *, inplace: bool = False) -> PruneResult:
     """Prune `calib`'s model to req.sparsity (or req.target) in req.iterations shares, recalibrating between
-    them (see the module doc). The first step works on a copy whatever `inplace` says (the dense model stays the reference of a
-    recipe's output tuning, applied once at the end); later steps prune that copy in place. prune_s adds up the
-    steps' (each step's statistics included) and the tuning's."""
+    them (see the module doc). The first step works on a copy whatever `inplace` says (the dense model stays the
+    reference of a recipe's output tuning, applied once at the end); later steps prune that copy in place.
+    prune_s adds up the steps' (each step's statistics included) and the tuning's."""
     loaded, seconds = calib.loaded, 0.0
     plans, reports, res = [], [], None
     if req.target:    # each step's target: the cost kept after it, over the cost of the model it gets

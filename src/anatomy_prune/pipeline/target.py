@@ -7,9 +7,9 @@ speedup plan is checked: its shapes are pruned physically in a scratch copy and 
 model at the target's batch and length. When the measured speedup is off the target by more than CHECK_TOLERANCE,
 the budget is scaled by measured / target and the plan made again, up to CHECK_ROUNDS times. A reading inside
 the tolerance is confirmed by a second one, and the plan's speedup is their mean: one reading on a shared CPU
-can be 10% off (benchmarks/timing_noise.py). The scale found
-is recorded in the cost model (info.budget_scale, per target), so a run that reuses that cost model
-(`--cost-model`) makes the same plan again without timing anything.
+can be 10% off (benchmarks/timing_noise.py). The scale found is recorded in the cost model (info.budget_scale,
+per target), so a run that reuses that cost model (`--cost-model`) makes the same plan again without timing
+anything.
 """
 from __future__ import annotations
 
